@@ -1,0 +1,1 @@
+"""Host pipeline: numpy + PIL + tokenizers, never jax."""
