@@ -31,7 +31,7 @@ def normalize_lut(
     mode "pil": HF's numpy path (`Qwen2VLImageProcessorPil`): rescale in float64, cast to float32, then
         `(x - mean) / std` in float32.
     mode "torch": HF's torch path (the video processor and the torchvision image backend): rescale and
-        normalise fused as `(x - mean / rescale) / (std / rescale)` in float32.
+        normalise fused as `(x - mean * (1/rescale)) / (std * (1/rescale))`, all in float32.
     """
     levels = np.arange(256, dtype=np.float64)
     mean32 = np.asarray(mean, dtype=np.float32)[:, None]
@@ -40,11 +40,10 @@ def normalize_lut(
         x = (levels * rescale_factor).astype(np.float32)[None, :]
         table = (x - mean32) / std32
     elif mode == "torch":
-        # torchvision-style fusion: mean and std are divided by the rescale factor in float64 (python floats)
-        # and the division happens on float32 pixels.
-        fmean = np.asarray([m / rescale_factor for m in mean], dtype=np.float32)[:, None]
-        fstd = np.asarray([s / rescale_factor for s in std], dtype=np.float32)[:, None]
-        table = (levels.astype(np.float32)[None, :] - fmean) / fstd
+        # HF's `_fuse_mean_std_and_rescale_factor` scales float32 tensors: float32(mean) * float32(1/rescale)
+        # in float32. Dividing in float64 first differs in the last bit for two of the three CLIP means.
+        scale = np.float32(1.0 / rescale_factor)
+        table = (levels.astype(np.float32)[None, :] - mean32 * scale) / (std32 * scale)
     else:
         raise ValueError(f"normalize mode must be 'pil' or 'torch', got {mode!r}")
     table = np.ascontiguousarray(table, dtype=np.float32)

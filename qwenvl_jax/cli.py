@@ -1,0 +1,165 @@
+"""`qwenvl-jax` command line.
+
+qwenvl-jax demo                          # offline: tiny checkpoint, synthetic images and a video
+qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _synthetic_scene(width: int, height: int, shape: str, color: str, shift: int = 0):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    r = min(width, height) // 4
+    cx, cy = width // 3 + shift, height // 2
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    return image
+
+
+def _describe(batch: dict[str, np.ndarray]) -> str:
+    lines = [f"  {'key':<24} {'shape':<18} dtype"]
+    for key, value in batch.items():
+        value = np.asarray(value)
+        lines.append(f"  {key:<24} {value.shape!s:<18} {value.dtype}")
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qwenvl_jax.processing import BatchSpec, Processor, collate
+    from qwenvl_jax.tiny import write_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model) if args.model else write_tiny_checkpoint(Path(tmp) / "tiny-qwen2.5-vl")
+        print(
+            f"processor files: {model_dir}"
+            + ("" if args.model else " (tiny offline checkpoint, 342-token vocab)")
+        )
+        processor = Processor.from_pretrained(model_dir)
+        circle = _synthetic_scene(320, 240, "circle", "red")
+        square = _synthetic_scene(150, 200, "square", "blue")
+        frames = [_synthetic_scene(224, 168, "triangle", "green", shift=12 * k) for k in range(6)]
+        conversations = [
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": circle},
+                        {"type": "text", "text": "Describe this image."},
+                    ],
+                },
+                {"role": "assistant", "content": "A red circle on a white background."},
+            ],
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "video", "video": frames, "sample_fps": 2.0, "min_pixels": 3136},
+                        {"type": "image", "image": square},
+                        {"type": "text", "text": "What moved, and what is in the picture?"},
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": "The green triangle moved right. The picture shows a blue square.",
+                },
+            ],
+        ]
+        print("\nrendered chat template (conversation 0):")
+        print("  " + processor.apply_chat_template(conversations[0]).replace("\n", "\\n\n  "))
+        start = time.perf_counter()
+        examples = [processor.encode_chat([conv], labels=True, padding=False) for conv in conversations]
+        encode_s = time.perf_counter() - start
+        spec = BatchSpec(
+            batch_size=2,
+            seq_buckets=(128, 256, 512, 1024),
+            image_patches=1024,
+            video_patches=1024,
+            max_images=4,
+            max_videos=2,
+            pad_token_id=processor.pad_token_id,
+            image_token_id=processor.image_token_id,
+            video_token_id=processor.video_token_id,
+        )
+        start = time.perf_counter()
+        batch = collate(examples, spec)
+        collate_s = time.perf_counter() - start
+        n_img = int(batch["num_images"])
+        n_vid = int(batch["num_videos"])
+        print(f"\nencoded 2 conversations ({n_img} images, {n_vid} video) in {encode_s * 1e3:.1f} ms; "
+              f"collated into static shapes in {collate_s * 1e3:.1f} ms")  # fmt: skip
+        print(f"  image grids (t, h, w): {batch['image_grid_thw'][:n_img].tolist()}")
+        print(f"  video grids (t, h, w): {batch['video_grid_thw'][:n_vid].tolist()}, "
+              f"second_per_grid_ts {batch['second_per_grid_ts'][:n_vid].tolist()}")  # fmt: skip
+        print(
+            f"  tokens per row: {batch['attention_mask'].sum(-1).tolist()} in a bucket of {batch['input_ids'].shape[1]}"
+        )
+        print(f"  trained (assistant) tokens per row: {(batch['labels'] != -100).sum(-1).tolist()}")
+        print(f"  rope_deltas: {batch['rope_deltas'][:, 0].tolist()}")
+        answer = batch["labels"][0][batch["labels"][0] != -100]
+        print(f"  row 0 labels decode to: {processor.tokenizer.decode(answer.tolist())!r}")
+        print("\nstatic-shape batch:")
+        print(_describe(batch))
+    return 0
+
+
+def cmd_process(args: argparse.Namespace) -> int:
+    from qwenvl_jax.processing import Processor
+
+    processor = Processor.from_pretrained(args.model)
+    content = [{"type": "image", "image": image} for image in args.image]
+    content += [{"type": "video", "video": video} for video in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    conversation = [{"role": "user", "content": content}]
+    start = time.perf_counter()
+    batch = processor.encode_chat([conversation], add_generation_prompt=True)
+    elapsed = time.perf_counter() - start
+    print(processor.apply_chat_template(conversation, add_generation_prompt=True))
+    print(f"processed in {elapsed * 1e3:.1f} ms")
+    print(_describe(batch))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qwenvl-jax", description="Qwen2.5-VL in JAX/Flax.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="offline demo of the host pipeline on a tiny checkpoint")
+    demo.add_argument("--model", help="an HF Qwen2.5-VL directory to take the processor from (default: tiny)")
+    demo.set_defaults(func=cmd_demo)
+    process = sub.add_parser("process", help="turn a prompt with images/videos into model inputs")
+    process.add_argument("--model", required=True, help="HF Qwen2.5-VL checkpoint directory")
+    process.add_argument(
+        "--image", action="append", default=[], help="path, file:// or http(s) URL (repeatable)"
+    )
+    process.add_argument(
+        "--video", action="append", default=[], help="video file or frame directory (repeatable)"
+    )
+    process.add_argument("--prompt", required=True)
+    process.set_defaults(func=cmd_process)
+    args = parser.parse_args(argv)
+    from qwenvl_jax.processing.errors import InputError
+
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

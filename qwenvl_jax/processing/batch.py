@@ -1,0 +1,219 @@
+"""Collate examples into fixed-shape numpy batches: the only shapes device code ever sees.
+
+A jitted step compiles once per distinct input shape, so every size-dependent quantity is padded to a
+small set of static sizes chosen ahead of time:
+
+- text length: the smallest bucket of `BatchSpec.seq_buckets` that holds the longest example;
+- rows: always `batch_size` (missing examples are all-padding rows with `example_mask` 0);
+- image and video patches: a fixed patch budget per batch (`image_patches`, `video_patches`), with the
+  vision indices (window permutation and inverse, rotary ids, segment ids) padded by the convention of
+  `positions.VisionIndices`;
+- placeholder scatter indices: one slot per merged unit of the budget; unused slots hold
+  `s_idx == seq_len`, out of range, so `x.at[b, s].set(v, mode="drop")` ignores them.
+
+Padding conventions: pad id is the tokenizer's pad token, `attention_mask` 0, `labels` -100, position
+ids 0 (as HF leaves them). Right padding for training, left padding for generation. All integer
+arrays are int32 (what the device wants); `pixel_values` float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from qwenvl_jax.processing.errors import InputError
+from qwenvl_jax.processing.positions import get_rope_index, vision_indices
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """The static shapes of a batch. Choose buckets so that a handful of compiled shapes serve all data."""
+
+    batch_size: int
+    seq_buckets: tuple[int, ...] = (256, 512, 1024, 2048, 4096, 8192)
+    image_patches: int = 0  # patch rows per batch for images (0: images refused)
+    video_patches: int = 0  # patch rows per batch for videos (0: videos refused)
+    max_images: int = 16  # rows of image_grid_thw
+    max_videos: int = 4  # rows of video_grid_thw
+    padding_side: str = "right"
+    pad_token_id: int = 151643
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    merge_size: int = 2
+    patch_size: int = 14
+    window_size: int = 112
+    tokens_per_second: float = 2.0
+    rope_rule: str = "5.24"
+
+    def __post_init__(self):
+        unit = self.merge_size**2
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
+            raise ValueError(f"seq_buckets must be increasing and non-empty, got {self.seq_buckets}")
+        for name in ("image_patches", "video_patches"):
+            if getattr(self, name) % unit:
+                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of merge_size**2 = {unit}")
+
+    def bucket(self, length: int) -> int:
+        for size in self.seq_buckets:
+            if length <= size:
+                return size
+        raise InputError(f"{length} tokens exceed the largest sequence bucket {self.seq_buckets[-1]}")
+
+
+def _row(example: Mapping, key: str):
+    value = example.get(key)
+    if value is None:
+        return None
+    value = np.asarray(value)
+    return value[0] if value.ndim == 2 and value.shape[0] == 1 and key in ("input_ids", "labels") else value
+
+
+def _vision(examples, spec: BatchSpec, kind: str, budget: int, max_items: int, ids_bs: np.ndarray, seq: int):
+    """Pixel rows, grid rows, indices and scatter slots for one modality, padded to the budget."""
+    pv_key, grid_key = (
+        ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
+    )
+    token_id = spec.image_token_id if kind == "image" else spec.video_token_id
+    pvs, grids, spgs = [], [], []
+    for i, ex in enumerate(examples):
+        grid = ex.get(grid_key)
+        if grid is None or len(grid) == 0:
+            continue
+        if budget == 0:
+            raise InputError(
+                f"example {ex.get('id', i)} has {kind}s but the batch spec has no {kind} patch budget"
+            )
+        pvs.append(np.asarray(ex[pv_key], dtype=np.float32))
+        grids.append(np.asarray(grid, dtype=np.int64).reshape(-1, 3))
+        if kind == "video":
+            spg = ex.get("second_per_grid_ts")
+            spgs.append(
+                np.ones(len(grids[-1]), np.float32)
+                if spg is None
+                else np.asarray(spg, np.float32).reshape(-1)
+            )
+    grid_n3 = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
+    n = int(grid_n3.prod(-1).sum())
+    if n > budget:
+        raise InputError(f"the batch's {kind}s need {n} patch rows, more than the budget {budget}")
+    if len(grid_n3) > max_items:
+        raise InputError(f"the batch holds {len(grid_n3)} {kind}s, more than max_{kind}s={max_items}")
+    pixel = np.zeros((budget, pvs[0].shape[-1] if pvs else 1176), np.float32)
+    if pvs:
+        pixel[:n] = np.concatenate(pvs)
+    out = {
+        pv_key: pixel,
+        grid_key: np.zeros((max_items, 3), np.int32),
+        f"num_{kind}s": np.int32(len(grid_n3)),
+    }
+    out[grid_key][: len(grid_n3)] = grid_n3
+    if kind == "video":
+        spg = np.zeros(max_items, np.float32)
+        spg[: len(grid_n3)] = np.concatenate(spgs) if spgs else []
+        out["second_per_grid_ts"] = spg
+    idx = vision_indices(
+        grid_n3,
+        merge_size=spec.merge_size,
+        window_size=spec.window_size,
+        patch_size=spec.patch_size,
+        num_patches=budget,
+    )
+    for field in ("rope_pos", "patch_perm", "patch_inv", "unit_unperm", "window_seg", "full_seg", "valid"):
+        value = getattr(idx, field)
+        out[f"{kind}_{field}"] = value if value.dtype == bool else value.astype(np.int32)
+    # Scatter slots: one per merged unit of the budget, row-major (batch, seq) as HF's masked_scatter.
+    b_idx, s_idx = np.nonzero(ids_bs == token_id)
+    units = budget // spec.merge_size**2
+    if b_idx.size != n // spec.merge_size**2:
+        raise InputError(
+            f"{b_idx.size} {kind} placeholder tokens for {n // spec.merge_size**2} {kind} features"
+        )
+    scatter_b = np.zeros(units, np.int32)
+    scatter_s = np.full(units, seq, np.int32)  # out of range: dropped
+    scatter_b[: b_idx.size], scatter_s[: s_idx.size] = b_idx, s_idx
+    out[f"{kind}_scatter_b"], out[f"{kind}_scatter_s"] = scatter_b, scatter_s
+    return out, grid_n3, (np.concatenate(spgs) if spgs else None)
+
+
+def collate(examples: Sequence[Mapping], spec: BatchSpec) -> dict[str, np.ndarray]:
+    """Pad unpadded examples (processor output for one conversation each) into one static-shape batch.
+
+    Each example holds 1-D `input_ids` (or `(1, L)`), optional `labels`, and optional `pixel_values` +
+    `image_grid_thw`, `pixel_values_videos` + `video_grid_thw` + `second_per_grid_ts`, and an optional
+    `id` used in error messages.
+    """
+    if not examples:
+        raise InputError("no examples to collate")
+    if len(examples) > spec.batch_size:
+        raise InputError(f"{len(examples)} examples for a batch of {spec.batch_size}")
+    rows = [_row(ex, "input_ids") for ex in examples]
+    for i, r in enumerate(rows):
+        if r is None or r.ndim != 1 or r.size == 0:
+            raise InputError(
+                f"example {examples[i].get('id', i)}: input_ids must be a non-empty 1-D sequence"
+            )
+    try:
+        seq = spec.bucket(max(r.size for r in rows))
+    except InputError as err:
+        longest = max(range(len(rows)), key=lambda i: rows[i].size)
+        raise InputError(f"example {examples[longest].get('id', longest)}: {err}") from None
+    has_labels = any(ex.get("labels") is not None for ex in examples)
+    batch, left = spec.batch_size, spec.padding_side == "left"
+    ids = np.full((batch, seq), spec.pad_token_id, np.int64)
+    mask = np.zeros((batch, seq), np.int64)
+    labels = np.full((batch, seq), IGNORE_INDEX, np.int64)
+    for i, r in enumerate(rows):
+        sl = slice(seq - r.size, seq) if left else slice(0, r.size)
+        ids[i, sl], mask[i, sl] = r, 1
+        if has_labels and examples[i].get("labels") is not None:
+            lab = _row(examples[i], "labels")
+            if lab.shape != r.shape:
+                raise InputError(f"example {examples[i].get('id', i)}: labels and input_ids differ in length")
+            labels[i, sl] = lab
+    types = np.where(ids == spec.image_token_id, 1, np.where(ids == spec.video_token_id, 2, 0)) * mask
+    out: dict[str, np.ndarray] = {
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": mask.astype(np.int32),
+        "mm_token_type_ids": types.astype(np.int32),
+        "example_mask": (np.arange(batch) < len(examples)).astype(np.int32),
+    }
+    if has_labels:
+        out["labels"] = labels.astype(np.int32)
+    image_grid = video_grid = spg = None
+    if spec.image_patches:
+        img, image_grid, _ = _vision(
+            examples, spec, "image", spec.image_patches, spec.max_images, ids * mask, seq
+        )
+        out.update(img)
+    elif any(ex.get("image_grid_thw") is not None and len(ex["image_grid_thw"]) for ex in examples):
+        raise InputError("the batch holds images but the batch spec has no image patch budget")
+    if spec.video_patches:
+        vid, video_grid, spg = _vision(
+            examples, spec, "video", spec.video_patches, spec.max_videos, ids * mask, seq
+        )
+        out.update(vid)
+    elif any(ex.get("video_grid_thw") is not None and len(ex["video_grid_thw"]) for ex in examples):
+        raise InputError("the batch holds videos but the batch spec has no video patch budget")
+    pos, deltas = get_rope_index(
+        ids,
+        types,
+        image_grid if image_grid is not None and len(image_grid) else None,
+        video_grid if video_grid is not None and len(video_grid) else None,
+        spg,
+        mask,
+        spatial_merge_size=spec.merge_size,
+        tokens_per_second=spec.tokens_per_second,
+        image_token_id=spec.image_token_id,
+        video_token_id=spec.video_token_id,
+        rule=spec.rope_rule,
+    )
+    out["position_ids"], out["rope_deltas"] = pos.astype(np.int32), deltas.astype(np.int32)
+    return out

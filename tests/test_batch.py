@@ -1,0 +1,157 @@
+"""Static-shape collation: bucketed text, patch budgets, positions and scatter slots equal to HF's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conversion.tiny_hf import tiny_model_config
+from qwenvl_jax.processing import BatchSpec, InputError, Processor, collate
+
+RNG = np.random.default_rng(3)
+
+
+def _img(h, w):
+    return Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def proc(tiny_ckpt):
+    return Processor.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import Qwen2_5_VLModel
+
+    torch.manual_seed(0)
+    return Qwen2_5_VLModel(tiny_model_config()).eval()
+
+
+def _examples(proc):
+    frames = [np.asarray(_img(56, 84)) for _ in range(4)]
+    convs = [
+        [
+            {"role": "user", "content": [{"type": "image", "image": _img(150, 200)}, {"type": "text", "text": "Describe."}]},
+            {"role": "assistant", "content": "A picture."},
+        ],
+        [
+            {"role": "user", "content": [
+                {"type": "video", "video": frames, "sample_fps": 1.0, "min_pixels": 3136},
+                {"type": "image", "image": _img(224, 112)},
+                {"type": "text", "text": "Compare the clip and the picture."},
+            ]},
+            {"role": "assistant", "content": "They differ."},
+        ],
+        [{"role": "user", "content": "No pictures here."}, {"role": "assistant", "content": "Fine."}],
+    ]  # fmt: skip
+    out = []
+    for i, conv in enumerate(convs):
+        ex = proc.encode_chat([conv], labels=True, padding=False)
+        ex["id"] = f"record-{i}"
+        out.append(ex)
+    return out
+
+
+def _spec(proc, **kw):
+    base = dict(
+        batch_size=4, seq_buckets=(100, 128, 256, 512), image_patches=512, video_patches=256, max_images=4,
+        max_videos=2, pad_token_id=proc.pad_token_id, image_token_id=proc.image_token_id,
+        video_token_id=proc.video_token_id,
+    )  # fmt: skip
+    return BatchSpec(**{**base, **kw})
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_collate_matches_hf_positions_and_padding(proc, hf_model, padding_side):
+    examples = _examples(proc)
+    batch = collate(examples, _spec(proc, padding_side=padding_side))
+    n = max(e["input_ids"].shape[-1] for e in examples)
+    assert 100 < n <= 128 and batch["input_ids"].shape == (4, 128)  # bucket of the longest, rows padded to 4
+    assert batch["example_mask"].tolist() == [1, 1, 1, 0]
+    for i, ex in enumerate(examples):
+        row, mask = batch["input_ids"][i], batch["attention_mask"][i].astype(bool)
+        np.testing.assert_array_equal(row[mask], ex["input_ids"][0])
+        np.testing.assert_array_equal(batch["labels"][i][mask], ex["labels"][0])
+        assert (batch["labels"][i][~mask] == -100).all() and (row[~mask] == proc.pad_token_id).all()
+        valid = np.flatnonzero(mask)
+        assert valid[0] == (128 - valid.size if padding_side == "left" else 0)
+    # Positions: HF's get_rope_index on the same padded batch (real rows; the all-padding row crashes HF).
+    real = batch["example_mask"].astype(bool)
+    grids = {
+        k: torch.as_tensor(batch[f"{k}_grid_thw"][: int(batch[f"num_{k}s"])].astype(np.int64))
+        for k in ("image", "video")
+    }
+    pos, deltas = hf_model.get_rope_index(
+        torch.as_tensor(batch["input_ids"][real].astype(np.int64)),
+        mm_token_type_ids=torch.as_tensor(batch["mm_token_type_ids"][real].astype(np.int64)),
+        image_grid_thw=grids["image"],
+        video_grid_thw=grids["video"],
+        second_per_grid_ts=torch.as_tensor(batch["second_per_grid_ts"][: int(batch["num_videos"])]),
+        attention_mask=torch.as_tensor(batch["attention_mask"][real].astype(np.int64)),
+    )
+    np.testing.assert_array_equal(batch["position_ids"][:, real], pos.numpy())
+    np.testing.assert_array_equal(batch["rope_deltas"][real], deltas.numpy())
+    assert (batch["position_ids"][:, ~real] == 0).all()
+
+
+def test_static_shapes_do_not_depend_on_content(proc):
+    examples = _examples(proc)
+    spec = _spec(proc)
+    a, b = collate(examples, spec), collate(examples[:1], spec)
+    assert b["input_ids"].shape[1] == 100  # smaller content (95 tokens), smaller bucket
+    c = collate(examples[:1], _spec(proc, seq_buckets=(128,)))
+    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in c.items()}
+
+
+def test_scatter_slots_reproduce_masked_scatter(proc):
+    """Writing merged features through the slots fills placeholders in HF's row-major order."""
+    batch = collate(_examples(proc), _spec(proc))
+    b, s = batch["image_scatter_b"], batch["image_scatter_s"]
+    seq = batch["input_ids"].shape[1]
+    units = int(batch["image_valid"].sum()) // 4
+    feats = np.arange(1, b.size + 1, dtype=np.int64)  # feature k carries the value k+1
+    emb = np.zeros(batch["input_ids"].shape, np.int64)
+    keep = s < seq  # unused slots are out of range: mode="drop" on device
+    assert keep.sum() == units and (s[units:] == seq).all()
+    emb[b[keep], s[keep]] = feats[keep]
+    ref = torch.zeros(batch["input_ids"].shape, dtype=torch.int64)
+    ref = ref.masked_scatter(
+        torch.as_tensor(batch["input_ids"] == proc.image_token_id), torch.as_tensor(feats[:units])
+    )
+    np.testing.assert_array_equal(emb, ref.numpy())
+
+
+def test_pixel_rows_and_vision_indices_padded_to_budget(proc):
+    examples = _examples(proc)
+    batch = collate(examples, _spec(proc))
+    real_pixels = np.concatenate([e["pixel_values"] for e in examples if "pixel_values" in e])
+    n = real_pixels.shape[0]
+    assert batch["pixel_values"].shape == (512, 1176)
+    np.testing.assert_array_equal(batch["pixel_values"][:n], real_pixels)
+    assert not batch["pixel_values"][n:].any()
+    assert batch["image_valid"].sum() == n and batch["image_patch_perm"].shape == (512,)
+    np.testing.assert_array_equal(np.sort(batch["image_patch_perm"]), np.arange(512))
+    np.testing.assert_array_equal(batch["image_patch_perm"][batch["image_patch_inv"]], np.arange(512))
+    assert (batch["image_window_seg"][~batch["image_valid"]] == -1).all()
+
+
+def test_over_budget_and_over_bucket_name_the_record(proc):
+    examples = _examples(proc)
+    with pytest.raises(InputError, match="more than the budget 64"):
+        collate(examples, _spec(proc, image_patches=64))
+    with pytest.raises(InputError, match=r"record-1.*largest sequence bucket 100"):
+        collate(examples, _spec(proc, seq_buckets=(100,)))
+    with pytest.raises(InputError, match="no video patch budget"):
+        collate(examples, _spec(proc, video_patches=0))
+    with pytest.raises(InputError, match="3 examples for a batch of 2"):
+        collate(examples, _spec(proc, batch_size=2))
+
+
+def test_bad_spec_is_refused():
+    with pytest.raises(ValueError, match="multiple of merge_size"):
+        BatchSpec(batch_size=1, image_patches=10)
+    with pytest.raises(ValueError, match="increasing"):
+        BatchSpec(batch_size=1, seq_buckets=(512, 256))
