@@ -155,3 +155,17 @@ def test_bad_spec_is_refused():
         BatchSpec(batch_size=1, image_patches=10)
     with pytest.raises(ValueError, match="increasing"):
         BatchSpec(batch_size=1, seq_buckets=(512, 256))
+
+
+@pytest.mark.parametrize("name", ["batch_sft_1xh100.yaml", "batch_generate.yaml"])
+def test_shipped_batch_configs_load(name):
+    from pathlib import Path
+
+    spec = BatchSpec.from_yaml(Path(__file__).parent.parent / "configs" / name, pad_token_id=151643)
+    assert spec.batch_size > 0 and spec.seq_buckets == tuple(sorted(spec.seq_buckets))
+    assert spec.padding_side == ("left" if "generate" in name else "right")
+
+
+def test_batch_config_refuses_unknown_keys():
+    with pytest.raises(ValueError, match="unknown batch spec keys"):
+        BatchSpec.from_dict({"batch_size": 2, "seq_bukets": [64]})

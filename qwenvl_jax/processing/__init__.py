@@ -17,7 +17,8 @@ from qwenvl_jax.processing.positions import (
 )
 from qwenvl_jax.processing.processor import Processor
 from qwenvl_jax.processing.tokenizer import Tokenizer
-from qwenvl_jax.processing.video import VideoConfig, load_video, process_video, process_videos
+from qwenvl_jax.processing.video import load_video, process_video, process_videos
+from qwenvl_jax.processing.video_sampling import VideoConfig
 
 __all__ = [
     "BatchSpec",

@@ -61,6 +61,25 @@ class BatchSpec:
             if getattr(self, name) % unit:
                 raise ValueError(f"{name}={getattr(self, name)} must be a multiple of merge_size**2 = {unit}")
 
+    @classmethod
+    def from_dict(cls, values: Mapping, **overrides) -> BatchSpec:
+        """Build from a config mapping (a YAML file's contents); unknown keys are refused, not ignored."""
+        values = {**values, **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown batch spec keys {unknown}; known: {sorted(known)}")
+        if "seq_buckets" in values:
+            values["seq_buckets"] = tuple(values["seq_buckets"])
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path, **overrides) -> BatchSpec:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(yaml.safe_load(f) or {}, **overrides)
+
     def bucket(self, length: int) -> int:
         for size in self.seq_buckets:
             if length <= size:

@@ -27,7 +27,8 @@ from qwenvl_jax.processing.chat import (
 from qwenvl_jax.processing.errors import InputError, describe
 from qwenvl_jax.processing.image import ImageConfig, process_image
 from qwenvl_jax.processing.tokenizer import Tokenizer
-from qwenvl_jax.processing.video import VideoConfig, process_video
+from qwenvl_jax.processing.video import process_video
+from qwenvl_jax.processing.video_sampling import VideoConfig
 
 IGNORE_INDEX = -100
 
