@@ -18,48 +18,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# The Qwen2.5-VL chat template, verbatim from the checkpoints' chat_template.json (same for all sizes).
-QWEN25VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
-    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
-    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
-    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
-    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from qwenvl_jax.processing.chat import default_chat_template
+from qwenvl_jax.processing.tokenizer import PRETOKENIZE_REGEX
+from qwenvl_jax.tiny import CORPUS, PLAIN_ADDED_TOKENS
+from qwenvl_jax.tiny import SPECIAL_TOKENS as _SPECIAL
 
-# Qwen2.5 added tokens in id order after <|endoftext|>: the first 13 are special, the rest plain.
-SPECIAL_TOKENS = [
-    "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]  # fmt: skip
-PLAIN_ADDED_TOKENS = [
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
-
-PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-
-_CORPUS = [
-    "You are a helpful assistant.",
-    "Describe this image in detail. What is shown in the picture?",
-    "The cat sits on the mat next to a red ball and a blue box.",
-    "Compare the two images and list the differences between them.",
-    "A video of a dog running in the park, then jumping over a fence.",
-    "Answer: the triangle is green, the circle is yellow, and the square is purple.",
-    "1 2 3 4 5 6 7 8 9 10 100 1000 3.14 2026-11-24",
-    "Hello, world! How are you today? I'm fine, thanks. Let's go.",
-    "Qwen2.5-VL reads documents, charts, tables and handwriting.",
-    "Ünïcödé àccents, emoji 🙂 and CJK 你好 世界 are bytes too.",
-] * 4
+# One definition of the template, the corpus and the added tokens: the runtime's offline demo builds the
+# same tiny tokenizer with `tokenizers` alone, and a test proves the two vocabularies equal.
+QWEN25VL_CHAT_TEMPLATE = default_chat_template()
+SPECIAL_TOKENS = list(_SPECIAL[1:])  # <|endoftext|> is added by Qwen2Tokenizer itself
+PLAIN_ADDED_TOKENS = list(PLAIN_ADDED_TOKENS)
+_CORPUS = list(CORPUS) * 4
 
 # Defaults of the Qwen2.5-VL `preprocessor_config.json` on the Hub (spec 4.3).
 HUB_PREPROCESSOR_CONFIG = {

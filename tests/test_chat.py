@@ -179,3 +179,24 @@ def test_expand_placeholders_in_batch_order_and_span_shift():
 def test_placeholder_count_mismatch_is_refused(images, videos, match):
     with pytest.raises(InputError, match=re.escape(match)):
         expand_placeholders(["<|image_pad|>", "x<|image_pad|>"], images, videos)
+
+
+# Qwen2.5-VL's chat_template.json on the Hub, verbatim (identical for 3B/7B/32B/72B).
+OFFICIAL_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_shipped_template_is_the_official_one():
+    from qwenvl_jax.processing.chat import default_chat_template
+
+    assert default_chat_template() == OFFICIAL_TEMPLATE

@@ -102,14 +102,10 @@ def _vision(examples, spec: BatchSpec, kind: str, budget: int, max_items: int, i
     )
     token_id = spec.image_token_id if kind == "image" else spec.video_token_id
     pvs, grids, spgs = [], [], []
-    for i, ex in enumerate(examples):
+    for ex in examples:
         grid = ex.get(grid_key)
         if grid is None or len(grid) == 0:
             continue
-        if budget == 0:
-            raise InputError(
-                f"example {ex.get('id', i)} has {kind}s but the batch spec has no {kind} patch budget"
-            )
         pvs.append(np.asarray(ex[pv_key], dtype=np.float32))
         grids.append(np.asarray(grid, dtype=np.int64).reshape(-1, 3))
         if kind == "video":
@@ -206,21 +202,19 @@ def collate(examples: Sequence[Mapping], spec: BatchSpec) -> dict[str, np.ndarra
     }
     if has_labels:
         out["labels"] = labels.astype(np.int32)
-    image_grid = video_grid = spg = None
-    if spec.image_patches:
-        img, image_grid, _ = _vision(
-            examples, spec, "image", spec.image_patches, spec.max_images, ids * mask, seq
-        )
-        out.update(img)
-    elif any(ex.get("image_grid_thw") is not None and len(ex["image_grid_thw"]) for ex in examples):
-        raise InputError("the batch holds images but the batch spec has no image patch budget")
-    if spec.video_patches:
-        vid, video_grid, spg = _vision(
-            examples, spec, "video", spec.video_patches, spec.max_videos, ids * mask, seq
-        )
-        out.update(vid)
-    elif any(ex.get("video_grid_thw") is not None and len(ex["video_grid_thw"]) for ex in examples):
-        raise InputError("the batch holds videos but the batch spec has no video patch budget")
+    grids: dict[str, np.ndarray | None] = {"image": None, "video": None}
+    spg = None
+    for kind, budget, max_items in (
+        ("image", spec.image_patches, spec.max_images),
+        ("video", spec.video_patches, spec.max_videos),
+    ):
+        if budget:
+            part, grids[kind], seconds = _vision(examples, spec, kind, budget, max_items, ids * mask, seq)
+            out.update(part)
+            spg = seconds if kind == "video" else spg
+        elif any(ex.get(f"{kind}_grid_thw") is not None and len(ex[f"{kind}_grid_thw"]) for ex in examples):
+            raise InputError(f"the batch holds {kind}s but the batch spec has no {kind} patch budget")
+    image_grid, video_grid = grids["image"], grids["video"]
     pos, deltas = get_rope_index(
         ids,
         types,
