@@ -167,3 +167,47 @@ def tiny_model_config(*, vocab_size: int = 384, tie_word_embeddings: bool = Fals
     return Qwen2_5_VLConfig(
         text_config=text, vision_config=vision, tie_word_embeddings=tie_word_embeddings, **tok_ids
     )
+
+
+def randomize_(model, seed: int = 0):
+    """Re-draw every parameter (spec 7): weights N(0, 1/fan_in), biases N(0, 0.1^2), norm weights 1 + N(0, 0.1^2).
+
+    With this, a missing bias, a transpose or swapped q/k/v slices change the logits.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif p.ndim == 1:  # RMSNorm weights
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen) * 0.1)
+            else:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    return model
+
+
+def build_tiny_model(*, tie_word_embeddings: bool = False, seed: int = 0, attn_implementation: str = "eager"):
+    """A tiny random `Qwen2_5_VLForConditionalGeneration` in float32 on CPU (spec 7)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = tiny_model_config(tie_word_embeddings=tie_word_embeddings)
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    randomize_(model, seed)
+    if tie_word_embeddings:
+        model.tie_weights()
+    return model
+
+
+def save_tiny_model_dir(out: str | Path, *, tie_word_embeddings: bool = False, seed: int = 0) -> Path:
+    """A complete tiny HF checkpoint dir: safetensors (legacy on-disk layout), config, tokenizer, processor."""
+    out = save_checkpoint_dir(out, preprocessor={"max_pixels": 28 * 28 * 64})
+    build_tiny_model(tie_word_embeddings=tie_word_embeddings, seed=seed).save_pretrained(out)
+    return out
