@@ -133,26 +133,22 @@ class Qwen25VLConfig:
     def from_hf_dict(cls, hf: Mapping[str, Any], **policy: Any) -> Qwen25VLConfig:
         """Parse an HF Qwen2.5-VL `config.json` (flat or nested form) with transformers' defaults."""
         hf = dict(hf)
-        text_src = dict(hf.get("text_config") or {})
-        # Flat form: text keys at the top level. Nested keys win where both exist, as in transformers.
-        for f in dataclasses.fields(TextConfig):
-            if f.name in hf and f.name not in text_src:
-                text_src[f.name] = hf[f.name]
-        if "tie_word_embeddings" in hf:  # the outer value is what the model uses
-            text_src["tie_word_embeddings"] = hf["tie_word_embeddings"]
-        rope = (
-            text_src.get("rope_parameters")
-            or text_src.get("rope_scaling")
-            or hf.get("rope_parameters")
-            or hf.get("rope_scaling")
-            or {}
+        # transformers reads the text fields from `text_config` when it is present and from the top level
+        # (the flat Hub form) only when it is absent; top-level text keys beside a `text_config` are ignored.
+        if hf.get("text_config") is None:
+            text_keys = {f.name for f in dataclasses.fields(TextConfig)} | {"rope_parameters", "rope_scaling"}
+            text_src = {k: v for k, v in hf.items() if k in text_keys}
+        else:
+            text_src = dict(hf["text_config"])
+        # Pre-v5 saves put the tie flag inside text_config; the outer flag wins only when it is set.
+        text_src["tie_word_embeddings"] = bool(
+            hf.get("tie_word_embeddings") or text_src.get("tie_word_embeddings")
         )
+        rope = text_src.get("rope_parameters") or text_src.get("rope_scaling") or {}
         if "mrope_section" in rope:
             text_src["mrope_section"] = rope["mrope_section"]
-        if "rope_theta" not in text_src:
-            theta = rope.get("rope_theta", hf.get("rope_theta"))
-            if theta is not None:
-                text_src["rope_theta"] = theta
+        if "rope_theta" not in text_src and rope.get("rope_theta") is not None:
+            text_src["rope_theta"] = rope["rope_theta"]
         text = _build(TextConfig, text_src)
         vision = _build(VisionConfig, dict(hf.get("vision_config") or {}))
         top = {k: hf[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
