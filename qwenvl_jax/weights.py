@@ -1,0 +1,753 @@
+"""HF safetensors <-> native parameters: a torch-free safetensors reader/writer and the declarative key map.
+
+Host side only (numpy + ml_dtypes + json); this module never imports jax or torch.
+
+Layouts (spec 5.1):
+- On disk (the Hub and `save_pretrained` in transformers 5.24): `visual.*`, `model.*` (text), `lm_head.weight`.
+  A tied checkpoint (3B) has no `lm_head.weight`.
+- In memory, transformers 5 renames `visual.` -> `model.visual.` and `model.` -> `model.language_model.`;
+  some saved checkpoints carry those names, so the reader accepts both and the writer emits the on-disk form.
+- Ours: a flat dict keyed by '/'-joined paths of the Flax parameter tree. Per-layer tensors are stacked on a
+  leading layer axis and kernels are 2-D (in, out), so every HF linear weight (out, in) is transposed.
+
+Memory: `iter_hf_tensors` yields zero-copy views into memory-mapped files, one tensor at a time, and
+`hf_to_params` copies each into its final place (stacked parameters are preallocated once), so converting
+needs about one host copy of the model. `params_to_hf` returns views; the writer materialises one tensor at
+a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from qwenvl_jax.config import Qwen25VLConfig
+
+# ------------------------------------------------------------------------------------------- dtypes
+
+# safetensors dtype names <-> numpy dtypes (little endian, as the format requires).
+_ST_DTYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "C64": np.dtype("<c8"),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+}
+if hasattr(ml_dtypes, "float8_e8m0fnu"):
+    _ST_DTYPES["F8_E8M0"] = np.dtype(ml_dtypes.float8_e8m0fnu)
+_ST_NAMES: dict[np.dtype, str] = {v: k for k, v in _ST_DTYPES.items()}
+
+# The order of the `Dtype` enum in the safetensors Rust crate. Its writer lays tensors out by dtype
+# (descending in this order), then by name; we do the same so that our files are byte-identical to
+# the ones transformers writes.
+_ST_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
+             "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]  # fmt: skip
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
+                  "float": "float32", "fp64": "float64", "double": "float64"}  # fmt: skip
+
+
+def as_dtype(dtype: Any) -> np.dtype | None:
+    """`None`, a numpy/ml_dtypes dtype, or a name ('bfloat16', 'bf16', 'float32', 'torch.bfloat16', ...)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.").lower()
+        name = _DTYPE_ALIASES.get(name, name)
+        if name == "bfloat16":
+            return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(name)
+    return np.dtype(dtype)
+
+
+def dtype_name(dtype: Any) -> str:
+    """The transformers `config.json` spelling of a dtype ('bfloat16', 'float32', ...)."""
+    return np.dtype(dtype).name
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not match the config. Lists every offending key, grouped by kind."""
+
+    def __init__(
+        self,
+        *,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        wrong_shape: Mapping[str, tuple[Any, Any]] | None = None,
+        wrong_dtype: Mapping[str, tuple[Any, Any]] | None = None,
+        other: Iterable[str] = (),
+        source: str = "checkpoint",
+    ):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.wrong_shape = dict(sorted((wrong_shape or {}).items()))
+        self.wrong_dtype = dict(sorted((wrong_dtype or {}).items()))
+        self.other = list(other)
+        lines = [f"{source} does not match the config:"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}):")
+            lines += [f"    {k}" for k in self.missing]
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}):")
+            lines += [f"    {k}" for k in self.unexpected]
+        if self.wrong_shape:
+            lines.append(f"  wrong shape ({len(self.wrong_shape)}):")
+            lines += [
+                f"    {k}: expected {tuple(e)}, got {tuple(g)}" for k, (e, g) in self.wrong_shape.items()
+            ]
+        if self.wrong_dtype:
+            lines.append(f"  wrong dtype ({len(self.wrong_dtype)}):")
+            lines += [f"    {k}: expected {e}, got {g}" for k, (e, g) in self.wrong_dtype.items()]
+        lines += [f"  {msg}" for msg in self.other]
+        super().__init__("\n".join(lines))
+
+
+def _expect_shape(name: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise CheckpointMismatchError(wrong_shape={name: (tuple(expected), tuple(got))}, source=name)
+
+
+# ------------------------------------------------------------------------------------------- reading
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse the 8-byte little-endian header length and the JSON header; validate offsets against the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise ValueError(f"{path}: header length {n} is impossible for a file of {size} bytes")
+        header = json.loads(f.read(n).decode("utf-8"))
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    infos = {}
+    for key, raw in header.items():
+        if raw["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{path}: tensor {key!r} has dtype {raw['dtype']}, which numpy cannot represent")
+        dtype = _ST_DTYPES[raw["dtype"]]
+        shape = tuple(int(s) for s in raw["shape"])
+        begin, end = (int(o) for o in raw["data_offsets"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if end - begin != nbytes or begin < 0 or base + end > size:
+            raise ValueError(f"{path}: tensor {key!r} has offsets {begin}..{end} for {nbytes} bytes "
+                             f"in a file of {size} bytes")  # fmt: skip
+        infos[key] = TensorInfo(dtype, shape, base + begin, base + end)
+    return infos, metadata
+
+
+class SafetensorsFile:
+    """A memory-mapped safetensors file; `get(key)` is a zero-copy, read-only numpy view."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors, self.metadata = read_safetensors_header(self.path)
+        self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r") if self.path.stat().st_size else None
+
+    def keys(self) -> list[str]:
+        """Keys in file (offset) order, so that a sequential scan reads the file front to back."""
+        return sorted(self.tensors, key=lambda k: self.tensors[k].start)
+
+    def get(self, key: str) -> np.ndarray:
+        info = self.tensors[key]
+        if info.start == info.end:
+            return np.zeros(info.shape, info.dtype)
+        return self._mmap[info.start : info.end].view(info.dtype).reshape(info.shape)
+
+
+def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Every tensor of one file, copied out of the memory map (for small files and tests)."""
+    f = SafetensorsFile(path)
+    return {k: np.array(f.get(k)) for k in f.keys()}
+
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+def checkpoint_files(directory: str | Path) -> dict[Path, list[str] | None]:
+    """The safetensors files of an HF checkpoint dir, each with its keys per the index (None: all keys).
+
+    Like transformers, a single `model.safetensors` wins over a sharded index.
+    """
+    directory = Path(directory)
+    single = directory / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return {single: None}
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        files: dict[Path, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(directory / name, []).append(key)
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+        return dict(sorted(files.items()))
+    present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+    has_bin = any(n.endswith(".bin") for n in present)
+    hint = " (PyTorch .bin checkpoints are not supported; re-save with safetensors)" if has_bin else ""
+    raise FileNotFoundError(
+        f"{directory}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}{hint}; found {present}"
+    )
+
+
+def hf_tensor_infos(directory: str | Path) -> dict[str, TensorInfo]:
+    """Headers only: key -> dtype/shape for every tensor of a (possibly sharded) checkpoint dir."""
+    infos: dict[str, TensorInfo] = {}
+    for path, keys in checkpoint_files(directory).items():
+        header, _ = read_safetensors_header(path)
+        for key in header if keys is None else keys:
+            if key not in header:
+                raise ValueError(f"{path}: the index maps {key!r} to this file, but the file lacks it")
+            if key in infos:
+                raise ValueError(f"{directory}: tensor {key!r} appears in more than one shard")
+            infos[key] = header[key]
+    return infos
+
+
+def iter_hf_tensors(directory: str | Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (key, array) one tensor at a time, as read-only views into memory-mapped shards."""
+    for path, keys in checkpoint_files(directory).items():
+        f = SafetensorsFile(path)
+        wanted = set(f.keys() if keys is None else keys)
+        for key in f.keys():
+            if key in wanted:
+                yield key, f.get(key)
+        del f
+
+
+# ------------------------------------------------------------------------------------------- key map
+
+IDENTITY, LINEAR, PATCH = "identity", "linear", "patch"
+LM_HEAD = "lm_head.weight"
+EMBED = "model.embed_tokens.weight"
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One parameter: our path, its HF on-disk key (with `{i}` when stacked), the HF shape per layer,
+    and the transform. `layers` > 0 means our array is the HF tensors stacked on a leading axis."""
+
+    path: str
+    hf: str
+    hf_shape: tuple[int, ...]
+    transform: str
+    layers: int = 0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Our shape per layer (without the stacked axis)."""
+        if self.transform == IDENTITY:
+            return self.hf_shape
+        if self.transform == LINEAR:  # torch Linear (out, in) -> kernel (in, out)
+            return self.hf_shape[::-1]
+        if self.transform == PATCH:  # Conv3d (D, C, T, ph, pw) -> (C*T*ph*pw, D), flatten order C,T,kh,kw
+            return (int(np.prod(self.hf_shape[1:])), self.hf_shape[0])
+        raise AssertionError(self.transform)
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return ((self.layers,) if self.layers else ()) + self.shape
+
+    def hf_keys(self) -> list[str]:
+        return [self.hf.format(i=i) for i in range(self.layers)] if self.layers else [self.hf]
+
+    def to_ours(self, key: str, x: np.ndarray) -> np.ndarray:
+        """HF tensor -> our layout (a view), after asserting the HF shape."""
+        _expect_shape(key, x.shape, self.hf_shape)
+        if self.transform == IDENTITY:
+            return x
+        if self.transform == LINEAR:
+            return x.T
+        return x.reshape(self.hf_shape[0], -1).T
+
+    def to_hf(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Our per-layer array -> HF layout (a view where possible), after asserting our shape."""
+        _expect_shape(name, x.shape, self.shape)
+        if self.transform == IDENTITY:
+            return x
+        if self.transform == LINEAR:
+            return x.T
+        return x.T.reshape(self.hf_shape)
+
+
+def key_map(config: Qwen25VLConfig) -> tuple[Entry, ...]:
+    """The full table for `config` (spec 5.1); lm_head is absent when the embeddings are tied."""
+    v, t = config.vision, config.text
+    dv, iv, lv = v.hidden_size, v.intermediate_size, v.depth
+    dm = dv * v.spatial_merge_size**2  # merger width: U = m^2 patches concatenated
+    h, i, lt, vocab = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.vocab_size
+    q_out, kv_out = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    patch = (dv, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    vb, tl = "visual.blocks.{i}.", "model.layers.{i}."
+    table = [
+        Entry("visual/patch_embed/kernel", "visual.patch_embed.proj.weight", patch, PATCH),
+        Entry("visual/blocks/norm1/scale", vb + "norm1.weight", (dv,), IDENTITY, lv),
+        Entry("visual/blocks/norm2/scale", vb + "norm2.weight", (dv,), IDENTITY, lv),
+        Entry("visual/blocks/attn/qkv/kernel", vb + "attn.qkv.weight", (3 * dv, dv), LINEAR, lv),
+        Entry("visual/blocks/attn/qkv/bias", vb + "attn.qkv.bias", (3 * dv,), IDENTITY, lv),
+        Entry("visual/blocks/attn/proj/kernel", vb + "attn.proj.weight", (dv, dv), LINEAR, lv),
+        Entry("visual/blocks/attn/proj/bias", vb + "attn.proj.bias", (dv,), IDENTITY, lv),
+        Entry("visual/blocks/mlp/gate_proj/kernel", vb + "mlp.gate_proj.weight", (iv, dv), LINEAR, lv),
+        Entry("visual/blocks/mlp/gate_proj/bias", vb + "mlp.gate_proj.bias", (iv,), IDENTITY, lv),
+        Entry("visual/blocks/mlp/up_proj/kernel", vb + "mlp.up_proj.weight", (iv, dv), LINEAR, lv),
+        Entry("visual/blocks/mlp/up_proj/bias", vb + "mlp.up_proj.bias", (iv,), IDENTITY, lv),
+        Entry("visual/blocks/mlp/down_proj/kernel", vb + "mlp.down_proj.weight", (dv, iv), LINEAR, lv),
+        Entry("visual/blocks/mlp/down_proj/bias", vb + "mlp.down_proj.bias", (dv,), IDENTITY, lv),
+        Entry("visual/merger/ln_q/scale", "visual.merger.ln_q.weight", (dv,), IDENTITY),
+        Entry("visual/merger/fc1/kernel", "visual.merger.mlp.0.weight", (dm, dm), LINEAR),
+        Entry("visual/merger/fc1/bias", "visual.merger.mlp.0.bias", (dm,), IDENTITY),
+        Entry("visual/merger/fc2/kernel", "visual.merger.mlp.2.weight", (v.out_hidden_size, dm), LINEAR),
+        Entry("visual/merger/fc2/bias", "visual.merger.mlp.2.bias", (v.out_hidden_size,), IDENTITY),
+        Entry("text/embed_tokens/embedding", "model.embed_tokens.weight", (vocab, h), IDENTITY),
+        Entry("text/layers/input_layernorm/scale", tl + "input_layernorm.weight", (h,), IDENTITY, lt),
+        Entry("text/layers/post_attention_layernorm/scale", tl + "post_attention_layernorm.weight", (h,), IDENTITY, lt),
+        Entry("text/layers/self_attn/q_proj/kernel", tl + "self_attn.q_proj.weight", (q_out, h), LINEAR, lt),
+        Entry("text/layers/self_attn/q_proj/bias", tl + "self_attn.q_proj.bias", (q_out,), IDENTITY, lt),
+        Entry("text/layers/self_attn/k_proj/kernel", tl + "self_attn.k_proj.weight", (kv_out, h), LINEAR, lt),
+        Entry("text/layers/self_attn/k_proj/bias", tl + "self_attn.k_proj.bias", (kv_out,), IDENTITY, lt),
+        Entry("text/layers/self_attn/v_proj/kernel", tl + "self_attn.v_proj.weight", (kv_out, h), LINEAR, lt),
+        Entry("text/layers/self_attn/v_proj/bias", tl + "self_attn.v_proj.bias", (kv_out,), IDENTITY, lt),
+        Entry("text/layers/self_attn/o_proj/kernel", tl + "self_attn.o_proj.weight", (h, q_out), LINEAR, lt),
+        Entry("text/layers/mlp/gate_proj/kernel", tl + "mlp.gate_proj.weight", (i, h), LINEAR, lt),
+        Entry("text/layers/mlp/up_proj/kernel", tl + "mlp.up_proj.weight", (i, h), LINEAR, lt),
+        Entry("text/layers/mlp/down_proj/kernel", tl + "mlp.down_proj.weight", (h, i), LINEAR, lt),
+        Entry("text/norm/scale", "model.norm.weight", (h,), IDENTITY),
+    ]  # fmt: skip
+    if not t.tie_word_embeddings:
+        table.append(Entry("lm_head/kernel", LM_HEAD, (vocab, h), LINEAR))
+    return tuple(table)
+
+
+def param_shapes(config: Qwen25VLConfig) -> dict[str, tuple[int, ...]]:
+    """Our flat path -> full shape (with the stacked layer axis)."""
+    return {e.path: e.full_shape for e in key_map(config)}
+
+
+def normalize_hf_key(key: str) -> str:
+    """transformers-5 in-memory names -> the on-disk layout (inverse of its `conversion_mapping`)."""
+    if key.startswith("model.visual."):
+        return key[len("model.") :]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    return key
+
+
+def _hf_index(config: Qwen25VLConfig) -> dict[str, tuple[Entry, int]]:
+    index = {}
+    for entry in key_map(config):
+        for layer, key in enumerate(entry.hf_keys()):
+            index[key] = (entry, layer)
+    return index
+
+
+def check_hf_infos(
+    infos: Mapping[str, TensorInfo], config: Qwen25VLConfig, source: str = "checkpoint"
+) -> None:
+    """Validate keys and shapes from headers alone, before any data is read."""
+    index = _hf_index(config)
+    seen: dict[str, str] = {}
+    unexpected, wrong_shape, other = [], {}, []
+    for raw_key, info in infos.items():
+        key = normalize_hf_key(raw_key)
+        if key in seen:
+            other.append(f"{raw_key!r} and {seen[key]!r} are the same tensor under two naming schemes")
+            continue
+        seen[key] = raw_key
+        if key == LM_HEAD and config.text.tie_word_embeddings:
+            expected = (config.text.vocab_size, config.text.hidden_size)
+            if info.shape != expected:
+                wrong_shape[raw_key] = (expected, info.shape)
+            continue
+        if key not in index:
+            unexpected.append(raw_key)
+        elif info.shape != index[key][0].hf_shape:
+            wrong_shape[raw_key] = (index[key][0].hf_shape, info.shape)
+    missing = [k for k in index if k not in seen]
+    if missing or unexpected or wrong_shape or other:
+        raise CheckpointMismatchError(missing=missing, unexpected=unexpected, wrong_shape=wrong_shape,
+                                      other=other, source=source)  # fmt: skip
+
+
+class _Progress:
+    """A counter on stderr: one rewritten line on a terminal, a line per 10% otherwise.
+    `enabled=None` means only when stderr is a terminal."""
+
+    def __init__(self, total: int, label: str, enabled: bool | None):
+        self.total, self.label, self.done = max(total, 1), label, 0
+        self.tty = sys.stderr.isatty()
+        self.enabled = self.tty if enabled is None else enabled
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        if self.tty:
+            end = "\n" if self.done >= self.total else ""
+            sys.stderr.write(f"\r\033[K{self.label} {self.done}/{self.total} {what}{end}")
+        elif self.done * 10 // self.total != (self.done - 1) * 10 // self.total:
+            sys.stderr.write(f"{self.label} {self.done}/{self.total} {what}\n")
+        sys.stderr.flush()
+
+
+def hf_to_params(
+    source: str | Path | Iterable[tuple[str, np.ndarray]],
+    config: Qwen25VLConfig,
+    *,
+    dtype: Any = None,
+    progress: bool | None = False,
+) -> dict[str, np.ndarray]:
+    """HF tensors (a checkpoint dir, or an iterable of (key, array)) -> flat params keyed by our paths.
+
+    `dtype=None` keeps the checkpoint's dtype; otherwise every tensor is cast (bf16 rounding is
+    round-to-nearest-even, as torch's `.to(torch.bfloat16)`). A checkpoint that does not match `config`
+    raises `CheckpointMismatchError` listing every missing, unexpected and mis-shaped key.
+    """
+    target = as_dtype(dtype)
+    index = _hf_index(config)
+    label = "checkpoint"
+    if isinstance(source, (str, os.PathLike)):
+        label = str(source)
+        infos = hf_tensor_infos(source)
+        check_hf_infos(infos, config, source=label)  # fail before reading any data
+        tensors: Iterable[tuple[str, np.ndarray]] = iter_hf_tensors(source)
+        total = len(infos)
+    else:
+        tensors, total = source, len(index)
+    meter = _Progress(total, "reading", progress)
+
+    params: dict[str, np.ndarray] = {}
+    seen: dict[str, str] = {}
+    unexpected, wrong_shape, wrong_dtype, other = [], {}, {}, []
+    tied_head = embed_raw = None
+    for raw_key, x in tensors:
+        key = normalize_hf_key(raw_key)
+        meter.step(raw_key)
+        if key in seen:
+            other.append(f"{raw_key!r} and {seen[key]!r} are the same tensor under two naming schemes")
+            continue
+        seen[key] = raw_key
+        if key == LM_HEAD and config.text.tie_word_embeddings:
+            tied_head = (raw_key, x)
+            continue
+        if key not in index:
+            unexpected.append(raw_key)
+            continue
+        entry, layer = index[key]
+        if x.shape != entry.hf_shape:
+            wrong_shape[raw_key] = (entry.hf_shape, x.shape)
+            continue
+        if key == EMBED:
+            embed_raw = x
+        y = entry.to_ours(raw_key, x)
+        if not entry.layers:
+            params[entry.path] = np.array(y, dtype=target or y.dtype, order="C")
+            continue
+        buf = params.get(entry.path)
+        if buf is None:  # one preallocated array per stacked parameter: no list + np.stack copy
+            buf = params[entry.path] = np.empty(entry.full_shape, dtype=target or y.dtype)
+        elif target is None and y.dtype != buf.dtype:
+            wrong_dtype[raw_key] = (buf.dtype.name, y.dtype.name)
+            continue
+        buf[layer] = y
+    missing = [k for k in index if k not in seen]
+    if tied_head is not None and embed_raw is not None:
+        # transformers 5.24 (`PreTrainedModel.tie_weights` during from_pretrained): when a tied config's
+        # checkpoint holds both tensors, it ties them only if they are equal; otherwise it warns and leaves
+        # them UNTIED, i.e. silently runs an untied model under a tied config. We have no untied head under
+        # a tied config, so an equal copy is dropped and a different one is an error.
+        raw_key, head = tied_head
+        expected = (config.text.vocab_size, config.text.hidden_size)
+        if head.shape != expected:
+            wrong_shape[raw_key] = (expected, head.shape)
+        elif not np.array_equal(head, embed_raw):
+            other.append(f"{raw_key!r} differs from the embedding under tie_word_embeddings=True; "
+                         "set tie_word_embeddings=false in config.json if the head is really untied")  # fmt: skip
+    if missing or unexpected or wrong_shape or wrong_dtype or other:
+        raise CheckpointMismatchError(missing=missing, unexpected=unexpected, wrong_shape=wrong_shape,
+                                      wrong_dtype=wrong_dtype, other=other, source=label)  # fmt: skip
+    return {e.path: params[e.path] for e in key_map(config)}
+
+
+def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping (dict, nnx.State, ...) -> flat dict of '/'-joined paths. Flat input passes through."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, path + "/"))
+        else:
+            # nnx.Variable leaves (of an `nnx.State`) hold their array behind `get_value()`.
+            get_value = getattr(value, "get_value", None)
+            flat[path] = get_value() if callable(get_value) else value
+    return flat
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat '/'-joined paths -> nested dicts."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def check_params(params: Mapping[str, Any], config: Qwen25VLConfig, source: str = "params") -> None:
+    """Our side of the contract: exactly the paths and shapes of `param_shapes(config)`."""
+    shapes = param_shapes(config)
+    missing = [p for p in shapes if p not in params]
+    unexpected = [p for p in params if p not in shapes]
+    wrong = {p: (shapes[p], tuple(params[p].shape)) for p in shapes
+             if p in params and tuple(params[p].shape) != shapes[p]}  # fmt: skip
+    if missing or unexpected or wrong:
+        raise CheckpointMismatchError(
+            missing=missing, unexpected=unexpected, wrong_shape=wrong, source=source
+        )
+
+
+def params_to_hf(params: Mapping[str, Any], config: Qwen25VLConfig) -> dict[str, np.ndarray]:
+    """Flat (or nested) params -> HF on-disk keys and layouts, sorted by key; lm_head omitted when tied.
+
+    Values are views of `params` where the layout allows (no copy of the model is made here).
+    """
+    flat = flatten_params(params)
+    flat = {k: np.asarray(v) for k, v in flat.items()}
+    check_params(flat, config)
+    out: dict[str, np.ndarray] = {}
+    for entry in key_map(config):
+        x = flat[entry.path]
+        if entry.layers:
+            for layer, key in enumerate(entry.hf_keys()):
+                out[key] = entry.to_hf(f"{entry.path}[{layer}]", x[layer])
+        else:
+            out[entry.hf] = entry.to_hf(entry.path, x)
+    return dict(sorted(out.items()))
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _layout(tensors: Mapping[str, np.ndarray]) -> list[str]:
+    """The safetensors Rust writer's order: dtype descending (enum order), then name."""
+    return sorted(tensors, key=lambda k: (-_ST_ORDER.index(_ST_NAMES[tensors[k].dtype]), k))
+
+
+def _header(tensors: Mapping[str, np.ndarray], order: list[str], metadata: Mapping[str, str] | None) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for key in order:
+        x = tensors[key]
+        if x.dtype not in _ST_NAMES:
+            raise ValueError(f"{key}: dtype {x.dtype} has no safetensors name")
+        header[key] = {
+            "dtype": _ST_NAMES[x.dtype],
+            "shape": list(x.shape),
+            "data_offsets": [offset, offset + x.nbytes],
+        }
+        offset += x.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the Rust writer pads the header with spaces to 8-byte alignment
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def save_safetensors(
+    tensors: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    on_tensor=None,
+) -> None:
+    """Write one safetensors file in exactly the format the Rust writer produces (header, order, padding),
+    materialising one tensor at a time."""
+    order = _layout(tensors)
+    with open(path, "wb") as f:
+        f.write(_header(tensors, order, metadata))
+        for key in order:
+            x = np.ascontiguousarray(tensors[key])
+            if x.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
+                x = x.astype(x.dtype.newbyteorder("<"))
+            f.write(memoryview(x.reshape(-1).view(np.uint8)))
+            if on_tensor is not None:
+                on_tensor(key)
+
+
+def _shard(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    """Greedy, in key order, as transformers does; a tensor larger than the limit gets its own shard."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for key, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(key)
+        used += size
+    return shards
+
+
+# Files of an HF checkpoint dir that are not weights: tokenizer, processor, templates, generation config.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+def copy_hf_assets(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the non-weight top-level files (tokenizer, processor, chat template, generation config, README)
+    of an HF dir; `config.json` and weight files/indexes are left out (they are always rewritten)."""
+    copied = []
+    for p in sorted(Path(src).iterdir()):
+        if (not p.is_file() or p.name.startswith(".") or p.name == "config.json"
+                or p.name.endswith(_WEIGHT_SUFFIXES) or p.name.endswith(".index.json")):  # fmt: skip
+            continue
+        shutil.copy2(p, Path(dst) / p.name)
+        copied.append(p.name)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` to fill; it is renamed into place only if the block finishes.
+
+    An exception removes the temporary dir; a hard crash leaves only a `.NAME.tmp-*` sibling, never a
+    partial `target`. `rename` within one directory is atomic on POSIX. With `overwrite`, an existing
+    target is first moved aside and deleted after the new one is in place.
+    """
+    target = Path(target).absolute()
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(target, old)
+    os.rename(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_hf_checkpoint(
+    params: Mapping[str, Any],
+    config: Qwen25VLConfig,
+    out_dir: str | Path,
+    *,
+    dtype: Any = "bfloat16",
+    max_shard_bytes: int = 5 * 2**30,
+    assets_from: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool | None = False,
+) -> Path:
+    """Write an HF checkpoint dir that `transformers` loads: safetensors in the on-disk layout (sharded with
+    `model.safetensors.index.json` above `max_shard_bytes`), `config.json`, and the tokenizer/processor
+    files of `assets_from`. `dtype=None` keeps each parameter's dtype. Nothing is written on a mismatch,
+    and the dir appears atomically."""
+    hf = params_to_hf(params, config)  # validates before anything touches the disk
+    target = as_dtype(dtype)
+    out_dtype = {k: target or v.dtype for k, v in hf.items()}
+    sizes = {k: int(np.prod(v.shape, dtype=np.int64)) * out_dtype[k].itemsize for k, v in hf.items()}
+    shards = _shard(sizes, max_shard_bytes)
+    meter = _Progress(len(hf), "writing", progress)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        weight_map = {}
+        for n, keys in enumerate(shards, 1):
+            name = (
+                SAFE_WEIGHTS_NAME if len(shards) == 1 else f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+            )
+            # The cast happens per tensor inside the writer, so at most one cast copy is alive.
+            save_safetensors({k: _LazyCast(hf[k], out_dtype[k]) for k in keys}, tmp / name,
+                             metadata={"format": "pt"}, on_tensor=meter.step)  # fmt: skip
+            weight_map.update(dict.fromkeys(keys, name))
+        if len(shards) > 1:
+            index = {"metadata": {"total_parameters": sum(int(np.prod(v.shape, dtype=np.int64)) for v in hf.values()),
+                                  "total_size": sum(sizes.values())},
+                     "weight_map": dict(sorted(weight_map.items()))}  # fmt: skip
+            (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        if assets_from is not None:
+            copy_hf_assets(assets_from, tmp)
+        write_config_json(config, tmp, dtype=_single_dtype(out_dtype.values()))
+    return Path(out_dir)
+
+
+def _single_dtype(dtypes: Iterable[np.dtype]) -> str | None:
+    names = {np.dtype(d).name for d in dtypes}
+    return names.pop() if len(names) == 1 else None
+
+
+def write_config_json(config: Qwen25VLConfig, directory: str | Path, *, dtype: str | None = None) -> Path:
+    """`config.save_pretrained`, plus transformers' `dtype` field (the storage dtype) when known."""
+    path = config.save_pretrained(directory)
+    if dtype is not None:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+        hf["dtype"] = dtype_name(as_dtype(dtype))
+        path.write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_config_dtype(directory: str | Path) -> np.dtype | None:
+    """The `dtype` (or legacy `torch_dtype`) field of a `config.json`, if any."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return None
+    hf = json.loads(path.read_text(encoding="utf-8"))
+    name = hf.get("dtype") or hf.get("torch_dtype") or (hf.get("text_config") or {}).get("dtype")
+    if not isinstance(name, str) or name == "auto":
+        return None
+    return as_dtype(name)
+
+
+class _LazyCast:
+    """An array-like whose dtype/shape are known up front and whose data is cast only when materialised."""
+
+    def __init__(self, x: np.ndarray, dtype: np.dtype):
+        self.x, self.dtype, self.shape = x, np.dtype(dtype), tuple(x.shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self.x, dtype=self.dtype)
