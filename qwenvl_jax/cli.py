@@ -135,6 +135,35 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from conversion.convert import convert
+
+    start = time.perf_counter()
+    out = convert(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=True)
+    print(f"wrote Orbax checkpoint {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from conversion.convert import export
+
+    start = time.perf_counter()
+    out = export(args.ckpt, args.out, dtype=args.dtype, overwrite=args.overwrite, progress=True)
+    print(f"wrote HF checkpoint {out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    from conversion import parity
+
+    results = parity.run(args.hf, dtypes=tuple(args.dtype or ("float32", "bfloat16")), device=args.device)
+    failures = parity.verdict(results, real_model=args.real)
+    for failure in failures:
+        print(f"FAIL {failure}")
+    print("parity: " + ("FAILED" if failures else "passed"))
+    return 1 if failures else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwenvl-jax", description="Qwen2.5-VL in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,13 +180,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     process.add_argument("--prompt", required=True)
     process.set_defaults(func=cmd_process)
+    convert = sub.add_parser("convert", help="HF Qwen2.5-VL directory -> Orbax checkpoint (atomic)")
+    convert.add_argument("--hf", required=True, help="HF checkpoint directory (safetensors)")
+    convert.add_argument("--out", required=True, help="Orbax checkpoint directory to create")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="cast on the way (default: keep)")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(func=cmd_convert)
+    export = sub.add_parser("export", help="Orbax checkpoint -> HF directory that transformers loads")
+    export.add_argument("--ckpt", required=True, help="Orbax checkpoint directory")
+    export.add_argument("--out", required=True, help="HF directory to create")
+    export.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], help="default: the dtype it was converted from"
+    )
+    export.add_argument("--overwrite", action="store_true")
+    export.set_defaults(func=cmd_export)
+    parity = sub.add_parser("parity", help="logits of ours vs transformers on built-in prompts (needs torch)")
+    parity.add_argument("--hf", required=True, help="HF checkpoint directory")
+    parity.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable")
+    parity.add_argument("--device", default="cpu", help="torch device for the reference: cpu or cuda")
+    parity.add_argument(
+        "--real", action="store_true", help="real-weight gates (rtol 1e-3, atol 2e-2, argmax)"
+    )
+    parity.set_defaults(func=cmd_parity)
     args = parser.parse_args(argv)
     from qwenvl_jax.processing.errors import InputError
+    from qwenvl_jax.weights import CheckpointMismatchError
 
     try:
         return args.func(args)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (InputError, CheckpointMismatchError, FileExistsError, FileNotFoundError) as err:
+        hint = " (on the command line: --overwrite)" if isinstance(err, FileExistsError) else ""
+        print(f"error: {err}{hint}", file=sys.stderr)
         return 2
 
 
