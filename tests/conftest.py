@@ -29,3 +29,11 @@ def hf_tiny(tiny_ckpt):
 @pytest.fixture(scope="session")
 def hf_real(real_ckpt):
     return tiny_hf.hf_processor(real_ckpt)
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
+def tiny_model_dir(request, tmp_path_factory):
+    """A complete tiny random HF Qwen2.5-VL checkpoint (spec 7), untied and tied (no lm_head.weight)."""
+    return tiny_hf.save_tiny_model_dir(
+        tmp_path_factory.mktemp("tiny_model"), tie_word_embeddings=request.param, seed=1 + request.param
+    )

@@ -1,0 +1,113 @@
+"""`qwenvl_jax.load(path, dtype=...)`: an HF checkpoint directory or an Orbax checkpoint -> `Qwen25VL`.
+
+The model is built abstractly (`nnx.eval_shape`: no allocation, no random init), and each parameter is
+filled from the checkpoint one tensor at a time: safetensors are memory-mapped, so peak host memory stays
+near one copy of the model, and nothing is initialised only to be overwritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.model import Qwen25VL
+from qwenvl_jax.weights import CheckpointMismatchError, checkpoint_files, hf_to_params
+
+
+def _is_orbax(path: Path) -> bool:
+    from qwenvl_jax.checkpoint import params_dir
+
+    try:
+        return params_dir(path).is_dir()
+    except FileNotFoundError:
+        return False
+
+
+def abstract_model(config: Qwen25VLConfig) -> Qwen25VL:
+    """The model with ShapeDtypeStruct leaves: full-size shapes without allocating a byte."""
+    return nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(config: Qwen25VLConfig, flat: dict[str, Any]) -> Qwen25VL:
+    """Put flat `{'a/b/c': array}` parameters into a model of `config`; keys and shapes must match exactly."""
+    graphdef, state = nnx.split(abstract_model(config))
+    pure = nnx.to_pure_dict(state)
+    expected = dict(_flatten(pure))
+    missing = sorted(set(expected) - set(flat))
+    unexpected = sorted(set(flat) - set(expected))
+    wrong = {k: (tuple(np.shape(flat[k])), tuple(expected[k].shape)) for k in expected.keys() & flat.keys()
+             if tuple(np.shape(flat[k])) != tuple(expected[k].shape)}  # fmt: skip
+    if missing or unexpected or wrong:
+        raise CheckpointMismatchError(
+            missing=missing, unexpected=unexpected, wrong_shape=wrong, source="parameters"
+        )
+    param_dtype = jnp.dtype(config.param_dtype)
+    # One device array at a time from the (memory-mapped) host arrays.
+    filled = _unflatten({k: jnp.asarray(flat[k], dtype=param_dtype) for k in expected})
+    nnx.replace_by_pure_dict(state, filled)
+    return nnx.merge(graphdef, state)
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str = "bfloat16",
+    param_dtype: str | None = None,
+    **policy: Any,
+) -> Qwen25VL:
+    """Load an HF Qwen2.5-VL directory (single or sharded safetensors, tied 3B without `lm_head.weight`) or an
+    Orbax checkpoint written by `qwenvl-jax convert`.
+
+    `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`, which is what
+    inference wants; training keeps float32 master weights with `param_dtype="float32"`). Other keyword
+    arguments set the config's execution policy (`attention_backend`, `remat`, `scan_layers`).
+    """
+    path = Path(path)
+    policy = dict(policy, dtype=dtype, param_dtype=param_dtype or dtype)
+    if _is_orbax(path):
+        from qwenvl_jax.checkpoint import load_params
+
+        flat, config = load_params(path)
+        config = config.replace(**policy)
+    elif (path / "config.json").exists() and checkpoint_files(path):
+        config = Qwen25VLConfig.from_pretrained(path, **policy)
+        flat = hf_to_params(path, config)
+    else:
+        raise FileNotFoundError(
+            f"{path}: neither an HF checkpoint (config.json + safetensors) nor an Orbax checkpoint"
+        )
+    return model_from_params(config, flat)
+
+
+def _flatten(tree, prefix=""):
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, name + "/")
+        else:
+            yield name, value
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def param_count(model_or_config) -> int:
+    """Number of parameters (the tied lm_head counted once, as HF counts)."""
+    model = (
+        abstract_model(model_or_config) if isinstance(model_or_config, Qwen25VLConfig) else model_or_config
+    )
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
