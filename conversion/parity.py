@@ -33,7 +33,7 @@ class Comparison:
     max_excess: float  # max(|diff| - 1e-3 |ref|): the atol needed on top of rtol 1e-3 (real-model gate)
 
     def row(self) -> str:
-        return (f"{self.name:<34} {self.max_abs:>10.3e} {self.mean_abs:>10.3e} {self.mean_kl:>10.3e} "
+        return (f"{self.name:<58} {self.max_abs:>10.3e} {self.mean_abs:>10.3e} {self.mean_kl:>10.3e} "
                 f"{100 * self.top1:>7.2f}% {self.tokens:>7d}")  # fmt: skip
 
 

@@ -211,3 +211,20 @@ def save_tiny_model_dir(out: str | Path, *, tie_word_embeddings: bool = False, s
     out = save_checkpoint_dir(out, preprocessor={"max_pixels": 28 * 28 * 64})
     build_tiny_model(tie_word_embeddings=tie_word_embeddings, seed=seed).save_pretrained(out)
     return out
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a tiny random HF Qwen2.5-VL checkpoint (spec 7).")
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--tied", action="store_true", help="tie_word_embeddings (no lm_head.weight, like 3B)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(save_tiny_model_dir(args.out, tie_word_embeddings=args.tied, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -120,3 +120,11 @@ def test_load_refuses_a_checkpoint_that_does_not_match(tiny_model_dir, tmp_path)
         qwenvl_jax.load(bad, dtype="float32")
     with pytest.raises(FileNotFoundError, match="neither an HF checkpoint"):
         qwenvl_jax.load(tmp_path, dtype="float32")
+
+
+def test_parity_command_line(tiny_model_dir, capsys):
+    from qwenvl_jax.cli import main
+
+    assert main(["parity", "--hf", str(tiny_model_dir), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "ours-float32 vs HF-fp32" in out and "parity: passed" in out
