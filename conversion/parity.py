@@ -144,7 +144,7 @@ def run(
         results[dtype] = rows
     if verbose:
         print(
-            f"{'comparison (valid tokens)':<34} {'max|diff|':>10} {'mean|diff|':>10} {'mean KL':>10} {'top-1':>8} {'tokens':>7}"
+            f"{'comparison (valid tokens)':<58} {'max|diff|':>10} {'mean|diff|':>10} {'mean KL':>10} {'top-1':>8} {'tokens':>7}"
         )
         for rows in results.values():
             for r in rows:
