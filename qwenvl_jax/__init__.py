@@ -14,3 +14,10 @@ def load(path, **kwargs):
     from qwenvl_jax.loading import load as _load
 
     return _load(path, **kwargs)
+
+
+def generate(model, batch, **kwargs):
+    """Complete left-padded prompts with `model` (see `qwenvl_jax.generation.generate`); imported lazily."""
+    from qwenvl_jax.generation import generate as _generate
+
+    return _generate(model, batch, **kwargs)

@@ -2,6 +2,7 @@
 
 qwenvl-jax demo                          # offline: tiny checkpoint, synthetic images and a video
 qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
+qwenvl-jax generate --model DIR --image PATH_OR_URL [--video PATH] --prompt "..." [--json]
 """
 
 from __future__ import annotations
@@ -135,6 +136,73 @@ def cmd_process(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    try:
+        return _generate(args)
+    except ValueError as err:  # bad sampling options, a prompt too long, a cache that does not fit
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    import qwenvl_jax
+    from qwenvl_jax.generation import generate, generate_stream
+    from qwenvl_jax.processing import Processor
+
+    processor = Processor.from_pretrained(args.model)
+    content = [{"type": "image", "image": image} for image in args.image]
+    content += [{"type": "video", "video": video} for video in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    batch = processor.encode_chat(
+        [[{"role": "user", "content": content}]], add_generation_prompt=True, padding_side="left"
+    )
+    model = qwenvl_jax.load(args.model, dtype=args.dtype)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    decode = processor.tokenizer.decode
+    if args.json:
+        out = generate(model, batch, **options)
+        ids = out.completion(0).tolist()
+        record = {
+            "token_ids": ids,
+            "text": decode(ids, skip_special_tokens=True),
+            "logprobs": out.logprobs[0, : len(ids)].tolist(),
+            "finish_reason": out.finish_reasons[0],
+            "timing": out.timing,
+        }
+        print(json.dumps(record))
+        return 0
+    ids: list[int] = []
+    shown = ""
+    stream = generate_stream(model, batch, **options)
+    while True:
+        try:
+            step = next(stream)
+        except StopIteration as stop:
+            out = stop.value
+            break
+        if step.emitted[0]:
+            ids.append(int(step.tokens[0]))
+            text = decode(ids, skip_special_tokens=True)
+            # Hold back an incomplete UTF-8 sequence (a byte-level token may end mid-character).
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                print(text[len(shown) :], end="", flush=True)
+                shown = text
+    text = decode(ids, skip_special_tokens=True)
+    print(text[len(shown) :] if text.startswith(shown) else "")
+    t = out.timing
+    print(f"[{len(ids)} tokens, {out.finish_reasons[0]}; prefill {t['prefill_s']:.2f} s, decode "
+          f"{t['decode_s']:.2f} s, {t['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from conversion.convert import convert
 
@@ -180,6 +248,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     process.add_argument("--prompt", required=True)
     process.set_defaults(func=cmd_process)
+    gen = sub.add_parser("generate", help="answer a prompt with images/videos, streaming the text")
+    gen.add_argument(
+        "--model", required=True, help="HF Qwen2.5-VL checkpoint directory (or Orbax + processor)"
+    )
+    gen.add_argument("--image", action="append", default=[], help="path, file:// or http(s) URL (repeatable)")
+    gen.add_argument(
+        "--video", action="append", default=[], help="video file or frame directory (repeatable)"
+    )
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    gen.add_argument("--json", action="store_true", help="print ids, text, log-probs and timing as JSON")
+    gen.set_defaults(func=cmd_generate)
     convert = sub.add_parser("convert", help="HF Qwen2.5-VL directory -> Orbax checkpoint (atomic)")
     convert.add_argument("--hf", required=True, help="HF checkpoint directory (safetensors)")
     convert.add_argument("--out", required=True, help="Orbax checkpoint directory to create")

@@ -155,32 +155,42 @@ def remat_policy(remat: str):
 
 def run_stack(
     stack: nnx.Module,
-    step: Callable[[nnx.Module, jax.Array, Any], jax.Array],
+    step: Callable[[nnx.Module, jax.Array, Any], Any],
     x: jax.Array,
     per_layer: Any = None,
     *,
     scan: bool = True,
     remat: str = "none",
-) -> jax.Array:
+    collect: bool = False,
+) -> Any:
     """Apply `x = step(layer, x, per_layer[i])` for every layer i of a `stacked` module.
 
     `scan=True` runs one `jax.lax.scan` over the stacked state (one traced layer, whatever the depth);
     `scan=False` is a Python loop over slices of the same parameters, for debugging. `per_layer` is a
-    pytree of arrays with a leading layer axis (e.g. the vision tower's `is_full` flags) or None.
+    pytree of arrays with a leading layer axis (e.g. the vision tower's `is_full` flags, or a layer's
+    slice of the KV cache) or None.
+
+    `collect=True`: `step` returns `(x, y)` and `run_stack` returns `(x, ys)`, the per-layer outputs `y`
+    stacked on a leading layer axis (the keys and values that prefill and decode write to the cache).
     """
     graphdef, state = nnx.split(stack)
 
     def body(x_carry, xs):
         layer_state, layer_extra = xs
-        return step(nnx.merge(graphdef, layer_state), x_carry, layer_extra)
+        out = step(nnx.merge(graphdef, layer_state), x_carry, layer_extra)
+        return out if collect else (out, None)
 
     wrap = remat_policy(remat)
     if wrap is not None:
         body = wrap(body)
     if scan:
-        out, _ = jax.lax.scan(lambda c, xs: (body(c, xs), None), x, (state, per_layer))
-        return out
+        out, ys = jax.lax.scan(body, x, (state, per_layer))
+        return (out, ys) if collect else out
     num = jax.tree.leaves(state)[0].shape[0]
+    ys = []
     for i in range(num):
-        x = body(x, jax.tree.map(lambda a, i=i: a[i], (state, per_layer)))
-    return x
+        x, y = body(x, jax.tree.map(lambda a, i=i: a[i], (state, per_layer)))
+        ys.append(y)
+    if not collect:
+        return x
+    return x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *ys)

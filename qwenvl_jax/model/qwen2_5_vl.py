@@ -9,6 +9,9 @@ Two ways in:
   second_per_grid_ts`). Raw input goes through `host_inputs` (numpy, outside jit: positions, window
   indices, scatter slots) first. Unknown keys (labels, example_mask, ...) are ignored.
 
+Generation uses `prefill` (the prompt pass, returning the last logits and the per-layer keys and values)
+and `decode_step` (one token per row against a preallocated cache); `qwenvl_jax.generation` drives them.
+
 Logits are float32 in every policy: the lm_head matmul accumulates in float32 and is not rounded to the
 compute dtype. HF returns bf16 logits from a bf16 model (spec 6.6), so upcast HF's before comparing and
 expect our bf16 logits to be slightly closer to an fp32 reference than HF's own.
@@ -75,7 +78,6 @@ class Qwen25VL(nnx.Module):
         modality present, `pixel_values[_videos] (P, 1176)` and `{image,video}_{rope_pos, patch_perm,
         window_seg, full_seg, unit_unperm, scatter_b, scatter_s}` as `collate` documents them.
         """
-        cfg = self.config
         batch, seq = input_ids.shape
         mask_bs = (
             jnp.ones((batch, seq), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
@@ -83,6 +85,11 @@ class Qwen25VL(nnx.Module):
         if position_ids is None:
             pos_bs = jnp.maximum(jnp.cumsum(mask_bs, axis=-1) - 1, 0) * mask_bs
             position_ids = jnp.broadcast_to(pos_bs[None], (3, batch, seq))
+        h_bsd = self.text(self.embed(input_ids, **vision), mask_bs, position_ids)
+        return self.logits(h_bsd)
+
+    def embed(self, input_ids: jax.Array, **vision: jax.Array) -> jax.Array:
+        """Token embeddings `(B, S, D)` with the vision features scattered into the placeholder slots."""
         embeds_bsd = self.text.embed_tokens(input_ids)
         for kind in ("image", "video"):
             pixels = vision.get(_PIXEL_KEY[kind])
@@ -102,11 +109,49 @@ class Qwen25VL(nnx.Module):
             embeds_bsd = embeds_bsd.at[idx["scatter_b"], idx["scatter_s"]].set(
                 feats_ud.astype(embeds_bsd.dtype), mode="drop"
             )
-        h_bsd = self.text(embeds_bsd, mask_bs, position_ids)
-        if cfg.text.tie_word_embeddings:
+        return embeds_bsd
+
+    def logits(self, h_bsd: jax.Array) -> jax.Array:
+        """The lm_head (tied or not): float32 logits `(B, S, V)`."""
+        if self.config.text.tie_word_embeddings:
             return self.text.embed_tokens.attend(h_bsd)
         kernel_dv = self.lm_head.kernel[...].astype(h_bsd.dtype)
         return jnp.einsum("bsd,dv->bsv", h_bsd, kernel_dv, preferred_element_type=jnp.float32)
+
+    # ------------------------------------------------------------------------------- generation
+    def prefill(
+        self, input_ids: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, **vision: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The prompt pass of generation (jittable): `forward` on a LEFT-padded batch, keeping the cache.
+
+        Returns the float32 logits of the last position `(B, V)` (real in every row under left padding)
+        and every layer's rotated keys and values `(L, B, S, K, H)` in the compute dtype. The vision
+        tower runs here and only here.
+        """
+        mask_bs = attention_mask.astype(jnp.int32)
+        h_bsd, k_lbskh, v_lbskh = self.text.prefill(self.embed(input_ids, **vision), mask_bs, position_ids)
+        return self.logits(h_bsd[:, -1:])[:, 0], k_lbskh, v_lbskh
+
+    def decode_step(
+        self,
+        token_ids_b: jax.Array,
+        position_ids_3b: jax.Array,
+        k_cache_lbtkh: jax.Array,
+        v_cache_lbtkh: jax.Array,
+        kv_mask_bt: jax.Array,
+        index: jax.Array,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One generated token per row (jittable): logits `(B, V)` float32 and the updated k, v caches.
+
+        `position_ids_3b` are the token's M-RoPE positions `(3, B)` (spec 3.3: the same value on all three
+        axes, `cumsum(mask) - 1 + rope_deltas`); the token is written at cache slot `index`, which
+        `kv_mask_bt (B, T)` must already mark valid.
+        """
+        embeds_b1d = self.text.embed_tokens(token_ids_b[:, None])
+        h_b1d, k_cache_lbtkh, v_cache_lbtkh = self.text.decode(
+            embeds_b1d, position_ids_3b[:, :, None], k_cache_lbtkh, v_cache_lbtkh, kv_mask_bt, index
+        )
+        return self.logits(h_b1d)[:, 0], k_cache_lbtkh, v_cache_lbtkh
 
     # ------------------------------------------------------------------------------- convenience
     def __call__(self, **inputs: Any) -> jax.Array:

@@ -1,0 +1,628 @@
+"""Generation: host planning, a jitted prefill, and a jitted decode loop over a preallocated KV cache.
+
+    out = qwenvl_jax.generate(model, processor_output, max_new_tokens=64, temperature=1.0, n=4, seed=0)
+    out.tokens[i, : out.lengths[i]], out.logprobs[i], out.finish_reasons[i], out.prompt_index[i]
+
+Static shapes, so that a handful of compiled programs serve every request:
+- the prompt is LEFT-padded further to a length bucket (`prompt_buckets`, default 32, 64, ..., 512, then
+  multiples of 512); raw processor output also gets its vision patches padded to a power-of-two budget
+  (collate output already has static budgets);
+- the cache holds `round_up(prompt bucket + max_new_tokens, cache_multiple)` slots; the decode loop's
+  token buffer is the cache's free part, and `max_new_tokens` itself is traced;
+- sampling values (greedy or not, temperature, top-k, top-p, stop ids, suppressed ids) are traced, so
+  one decode program serves every sampling mode; the number of completions `n` is static (it sets rows).
+
+Positions (spec 3.3): prefill uses the host's M-RoPE positions (`get_rope_index`); a generated token fed
+back at cache slot `S + t` gets `seen[r] + rope_deltas[r]` on all three axes, where `seen` counts the
+row's valid cache slots before it (that is `cumsum(mask)[n] - 1` at its index `n`). `rope_deltas`
+(`max(prompt position) + 1 - n_valid`) is carried explicitly in the decode state, never cached on a module.
+
+The vision tower runs once, in prefill. `n` completions per prompt share that prefill: its keys and
+values are repeated `n` times into the cache (rows `i*n .. i*n+n-1` belong to prompt `i`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.generation.cache import (
+    CACHE_AXES,
+    KVCache,
+    cache_from_prefill,
+    cache_shape,
+    check_cache_fits,
+    memory_budget,
+)
+from qwenvl_jax.generation.sampling import SamplingParams, sample
+
+# Times each jitted function was traced (a Python side effect runs only while tracing): a cheap proof
+# that requests in one bucket reuse the compiled programs.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+_VISION_FIELDS = ("rope_pos", "patch_perm", "window_seg", "full_seg", "unit_unperm", "scatter_b", "scatter_s")
+_PIXEL_KEY = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
+def _input_error(message: str) -> Exception:
+    # The host pipeline's error type; imported here because `qwenvl_jax.processing` pulls in PIL.
+    from qwenvl_jax.processing.errors import InputError
+
+    return InputError(message)
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Completions, one row per (prompt, sample): rows `i*n .. i*n+n-1` belong to prompt `i`.
+
+    `tokens (R, max_new_tokens)` int32, `pad_token_id` after `lengths[r]` (which counts the stop token);
+    `logprobs (R, max_new_tokens)` float32 log-probs of the sampled tokens under the sampling distribution
+    (0 after the end); `finish_reasons[r]` "stop" (a stop token was emitted), "length", or "empty" for
+    an all-padding prompt row (a `collate` filler row, which emits nothing); timings in
+    seconds (the first call of a shape includes compilation), `tokens_per_s` = generated tokens /
+    (prefill + decode time).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    finish_reasons: list[str]
+    logprobs: np.ndarray
+    prompt_index: np.ndarray
+    prefill_s: float
+    decode_s: float
+    tokens_per_s: float
+    prompt_len: int  # the prompt bucket S
+    cache_len: int  # T
+
+    @property
+    def timing(self) -> dict[str, float]:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s, "tokens_per_s": self.tokens_per_s}
+
+    def completion(self, row: int) -> np.ndarray:
+        return self.tokens[row, : self.lengths[row]]
+
+
+class StreamStep(NamedTuple):
+    """One decode step of `generate_stream`: the token sampled for every row at step `step`.
+
+    `emitted[r]` is False for rows that had already finished (their token is padding); `done[r]` says the
+    row is finished after this step.
+    """
+
+    step: int
+    tokens: np.ndarray  # (R,) int32
+    logprobs: np.ndarray  # (R,) float32
+    emitted: np.ndarray  # (R,) bool
+    done: np.ndarray  # (R,) bool
+
+
+# ------------------------------------------------------------------------------------ decode state
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    tokens: jax.Array  # (R, N) int32 sampled tokens, pad after the end
+    logprobs: jax.Array  # (R, N) float32
+    last: jax.Array  # (R,) int32 the token to feed next
+    seen: jax.Array  # (R,) int32 valid cache slots so far (prompt + fed tokens)
+    rope_deltas: jax.Array  # (R,) int32, M-RoPE offset of generated tokens (spec 3.3)
+    lengths: jax.Array  # (R,) int32 tokens emitted, stop token included
+    stopped: jax.Array  # (R,) bool a stop token was emitted
+    done: jax.Array  # (R,) bool
+    step: jax.Array  # () int32 tokens sampled so far
+
+
+def _sample_into(state: DecodeState, logits_rv, key, params: SamplingParams):
+    """Sample token `step` for every row from `logits_rv` and record it (pad for finished rows)."""
+    tokens_r, logp_r = sample(jax.random.fold_in(key, state.step), logits_rv, params)
+    active_r = ~state.done
+    tokens_r = jnp.where(active_r, tokens_r, params.pad_id)
+    logp_r = jnp.where(active_r, logp_r, 0.0)
+    hit_r = active_r & (tokens_r[:, None] == params.stop_ids[None, :]).any(-1)
+    step = state.step + 1
+    return state._replace(
+        tokens=jax.lax.dynamic_update_slice_in_dim(state.tokens, tokens_r[:, None], state.step, 1),
+        logprobs=jax.lax.dynamic_update_slice_in_dim(state.logprobs, logp_r[:, None], state.step, 1),
+        last=tokens_r,
+        lengths=state.lengths + active_r.astype(jnp.int32),
+        stopped=state.stopped | hit_r,
+        done=state.done | hit_r | (step >= params.max_new_tokens),
+        step=step,
+    )
+
+
+def _feed(model, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+    """Run the last sampled tokens through the decoder at slot `cache.index`; next logits `(R, V)`."""
+    cache = state.cache
+    rows = state.last.shape[0]
+    mask_rt = jax.lax.dynamic_update_slice_in_dim(cache.mask, jnp.ones((rows, 1), jnp.int32), cache.index, 1)
+    pos_r = state.seen + state.rope_deltas  # = cumsum(mask)[slot] - 1 + rope_deltas
+    logits_rv, k, v = model.decode_step(
+        state.last, jnp.broadcast_to(pos_r[None], (3, rows)), cache.k, cache.v, mask_rt, cache.index
+    )
+    cache = KVCache(k, v, mask_rt, cache.index + 1)
+    return state._replace(cache=cache, seen=state.seen + 1), logits_rv
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n", "cache_len", "cache_sharding"))
+def _prefill(graphdef, params, inputs, *, n, cache_len, cache_sharding=None):
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, params)
+    logits_bv, k_lbskh, v_lbskh = model.prefill(**inputs)
+    cache = cache_from_prefill(
+        k_lbskh, v_lbskh, inputs["attention_mask"], n=n, length=cache_len, sharding=cache_sharding
+    )
+    return jnp.repeat(logits_bv, n, axis=0) if n > 1 else logits_bv, cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _decode_loop(graphdef, params, state, logits_rv, key, sampling):
+    """Sample the first token from the prefill logits, then decode until every row is done (early exit)."""
+    TRACE_COUNTS["decode_loop"] += 1
+    model = nnx.merge(graphdef, params)
+    state = _sample_into(state, logits_rv, key, sampling)
+
+    def body(s):
+        s, logits = _feed(model, s)
+        return _sample_into(s, logits, key, sampling)
+
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _first_step(state, logits_rv, key, sampling):
+    TRACE_COUNTS["first_step"] += 1
+    return _sample_into(state, logits_rv, key, sampling)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
+def _next_step(graphdef, params, state, key, sampling):
+    TRACE_COUNTS["next_step"] += 1
+    state, logits_rv = _feed(nnx.merge(graphdef, params), state)
+    return _sample_into(state, logits_rv, key, sampling)
+
+
+# ------------------------------------------------------------------------------------ host planning
+
+
+def default_bucket(length: int) -> int:
+    """32, 64, ..., 512, then multiples of 512: at most 2x padding for short prompts, < 512 for long."""
+    if length <= 512:
+        return max(32, 1 << (max(length, 1) - 1).bit_length())
+    return -(-length // 512) * 512
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def _left_pad(x: np.ndarray, extra: int, axis: int) -> np.ndarray:
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (extra, 0)
+    return np.pad(x, widths)
+
+
+def _pad_vision(out: dict, kind: str, budget: int, unit: int, seq: int) -> None:
+    """Pad `host_inputs`' exact-size vision arrays to `budget` patch rows, the `VisionIndices` convention:
+    padding rows sit at the end, map to themselves, rotary position 0, segment -1 (they never attend to a
+    real row nor are attended by one); extra scatter slots point at `seq`, out of range, and are dropped."""
+    pixels = out[_PIXEL_KEY[kind]]
+    n = pixels.shape[0]
+    if budget == n:
+        return
+    tail_p, tail_u = np.arange(n, budget), np.arange(n // unit, budget // unit)
+    out[_PIXEL_KEY[kind]] = np.concatenate([pixels, np.zeros((budget - n, pixels.shape[1]), pixels.dtype)])
+    out[f"{kind}_rope_pos"] = np.concatenate([out[f"{kind}_rope_pos"], np.zeros((budget - n, 2), np.int32)])
+    out[f"{kind}_patch_perm"] = np.concatenate([out[f"{kind}_patch_perm"], tail_p]).astype(np.int32)
+    for seg in ("window_seg", "full_seg"):
+        out[f"{kind}_{seg}"] = np.concatenate([out[f"{kind}_{seg}"], np.full(budget - n, -1, np.int32)])
+    out[f"{kind}_unit_unperm"] = np.concatenate([out[f"{kind}_unit_unperm"], tail_u]).astype(np.int32)
+    extra_units = budget // unit - out[f"{kind}_scatter_b"].size
+    out[f"{kind}_scatter_b"] = np.concatenate([out[f"{kind}_scatter_b"], np.zeros(extra_units, np.int32)])
+    out[f"{kind}_scatter_s"] = np.concatenate([out[f"{kind}_scatter_s"], np.full(extra_units, seq, np.int32)])
+
+
+def prepare_prompts(
+    config, batch: Mapping[str, Any], prompt_len: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Host side: a left-padded batch (processor or `collate` output) -> the prefill arrays at `prompt_len`
+    tokens (more left padding), and `rope_deltas (B,)`."""
+    from qwenvl_jax.model.qwen2_5_vl import CORE_KEYS, host_inputs, is_collated
+    from qwenvl_jax.processing.positions import get_rope_index
+
+    ids_bs = np.asarray(batch["input_ids"])
+    mask_bs = np.asarray(batch.get("attention_mask", np.ones_like(ids_bs))).astype(np.int32)
+    extra = prompt_len - ids_bs.shape[1]
+    if is_collated(batch):
+        out = {k: np.asarray(batch[k]) for k in CORE_KEYS if batch.get(k) is not None}
+        pos = out["position_ids"]
+        pos = pos[1:] if pos.ndim == 3 and pos.shape[0] == 4 else pos
+        pos = np.broadcast_to(pos[None], (3, *pos.shape)) if pos.ndim == 2 else pos
+        out["position_ids"] = _left_pad(pos.astype(np.int32), extra, 2)
+        out["input_ids"] = _left_pad(ids_bs.astype(np.int32), extra, 1)
+        out["attention_mask"] = _left_pad(mask_bs, extra, 1)
+        for kind in ("image", "video"):
+            if f"{kind}_scatter_s" in out:  # unused slots point at the old length, now prompt_len
+                out[f"{kind}_scatter_s"] = (out[f"{kind}_scatter_s"] + extra).astype(np.int32)
+    else:
+        vc = config.vision
+        raw = {k: v for k, v in batch.items() if v is not None}
+        raw["input_ids"] = _left_pad(ids_bs, extra, 1)
+        raw["attention_mask"] = _left_pad(mask_bs, extra, 1)
+        if "mm_token_type_ids" in raw:
+            raw["mm_token_type_ids"] = _left_pad(np.asarray(raw["mm_token_type_ids"]), extra, 1)
+        has = {
+            k: raw.get(_PIXEL_KEY[k]) is not None and raw.get(f"{k}_grid_thw") is not None for k in _PIXEL_KEY
+        }
+        pos, _ = get_rope_index(
+            raw["input_ids"],
+            raw.get("mm_token_type_ids"),
+            raw["image_grid_thw"] if has["image"] else None,
+            raw["video_grid_thw"] if has["video"] else None,
+            raw.get("second_per_grid_ts") if has["video"] else None,
+            raw["attention_mask"],
+            spatial_merge_size=vc.spatial_merge_size,
+            tokens_per_second=vc.tokens_per_second,
+            image_token_id=config.image_token_id,
+            video_token_id=config.video_token_id,
+        )
+        raw["position_ids"] = pos
+        out = host_inputs(config, **raw)
+        unit = vc.spatial_merge_size**2
+        for kind in _PIXEL_KEY:
+            if _PIXEL_KEY[kind] in out:
+                n = out[_PIXEL_KEY[kind]].shape[0]
+                _pad_vision(out, kind, _round_up(max(64, 1 << (n - 1).bit_length()), unit), unit, prompt_len)
+    # rope_deltas = max(position) + 1 - n_valid per row (spec 3.2); 0 for a row with no valid token.
+    mask_bs = out["attention_mask"].astype(bool)
+    n_valid = mask_bs.sum(-1)
+    top = np.where(mask_bs[None], out["position_ids"], np.iinfo(np.int32).min).max(axis=(0, 2))
+    deltas = np.where(n_valid > 0, top.astype(np.int64) + 1 - n_valid, 0).astype(np.int32)
+    return out, deltas
+
+
+@dataclasses.dataclass
+class _Plan:
+    inputs: dict[str, np.ndarray]
+    prompt_len: int
+    cache_len: int
+    batch: int
+    n: int
+    max_new_tokens: int
+    sampling: SamplingParams
+    key: jax.Array
+    rope_deltas: np.ndarray  # (B,)
+    empty_rows: np.ndarray  # (B,) bool: all-padding rows (collate filler), which emit nothing
+    cache_sharding: Any
+    mesh: Any
+    rules: Any
+
+
+def _as_int_tuple(ids, name: str) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    ids = [ids] if isinstance(ids, (int, np.integer)) else list(ids)
+    if not all(isinstance(i, (int, np.integer)) for i in ids):
+        raise ValueError(f"{name} must be integers, got {ids!r}")
+    return tuple(int(i) for i in ids)
+
+
+def _plan(
+    model,
+    batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    n: int,
+    seed: int,
+    stop_token_ids,
+    suppress_token_ids,
+    pad_token_id,
+    max_length,
+    prompt_buckets,
+    cache_multiple: int,
+    mesh,
+    rules,
+    max_cache_bytes,
+) -> _Plan:
+    config = model.config
+    vocab = config.text.vocab_size
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens < 1
+    ):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if cache_multiple < 1:
+        raise ValueError(f"cache_multiple must be >= 1, got {cache_multiple}")
+    stop = _as_int_tuple(config.eos_token_id if stop_token_ids is None else stop_token_ids, "stop_token_ids")
+    suppress = _as_int_tuple(
+        (config.image_token_id, config.video_token_id) if suppress_token_ids is None else suppress_token_ids,
+        "suppress_token_ids",
+    )
+    bad = [i for i in (*stop, *suppress) if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"token ids {bad} are outside the vocabulary [0, {vocab})")
+    pad_id = config.bos_token_id if pad_token_id is None else int(pad_token_id)  # Qwen: <|endoftext|>
+
+    if "input_ids" not in batch:
+        raise _input_error("the batch has no input_ids")
+    ids_bs = np.asarray(batch["input_ids"])
+    if ids_bs.ndim == 1:
+        batch = {**batch, "input_ids": ids_bs[None]}
+        if batch.get("attention_mask") is not None:
+            batch["attention_mask"] = np.asarray(batch["attention_mask"]).reshape(1, -1)
+        ids_bs = ids_bs[None]
+    if ids_bs.ndim != 2 or 0 in ids_bs.shape:
+        raise _input_error(f"input_ids must be (batch, seq) with batch, seq >= 1, got shape {ids_bs.shape}")
+    rows_b, seq = ids_bs.shape
+    mask_bs = np.asarray(batch.get("attention_mask", np.ones_like(ids_bs))).astype(bool)
+    n_valid = mask_bs.sum(-1)
+    left = np.arange(seq)[None, :] >= (seq - n_valid)[:, None]
+    if (mask_bs != left).any():
+        rows = np.flatnonzero((mask_bs != left).any(-1)).tolist()
+        raise _input_error(
+            f"generation needs LEFT-padded prompts (padding_side='left'); rows {rows} are padded on the right "
+            "or have holes"
+        )
+    max_length = int(config.text.max_position_embeddings if max_length is None else max_length)
+    longest = int(n_valid.max())
+    if longest >= max_length:
+        raise _input_error(f"a prompt of {longest} tokens does not fit max_length={max_length}")
+    if longest + max_new_tokens > max_length:
+        raise _input_error(
+            f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_length={max_length}; "
+            f"at most {max_length - longest} new tokens fit"
+        )
+    if prompt_buckets is None:
+        prompt_len = default_bucket(seq)
+    else:
+        fits = [b for b in sorted(prompt_buckets) if b >= seq]
+        if not fits:
+            raise _input_error(
+                f"a prompt batch of {seq} tokens exceeds the largest prompt bucket {max(prompt_buckets)}"
+            )
+        prompt_len = fits[0]
+    cache_len = _round_up(prompt_len + max_new_tokens, cache_multiple)
+    rows = rows_b * n
+
+    devices = None if mesh is None else mesh.devices.flat
+    budget, source = memory_budget(max_cache_bytes, devices)
+    check_cache_fits(
+        config,
+        batch=rows,
+        length=cache_len,
+        prompt_len=prompt_len,
+        budget=budget,
+        source=source,
+        prefill_rows=rows_b,
+    )
+
+    inputs, deltas_b = prepare_prompts(config, batch, prompt_len)
+    cache_sharding = None
+    if mesh is not None:
+        from qwenvl_jax import sharding as shd  # imported only for a mesh: single-device use needs none of it
+
+        rules = shd.DEFAULT_RULES if rules is None else rules
+        cache_sharding = shd.named_sharding(mesh, rules, CACHE_AXES, cache_shape(config, rows, cache_len))
+    greedy = temperature == 0
+    sampling = SamplingParams(
+        greedy=jnp.asarray(greedy),
+        filtered=jnp.asarray(not greedy and (top_k > 0 or top_p < 1)),
+        temperature=jnp.float32(temperature if not greedy else 1.0),
+        top_k=jnp.int32(top_k),
+        top_p=jnp.float32(top_p),
+        suppress_v=jnp.zeros(vocab, bool).at[jnp.asarray(suppress, jnp.int32)].set(True)
+        if suppress
+        else jnp.zeros(vocab, bool),
+        # Padded to a multiple of 8 slots (-1 never matches) so that the count does not select a program.
+        stop_ids=jnp.asarray(list(stop) + [-1] * (_round_up(max(len(stop), 1), 8) - len(stop)), jnp.int32),
+        pad_id=jnp.int32(pad_id),
+        max_new_tokens=jnp.int32(max_new_tokens),
+    )
+    return _Plan(
+        inputs=inputs,
+        prompt_len=prompt_len,
+        cache_len=cache_len,
+        batch=rows_b,
+        n=n,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        key=jax.random.key(seed),
+        rope_deltas=deltas_b,
+        empty_rows=inputs["attention_mask"].sum(-1) == 0,
+        cache_sharding=cache_sharding,
+        mesh=mesh,
+        rules=rules,
+    )
+
+
+def _start(model, plan: _Plan) -> tuple[Any, Any, jax.Array, DecodeState, float]:
+    """Prefill, then the initial decode state. Returns (graphdef, params, logits, state, prefill seconds)."""
+    graphdef, params = nnx.split(model)
+    if plan.mesh is None:
+        inputs = {k: jnp.asarray(v) for k, v in plan.inputs.items()}
+    else:  # batch axis on the "batch" rule, vision inputs replicated
+        from qwenvl_jax import sharding as shd
+
+        inputs = shd.shard_batch(plan.inputs, plan.mesh, plan.rules)
+    start = time.perf_counter()
+    logits_rv, cache = _prefill(
+        graphdef, params, inputs, n=plan.n, cache_len=plan.cache_len, cache_sharding=plan.cache_sharding
+    )
+    jax.block_until_ready(logits_rv)
+    prefill_s = time.perf_counter() - start
+    rows, free = plan.batch * plan.n, plan.cache_len - plan.prompt_len
+    n_valid = plan.inputs["attention_mask"].astype(bool).sum(-1)
+    state = DecodeState(
+        cache=cache,
+        tokens=jnp.full((rows, free), plan.sampling.pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, free), jnp.float32),
+        last=jnp.zeros(rows, jnp.int32),
+        seen=jnp.asarray(np.repeat(n_valid, plan.n), jnp.int32),
+        rope_deltas=jnp.asarray(np.repeat(plan.rope_deltas, plan.n), jnp.int32),
+        lengths=jnp.zeros(rows, jnp.int32),
+        stopped=jnp.zeros(rows, bool),
+        done=jnp.asarray(np.repeat(plan.empty_rows, plan.n)),  # a collate filler row emits nothing
+        step=jnp.int32(0),
+    )
+    return graphdef, params, logits_rv, state, prefill_s
+
+
+def _finish(plan: _Plan, state: DecodeState, prefill_s: float, decode_s: float) -> GenerationOutput:
+    tokens, logprobs, lengths, stopped = jax.device_get(
+        (state.tokens, state.logprobs, state.lengths, state.stopped)
+    )
+    m = plan.max_new_tokens
+    total = float(np.sum(lengths))
+    return GenerationOutput(
+        tokens=np.asarray(tokens[:, :m], np.int32),
+        lengths=np.asarray(lengths, np.int32),
+        finish_reasons=[
+            "stop" if s else ("empty" if e else "length")
+            for s, e in zip(
+                np.asarray(stopped).tolist(), np.repeat(plan.empty_rows, plan.n).tolist(), strict=True
+            )
+        ],
+        logprobs=np.asarray(logprobs[:, :m], np.float32),
+        prompt_index=np.repeat(np.arange(plan.batch, dtype=np.int32), plan.n),
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        tokens_per_s=total / max(prefill_s + decode_s, 1e-9),
+        prompt_len=plan.prompt_len,
+        cache_len=plan.cache_len,
+    )
+
+
+_GENERATE_DOC = """
+    `batch`: LEFT-padded processor output (`processor(text=..., images=..., padding=True,
+    padding_side="left")`, `processor.encode_chat(..., add_generation_prompt=True, padding_side="left")`)
+    or `collate` output with `padding_side="left"`.
+
+    Sampling: `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are off. `n` completions per prompt
+    share one prefill. `seed` fixes the draws. A row stops after emitting any of `stop_token_ids`
+    (default: `model.config.eos_token_id`; a given list replaces it, `()` disables stopping) or after
+    `max_new_tokens`; later positions hold `pad_token_id` (default: the config's `<|endoftext|>`, Qwen's
+    pad). `suppress_token_ids` are never emitted (default: the image and video placeholders; `()`: none).
+
+    Shapes: prompts are left-padded to a bucket (`prompt_buckets`, default `default_bucket`), the cache
+    holds `round_up(bucket + max_new_tokens, cache_multiple)` slots; the prompt (valid tokens) plus
+    `max_new_tokens` must fit `max_length` (default `max_position_embeddings`). The cache size is checked
+    before allocation against `max_cache_bytes` (default: free device memory, or available host memory
+    on CPU); a request that does not fit raises `CacheMemoryError` saying what would.
+
+    `mesh`, `rules` (default `sharding.DEFAULT_RULES`): place the prompt arrays and the KV cache (logical
+    axes `CACHE_AXES`) on the mesh; the model itself must already be sharded (`sharding.shard_model`).
+"""
+
+
+def generate(
+    model,
+    batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] | int | None = None,
+    suppress_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    max_length: int | None = None,
+    prompt_buckets: Sequence[int] | None = None,
+    cache_multiple: int = 128,
+    mesh=None,
+    rules=None,
+    max_cache_bytes: int | None = None,
+) -> GenerationOutput:
+    plan = _plan(model, batch, **_options(locals()))
+    graphdef, params, logits_rv, state, prefill_s = _start(model, plan)
+    start = time.perf_counter()
+    state = _decode_loop(
+        graphdef,
+        params,
+        state,
+        logits_rv,
+        plan.key,
+        plan.sampling,
+    )
+    jax.block_until_ready(state.tokens)
+    return _finish(plan, state, prefill_s, time.perf_counter() - start)
+
+
+def generate_stream(
+    model,
+    batch: Mapping[str, Any],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] | int | None = None,
+    suppress_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    max_length: int | None = None,
+    prompt_buckets: Sequence[int] | None = None,
+    cache_multiple: int = 128,
+    mesh=None,
+    rules=None,
+    max_cache_bytes: int | None = None,
+) -> Iterator[StreamStep]:
+    plan = _plan(model, batch, **_options(locals()))
+    graphdef, params, logits_rv, state, prefill_s = _start(model, plan)
+    start = time.perf_counter()
+    state = _first_step(state, logits_rv, plan.key, plan.sampling)
+    lengths = np.zeros(plan.batch * plan.n, np.int32)
+    while True:
+        step = int(state.step) - 1
+        tokens, logprobs, new_lengths, done = jax.device_get(
+            (state.tokens[:, step], state.logprobs[:, step], state.lengths, state.done)
+        )
+        yield StreamStep(step, tokens, logprobs, new_lengths > lengths, done)
+        lengths = new_lengths
+        if done.all():
+            break
+        state = _next_step(graphdef, params, state, plan.key, plan.sampling)
+    return _finish(plan, state, prefill_s, time.perf_counter() - start)
+
+
+def _options(scope: dict) -> dict:
+    return {k: v for k, v in scope.items() if k not in ("model", "batch")}
+
+
+generate.__doc__ = (
+    "Complete every prompt of `batch` with a jitted prefill and a jitted `while_loop` decode (early exit\n"
+    "    once every row has finished); returns a `GenerationOutput`.\n" + _GENERATE_DOC
+)
+generate_stream.__doc__ = (
+    "`generate`, one `StreamStep` per decode step (a Python loop over a jitted step), for streaming\n"
+    "    text. The same seed draws the same tokens as `generate`. The generator's return value (`out = yield\n"
+    "    from generate_stream(...)`) is the `GenerationOutput`.\n" + _GENERATE_DOC
+)

@@ -1,0 +1,330 @@
+"""Generation on tiny random checkpoints: greedy ids equal transformers' `generate`, log-probs equal a
+teacher-forced forward, seeds, `n` completions from one prefill, stop tokens, errors, and bucketing."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import qwenvl_jax
+from conversion import parity, tiny_hf
+from qwenvl_jax.generation import (
+    TRACE_COUNTS,
+    CacheMemoryError,
+    engine,
+    generate,
+    generate_stream,
+)
+from qwenvl_jax.generation.cache import slot_bytes
+from qwenvl_jax.processing import BatchSpec, InputError, Processor, collate
+
+MAX_NEW = 32
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def untied_dir(tmp_path_factory):
+    return tiny_hf.save_tiny_model_dir(tmp_path_factory.mktemp("gen_untied"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def setup(untied_dir):
+    processor = Processor.from_pretrained(untied_dir)
+    return qwenvl_jax.load(untied_dir, dtype="float32"), processor, parity.builtin_inputs(processor)
+
+
+def _image(h, w, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _text_batch(processor, texts):
+    convs = [[{"role": "user", "content": t}] for t in texts]
+    return processor.encode_chat(convs, add_generation_prompt=True, padding_side="left")
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def test_greedy_ids_equal_transformers_generate(tiny_model_dir):
+    """Images (a left-padded batch of two prompts of different lengths) and a video, tied and untied:
+    32 greedy tokens identical to HF `generate` with the same suppressed tokens, EOS and pad."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    model = qwenvl_jax.load(tiny_model_dir, dtype="float32")
+    processor = Processor.from_pretrained(tiny_model_dir)
+    cfg = model.config
+    suppress = [cfg.image_token_id, cfg.video_token_id]
+    cases = parity.builtin_inputs(processor)
+    assert (
+        cases[0][1]["attention_mask"].sum(-1).tolist()[0] != cases[0][1]["attention_mask"].sum(-1).tolist()[1]
+    )
+    for _, batch in cases:
+        out = qwenvl_jax.generate(model, batch, max_new_tokens=MAX_NEW, temperature=0.0)
+        with torch.no_grad():
+            ref = hf.generate(
+                **parity._torch_inputs(batch, torch.float32, "cpu"),
+                max_new_tokens=MAX_NEW,
+                do_sample=False,
+                suppress_tokens=suppress,
+                eos_token_id=cfg.eos_token_id,
+                pad_token_id=processor.pad_token_id,
+            )
+        ref = ref[:, batch["input_ids"].shape[1] :].numpy()
+        ref = np.pad(ref, ((0, 0), (0, MAX_NEW - ref.shape[1])), constant_values=processor.pad_token_id)
+        np.testing.assert_array_equal(out.tokens, ref)
+        # Not a degenerate comparison: the completions differ between rows and are not one repeated token.
+        assert all(len(set(row.tolist())) > 1 for row in out.tokens)
+        stops = [
+            int(np.argmax(row == cfg.eos_token_id)) + 1 if (row == cfg.eos_token_id).any() else MAX_NEW
+            for row in ref
+        ]
+        assert out.lengths.tolist() == stops
+
+
+def test_collate_output_generates_like_processor_output(setup):
+    """`collate(..., padding_side="left")` (static patch budgets, its own positions) = processor output."""
+    model, processor, _ = setup
+    convs = [
+        [{"role": "user", "content": [{"type": "image", "image": _image(84, 112, 0)}, {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": [{"type": "image", "image": _image(56, 56, 1)}, {"type": "text", "text": "Describe this image in detail please."}]}],
+    ]  # fmt: skip
+    raw = processor.encode_chat(convs, add_generation_prompt=True, padding_side="left")
+    examples = [processor.encode_chat([c], add_generation_prompt=True, padding=False) for c in convs]
+    spec = BatchSpec(
+        batch_size=3,  # one all-padding filler row
+        seq_buckets=(64, 128),
+        image_patches=256,
+        max_images=2,
+        padding_side="left",
+        pad_token_id=processor.pad_token_id,
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+    )
+    static = collate(examples, spec)
+    a = generate(model, raw, max_new_tokens=16, temperature=0.0)
+    b = generate(model, static, max_new_tokens=16, temperature=0.0)
+    np.testing.assert_array_equal(a.tokens, b.tokens[:2])
+    np.testing.assert_allclose(a.logprobs, b.logprobs[:2], atol=1e-5)
+    assert (
+        b.lengths[2] == 0 and b.finish_reasons[2] == "empty" and (b.tokens[2] == processor.pad_token_id).all()
+    )
+
+
+# ------------------------------------------------------------------------------------------ log-probs
+
+
+def _reference_logprobs(model, batch, out, *, temperature, top_k=0, top_p=1.0, suppress=()):
+    """Teacher forcing: our own full forward over prompt + completion, the sampling distribution rebuilt
+    in numpy at the position before each completion token."""
+    ids = np.asarray(batch["input_ids"])
+    seq, m = ids.shape[1], out.tokens.shape[1]
+    rows = out.prompt_index
+    keep = np.arange(m)[None, :] < out.lengths[:, None]
+    full = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    full["input_ids"] = np.concatenate([ids[rows], np.where(keep, out.tokens, 0)], 1)
+    full["attention_mask"] = np.concatenate(
+        [np.asarray(batch["attention_mask"])[rows], keep.astype(np.int64)], 1
+    )
+    assert (np.bincount(rows) == 1).all()  # one completion per prompt: the vision inputs stay as they are
+    logits = np.asarray(model(**full), np.float64)[:, seq - 1 : seq - 1 + m]
+    x = logits.copy()
+    x[..., list(suppress)] = -np.inf
+    if temperature == 0:
+        x = logits  # greedy: the model's own distribution
+    else:
+        x = x / temperature
+        if top_k:
+            kth = np.sort(x, -1)[..., -top_k][..., None]
+            x = np.where(x < kth, -np.inf, x)
+        if top_p < 1:  # HF TopPLogitsWarper
+            order = np.argsort(x, -1, kind="stable")
+            srt = np.take_along_axis(x, order, -1)
+            p = np.exp(srt - srt.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            remove = np.cumsum(p, -1) <= 1 - top_p
+            remove[..., -1] = False
+            np.put_along_axis(x, order, np.where(remove, -np.inf, srt), -1)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    picked = np.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
+    return np.where(keep, picked, 0.0)
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=40, top_p=0.9)],
+    ids=["greedy", "t1", "t0.7-topk-topp"],
+)
+def test_logprobs_equal_teacher_forced_forward(setup, sampling):
+    model, _, cases = setup
+    _, batch = cases[0]
+    out = generate(model, batch, max_new_tokens=24, seed=5, **sampling)
+    cfg = model.config
+    ref = _reference_logprobs(
+        model, batch, out, suppress=(cfg.image_token_id, cfg.video_token_id), **sampling
+    )
+    np.testing.assert_allclose(out.logprobs, ref, atol=1e-4)
+    assert np.isfinite(out.logprobs).all() and (out.logprobs[:, :3] < 0).all()
+    if sampling.get("top_k"):  # every sampled token is inside the top-k of the raw logits
+        assert (out.logprobs > -np.inf).all()
+
+
+# ------------------------------------------------------------------------------------ seeds and n
+
+
+def test_seeds_streaming_and_n_completions_share_one_prefill(setup, monkeypatch):
+    model, _, cases = setup
+    _, batch = cases[0]
+    calls = []
+    real_prefill = engine._prefill
+
+    def counting_prefill(graphdef, params, inputs, **kw):
+        calls.append((inputs["input_ids"].shape[0], kw["n"]))
+        return real_prefill(graphdef, params, inputs, **kw)
+
+    monkeypatch.setattr(engine, "_prefill", counting_prefill)
+    kw = dict(max_new_tokens=MAX_NEW, temperature=1.0, n=4, stop_token_ids=())
+    a = generate(model, batch, seed=0, **kw)
+    assert calls == [(2, 4)]  # one prefill of the 2 prompts (one vision pass) for 8 completions
+    assert a.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert a.tokens.shape == (8, MAX_NEW) and a.finish_reasons == ["length"] * 8
+    assert len({tuple(r) for r in a.tokens.tolist()}) == 8  # distinct samples
+    b = generate(model, batch, seed=0, **kw)
+    c = generate(model, batch, seed=1, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert (a.tokens != c.tokens).any()
+    # Streaming draws the same tokens as the looped path for the same seed.
+    stream = generate_stream(model, batch, seed=0, **kw)
+    steps = list(stream)
+    assert [s.step for s in steps] == list(range(MAX_NEW))
+    np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1), a.tokens)
+    np.testing.assert_allclose(np.stack([s.logprobs for s in steps], 1), a.logprobs, atol=1e-5)
+    assert steps[-1].done.all() and a.timing["tokens_per_s"] > 0
+
+
+def test_stop_token_ends_a_row(setup):
+    model, processor, cases = setup
+    _, batch = cases[0]
+    free = generate(model, batch, max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=())
+    row = free.tokens[0].tolist()
+    j = next(i for i in range(1, MAX_NEW) if row[i] not in row[:i])  # first step with a new token
+    stop = row[j]
+    out = generate(model, batch, max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=[stop])
+    assert out.lengths[0] == j + 1 and out.finish_reasons[0] == "stop"
+    assert out.tokens[0, : j + 1].tolist() == row[: j + 1]
+    assert (out.tokens[0, j + 1 :] == processor.pad_token_id).all() and (out.logprobs[0, j + 1 :] == 0).all()
+    np.testing.assert_allclose(out.logprobs[0, : j + 1], free.logprobs[0, : j + 1], atol=1e-6)
+    other = free.tokens[1].tolist()
+    if stop not in other:
+        assert out.finish_reasons[1] == "length" and out.lengths[1] == MAX_NEW
+        assert out.tokens[1].tolist() == other
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_requests_get_clear_errors(setup):
+    model, processor, cases = setup
+    _, batch = cases[0]
+    for kw, pattern in [
+        (dict(n=0), "n "),
+        (dict(temperature=-0.5), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(stop_token_ids=[10**6]), "vocabulary"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            generate(model, batch, **{"max_new_tokens": 4, **kw})
+    longest = int(np.asarray(batch["attention_mask"]).sum(-1).max())
+    with pytest.raises(InputError, match=f"prompt of {longest} tokens does not fit max_length=50"):
+        generate(model, batch, max_new_tokens=4, max_length=50)
+    with pytest.raises(InputError, match=f"at most {300 - longest} new tokens"):
+        generate(model, batch, max_new_tokens=300, max_length=300)
+    with pytest.raises(InputError, match="largest prompt bucket"):
+        generate(model, batch, max_new_tokens=4, prompt_buckets=(64,))
+    right = processor.encode_chat(
+        [[{"role": "user", "content": t}] for t in ("Hi", "Describe it")], add_generation_prompt=True
+    )
+    with pytest.raises(InputError, match="LEFT-padded"):
+        generate(model, right, max_new_tokens=4)
+
+
+def test_cache_memory_check_says_what_fits(setup):
+    model, _, cases = setup
+    _, batch = cases[0]  # 2 prompts, n=4: 8 cache rows (the shapes of the test above: no new compile)
+    bucket = engine.default_bucket(batch["input_ids"].shape[1])
+    slots = -(-(bucket + MAX_NEW) // 128) * 128
+    per = slot_bytes(model.config)
+    prefill = 2 * bucket * per  # the prompt pass's own keys and values, beside the cache
+    budget = prefill + 7 * slots * per + 100
+    with pytest.raises(CacheMemoryError) as err:
+        generate(model, batch, max_new_tokens=MAX_NEW, n=4, max_cache_bytes=budget)
+    msg = str(err.value)
+    assert f"8 rows x {slots} slots" in msg and "max_cache_bytes" in msg
+    assert f"At {slots} slots at most 7 rows fit" in msg
+    fit = (budget - prefill) // (8 * per)
+    assert f"at 8 rows at most {fit} slots fit" in msg and f"max_new_tokens <= {fit - bucket}" in msg
+    # The same request within the budget runs (the check is not an allocation).
+    out = generate(model, batch, max_new_tokens=MAX_NEW, n=4, max_cache_bytes=prefill + 8 * slots * per)
+    assert out.tokens.shape == (8, MAX_NEW)
+
+
+# ------------------------------------------------------------------------------------------ bucketing
+
+
+def test_prompts_in_one_bucket_reuse_the_compiled_programs(setup):
+    model, processor, _ = setup
+    short = _text_batch(processor, ["Hi"])
+    longer = _text_batch(processor, ["Describe the cat on the mat, please."])
+    bucket = engine.default_bucket(short["input_ids"].shape[1])
+    assert short["input_ids"].shape[1] < longer["input_ids"].shape[1] <= bucket
+    kw = dict(temperature=1.0, seed=0)
+    first = generate(model, short, max_new_tokens=20, **kw)
+    before = dict(TRACE_COUNTS)
+    second = generate(model, longer, max_new_tokens=30, **kw)  # same bucket, same cache multiple
+    assert dict(TRACE_COUNTS) == before
+    assert first.prompt_len == second.prompt_len == bucket and first.cache_len == second.cache_len
+    assert second.tokens.shape == (1, 30)
+    generate(
+        model, _text_batch(processor, ["word " * 40]), max_new_tokens=20, **kw
+    )  # next bucket: new shapes
+    assert TRACE_COUNTS["prefill"] == before["prefill"] + 1
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_generate_command_line(untied_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from qwenvl_jax.cli import main
+
+    path = tmp_path / "img.png"
+    Image.fromarray(_image(56, 84, 3)).save(path)
+    base = ["generate", "--model", str(untied_dir), "--image", str(path), "--prompt", "What is it?",
+            "--max-new-tokens", "6", "--dtype", "float32"]  # fmt: skip
+    assert main([*base, "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert len(record["token_ids"]) == len(record["logprobs"]) <= 6
+    assert record["finish_reason"] in ("stop", "length") and record["timing"]["tokens_per_s"] > 0
+    assert main(base) == 0
+    streamed = capsys.readouterr().out
+    assert record["text"] in streamed
+    assert main([*base, "--top-p", "2"]) == 2
+    assert re.search("top_p", capsys.readouterr().err)
