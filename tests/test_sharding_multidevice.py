@@ -36,6 +36,7 @@ GROUPS = (
         "constrain_changes_sharding",
         "errors_on_mesh",
         "divisibility_policy",
+        "generation_on_mesh",
     ),
 )
 ALL_CHECKS = [name for group in GROUPS for name in group]

@@ -427,8 +427,14 @@ def _plan(
     if mesh is not None:
         from qwenvl_jax import sharding as shd  # imported only for a mesh: single-device use needs none of it
 
-        rules = shd.DEFAULT_RULES if rules is None else rules
-        cache_sharding = shd.named_sharding(mesh, rules, CACHE_AXES, cache_shape(config, rows, cache_len))
+        rules = shd.as_rules(shd.DEFAULT_RULES if rules is None else rules)
+        # The cache's "kv_heads" dim counts heads (2 in 3B), while the parameters' counts head columns
+        # (nkv * head_dim), so a tensor axis that splits the weights may not divide the cache's heads. Then
+        # that dim is replicated across the axis (recorded and logged by the rules), never dropped silently.
+        cache_rules = dataclasses.replace(rules, indivisible="replicate")
+        cache_sharding = shd.named_sharding(
+            mesh, cache_rules, CACHE_AXES, cache_shape(config, rows, cache_len)
+        )
     greedy = temperature == 0
     sampling = SamplingParams(
         greedy=jnp.asarray(greedy),
