@@ -78,6 +78,20 @@ class Qwen25VL(nnx.Module):
         modality present, `pixel_values[_videos] (P, 1176)` and `{image,video}_{rope_pos, patch_perm,
         window_seg, full_seg, unit_unperm, scatter_b, scatter_s}` as `collate` documents them.
         """
+        return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, **vision))
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        **vision: jax.Array,
+    ) -> jax.Array:
+        """`forward` without the lm_head: the final-norm hidden states `(B, S, D)` in the compute dtype.
+
+        Training feeds these to the chunked `losses.token_logprobs` with `lm_head_matrix()`, so the
+        `(B, S, V)` logits are never materialised. Same arguments as `forward`.
+        """
         batch, seq = input_ids.shape
         mask_bs = (
             jnp.ones((batch, seq), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
@@ -85,8 +99,15 @@ class Qwen25VL(nnx.Module):
         if position_ids is None:
             pos_bs = jnp.maximum(jnp.cumsum(mask_bs, axis=-1) - 1, 0) * mask_bs
             position_ids = jnp.broadcast_to(pos_bs[None], (3, batch, seq))
-        h_bsd = self.text(self.embed(input_ids, **vision), mask_bs, position_ids)
-        return self.logits(h_bsd)
+        return self.text(self.embed(input_ids, **vision), mask_bs, position_ids)
+
+    def lm_head_matrix(self) -> jax.Array:
+        """The lm_head as a `(D, V)` matrix in the compute dtype (the embedding transposed when tied)."""
+        if self.config.text.tie_word_embeddings:
+            w_dv = self.text.embed_tokens.embedding[...].T
+        else:
+            w_dv = self.lm_head.kernel[...]
+        return w_dv.astype(self.config.dtype)
 
     def embed(self, input_ids: jax.Array, **vision: jax.Array) -> jax.Array:
         """Token embeddings `(B, S, D)` with the vision features scattered into the placeholder slots."""

@@ -1,0 +1,153 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) as a separate parameter tree, applied functionally.
+
+The adapters live outside the model: `{"text/layers/self_attn/q_proj/kernel": {"a": A, "b": B}}` with
+`A (..., in, r)`, `B (..., r, out)` and the same leading axes as the kernel (the scanned `layers` axis of
+a stack). The train step builds the effective parameters
+
+    W' = W + (alpha / r) · A @ B
+
+before `nnx.merge`, so the model code is untouched and the backward pass reaches A and B through the
+merge. "LoRA disabled" is simply the base parameters (the DPO reference needs no second copy).
+
+Initialisation as PEFT: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5)), B = 0, so the
+initial adapted model equals the base model exactly.
+
+Dropout: PEFT drops the layer INPUT per token (`B(A(dropout(x)))`), which has no effective-kernel form.
+Here `dropout > 0` zeroes (and rescales) rows of A, i.e. input features, with one mask per step shared by
+every token: a weight-space approximation, not PEFT's numbers. Keep `dropout=0` for parity runs.
+
+Cost: the merged kernel is materialised once per forward (one `(in, out)` matrix per target per layer,
+inside the layer scan's inputs), which is cheap next to activations for the sizes here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax.train.optim import map_with_path
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module names (fnmatch patterns) whose `kernel` gets an adapter, e.g. "q_proj" or "*_proj".
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    # Path prefixes searched for targets: the decoder only by default (the vision tower has its own
+    # `*_proj` MLPs; add "visual/" to adapt them too).
+    scopes: tuple[str, ...] = ("text/",)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a/b/c": leaf}` of a nested dict."""
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        *parents, last = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out
+
+
+def target_paths(base_params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
+    """The kernel paths of `base_params` (nested pure dict) that get an adapter, sorted."""
+    paths = []
+    for path in flatten(base_params):
+        parts = path.split("/")
+        if len(parts) < 2 or parts[-1] != "kernel" or not path.startswith(cfg.scopes):
+            continue
+        if any(fnmatch.fnmatchcase(parts[-2], pat) for pat in cfg.targets):
+            paths.append(path)
+    if not paths:
+        raise ValueError(f"no LoRA targets match {cfg.targets} under {cfg.scopes}")
+    return sorted(paths)
+
+
+def init_lora(base_params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict[str, dict[str, Any]]:
+    """Adapters for every target: A uniform (PEFT's kaiming_uniform(a=sqrt(5))), B zero; in the kernel's dtype."""
+    flat = flatten(base_params)
+    out = {}
+    for i, path in enumerate(target_paths(base_params, cfg)):
+        w = flat[path]
+        *lead, fan_in, fan_out = w.shape
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, fan_in, cfg.rank), w.dtype, -bound, bound)
+        out[path] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, fan_out), w.dtype)}
+    return out
+
+
+def lora_logical_axes(kernel_axes: tuple[str | None, ...]) -> dict[str, tuple[str | None, ...]]:
+    """Logical axes of A and B from the kernel's: the rank dim is replicated (None)."""
+    return {"a": (*kernel_axes[:-1], None), "b": (*kernel_axes[:-2], None, kernel_axes[-1])}
+
+
+def delta(
+    lora_ab: Mapping[str, jax.Array], cfg: LoraConfig, dropout_key: jax.Array | None = None
+) -> jax.Array:
+    """`(alpha / r) · A @ B` over the leading (layer) axes, in float32."""
+    a = lora_ab["a"].astype(jnp.float32)
+    if cfg.dropout > 0 and dropout_key is not None:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, (*a.shape[:-1], 1))
+        a = jnp.where(keep, a / (1.0 - cfg.dropout), 0.0)
+    return cfg.scale * jnp.einsum("...ir,...ro->...io", a, lora_ab["b"].astype(jnp.float32))
+
+
+def apply_lora(
+    base_params: Mapping[str, Any],
+    lora_params: Mapping[str, Mapping[str, jax.Array]],
+    cfg: LoraConfig,
+    *,
+    dropout_key: jax.Array | None = None,
+) -> dict[str, Any]:
+    """The effective nested params: base with `W + delta` at every adapted kernel (traceable, pure)."""
+    keys = (
+        {path: jax.random.fold_in(dropout_key, i) for i, path in enumerate(sorted(lora_params))}
+        if (dropout_key is not None)
+        else {}
+    )
+
+    def one(path, w):
+        if path not in lora_params:
+            return w
+        return (w.astype(jnp.float32) + delta(lora_params[path], cfg, keys.get(path))).astype(w.dtype)
+
+    return map_with_path(one, dict(base_params))
+
+
+def merge_lora(
+    base_params: Mapping[str, Any], lora_params: Mapping[str, Mapping[str, Any]], cfg: LoraConfig
+) -> dict[str, np.ndarray]:
+    """Flat `{"a/b/c": np.ndarray}` params with the adapters folded in (no dropout), for
+    `qwenvl_jax.weights.write_hf_checkpoint` or `loading.model_from_params`."""
+    nested = (
+        base_params if any(isinstance(v, Mapping) for v in base_params.values()) else unflatten(base_params)
+    )
+    merged = apply_lora(nested, lora_params, cfg)
+    return {k: np.asarray(v) for k, v in flatten(merged).items()}

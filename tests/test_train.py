@@ -1,0 +1,363 @@
+"""Train steps (`qwenvl_jax.train`): optimizer masks, trainable subsets, LoRA, SFT/DPO steps, skipping.
+
+Tiny random model, float32, one CPU device. Batches are text-only (the vision tower is exercised by the
+frozen_vision test through a batch with an image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax import losses
+from qwenvl_jax.model.qwen2_5_vl import host_inputs
+from qwenvl_jax.train import (
+    LoraConfig,
+    OptimConfig,
+    build_model,
+    decay_mask,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    merge_lora,
+    stack_micro_batches,
+)
+from qwenvl_jax.train.lora import flatten
+
+sys.path.insert(0, str(Path(__file__).parent))
+from multidevice_checks import random_model, tiny_config
+
+B, S = 4, 16
+
+
+@functools.cache
+def _model_and_cfg():
+    cfg = tiny_config(False)
+    return random_model(cfg), cfg
+
+
+def fresh_model():
+    from flax import nnx
+
+    model, _ = _model_and_cfg()
+    model = nnx.clone(model)
+    # Fresh buffers: the jitted steps donate the state, and clone shares the arrays.
+    nnx.update(model, jax.tree.map(jnp.copy, nnx.state(model)))
+    return model
+
+
+def text_batch(seed=0, rows=B):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 320, (rows, S)).astype(np.int32)
+    mask = np.ones((rows, S), np.int32)
+    mask[0, -3:] = 0
+    labels = np.where(mask > 0, ids, -100).astype(np.int32)
+    labels[:, :4] = -100  # a "prompt"
+    pos = np.broadcast_to(np.maximum(np.cumsum(mask, -1) - 1, 0)[None], (3, rows, S)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
+
+
+def image_batch():
+    """Two rows, row 1 holds a 1x4x4 image (4 placeholder tokens)."""
+    _, cfg = _model_and_cfg()
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 320, (2, S)).astype(np.int32)
+    ids[1, 3:7] = cfg.image_token_id
+    grids = np.array([[1, 4, 4]], np.int64)
+    pixels = rng.normal(size=(16, 1176)).astype(np.float32)
+    out = host_inputs(cfg, ids, np.ones((2, S), np.int32), pixel_values=pixels, image_grid_thw=grids)
+    out["labels"] = np.where(ids == cfg.image_token_id, -100, ids).astype(np.int32)
+    return out
+
+
+def n_items(*mbs):
+    return jnp.float32(losses.sft_num_items_in_batch([mb["labels"] for mb in mbs]))
+
+
+def flat(tree):
+    return {k: np.asarray(v) for k, v in flatten(tree).items()}
+
+
+OPT = OptimConfig(
+    learning_rate=1e-2, total_steps=10, schedule="constant", weight_decay=0.0, max_grad_norm=1.0
+)
+# Adam's first update is ~lr·sign(g): a large eps makes it ~lr·g, so reduction-order noise in near-zero
+# gradients cannot flip whole lr-sized steps in the accumulation comparison.
+OPT_SMOOTH = dataclasses.replace(OPT, eps=1.0)
+
+
+@functools.cache
+def setup_step(kind="sft", trainable="full", opt=OPT, lora_cfg=None, **kw):
+    """One jitted step per configuration for the whole module (compiles dominate the runtime); the
+    state/frozen of each test come from `init` (same structure, fresh buffers)."""
+    graphdef, _, _, tx = init_train_state(fresh_model(), opt, trainable=trainable, lora_cfg=lora_cfg)
+    return make_train_step(kind, graphdef, tx, lora_cfg=lora_cfg, **kw)
+
+
+def init(trainable="full", opt=OPT, lora_cfg=None, **kw):
+    return init_train_state(fresh_model(), opt, trainable=trainable, lora_cfg=lora_cfg, **kw)
+
+
+# ------------------------------------------------------------------------------------ optimizer
+
+
+def test_weight_decay_mask_excludes_biases_and_norms():
+    model = fresh_model()
+    _, state, _, _ = init_train_state(model, OPT)
+    mask = flatten(decay_mask(state.params))
+    assert mask["text/layers/self_attn/q_proj/kernel"] and mask["lm_head/kernel"]
+    assert mask["text/embed_tokens/embedding"] and mask["visual/patch_embed/kernel"]
+    assert not mask["text/layers/self_attn/q_proj/bias"] and not mask["visual/blocks/mlp/up_proj/bias"]
+    assert not mask["text/norm/scale"] and not mask["text/layers/input_layernorm/scale"]
+    assert not mask["visual/merger/ln_q/scale"]
+    # Numerically: with zero gradients, AdamW shrinks decayed params by lr*wd and leaves the rest.
+    params = {"w": {"kernel": jnp.ones((2, 2))}, "n": {"scale": jnp.ones(2)}, "b": {"bias": jnp.ones(2)}}
+    tx = make_optimizer(
+        OptimConfig(learning_rate=0.1, weight_decay=0.5, schedule="constant", max_grad_norm=None)
+    )
+    upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    np.testing.assert_allclose(upd["w"]["kernel"], -0.05)
+    np.testing.assert_array_equal(upd["n"]["scale"], 0.0)
+    np.testing.assert_array_equal(upd["b"]["bias"], 0.0)
+
+
+def test_schedule_warmup_then_cosine_and_trainable_mask():
+    from qwenvl_jax.train import learning_rate_schedule
+
+    sched = learning_rate_schedule(
+        OptimConfig(learning_rate=1.0, warmup_steps=10, total_steps=110, end_lr_ratio=0.1)
+    )
+    np.testing.assert_allclose(
+        [sched(0), sched(5), sched(10), sched(60), sched(110)], [0, 0.5, 1.0, 0.55, 0.1], atol=1e-6
+    )
+    lin = learning_rate_schedule(OptimConfig(learning_rate=1.0, total_steps=10, schedule="linear"))
+    np.testing.assert_allclose(lin(5), 0.5, atol=1e-6)
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    tx = make_optimizer(
+        OptimConfig(learning_rate=0.1, schedule="constant"), trainable_mask={"a": True, "b": False}
+    )
+    upd, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    assert np.all(np.asarray(upd["a"]) < 0) and np.all(np.asarray(upd["b"]) == 0)
+
+
+# ------------------------------------------------------------------------------------ SFT
+
+
+def test_model_hidden_states_and_lm_head_matrix_match_forward():
+    model = fresh_model()
+    b = text_batch()
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    logits = model.forward(**inputs)
+    h = model.hidden_states(**inputs)
+    np.testing.assert_allclose(h @ model.lm_head_matrix(), logits, atol=1e-5)
+
+
+def test_sft_overfits_one_batch():
+    model = fresh_model()
+    _, state, frozen, _ = init_train_state(model, OPT)
+    step = setup_step()
+    b = text_batch()
+    batch = stack_micro_batches([b])
+    # Step-0 loss equals the token mean NLL from full logits.
+    full = losses.logits_logprobs(
+        model.forward(b["input_ids"], b["attention_mask"], b["position_ids"]), b["labels"]
+    )
+    expected0 = -float(jnp.sum(full["log_probs"])) / float(jnp.sum(full["label_mask"]))
+    seen = []
+    for _ in range(8):
+        state, m = step(state, frozen, batch, n_items(b))
+        seen.append(float(m["loss"]))
+        assert int(m["skipped"]) == 0
+    np.testing.assert_allclose(seen[0], expected0, rtol=1e-5)
+    assert seen[-1] < 0.5 * seen[0], seen
+    assert int(state.step) == 8
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    big = text_batch(rows=4)
+    mb0 = {k: (v[:, :2] if k == "position_ids" else v[:2]) for k, v in big.items()}
+    mb1 = {k: (v[:, 2:] if k == "position_ids" else v[2:]) for k, v in big.items()}
+    mb1["labels"][:, 4:9] = -100  # uneven token counts per micro-batch: a mean of means would differ
+    big["labels"][2:, 4:9] = -100
+    results = []
+    for micro in ([big], [mb0, mb1]):
+        _, state, frozen, _ = init(opt=OPT_SMOOTH)
+        state, m = setup_step(opt=OPT_SMOOTH)(state, frozen, stack_micro_batches(micro), n_items(*micro))
+        results.append((flat(state.params), float(m["loss"]), float(m["grad_norm"])))
+    (p1, l1, g1), (p2, l2, g2) = results
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5)
+    for k in p1:
+        np.testing.assert_allclose(p1[k], p2[k], atol=1e-6, err_msg=k)
+
+
+def test_frozen_vision_split():
+    _, state, frozen, _ = init("frozen_vision", train_merger=False)
+    assert set(flatten(frozen)) == {k for k in flatten(fresh_model_params()) if k.startswith("visual/")}
+    assert all(not k.startswith("visual/") for k in flatten(state.params))
+
+
+def fresh_model_params():
+    from flax import nnx
+
+    return nnx.to_pure_dict(nnx.state(_model_and_cfg()[0], nnx.Param))
+
+
+def test_frozen_vision_leaves_vision_bit_identical():
+    train_merger = True
+    _, state, frozen, _ = init("frozen_vision")
+    assert all(k.startswith("visual/") for k in flatten(frozen))
+    assert ("visual/merger/fc1/kernel" in flatten(state.params)) == train_merger
+    before = {**flat(state.params), **flat(frozen)}
+    step = setup_step(trainable="frozen_vision")
+    b = image_batch()
+    for _ in range(2):
+        state, m = step(state, frozen, stack_micro_batches([b]), n_items(b))
+        assert int(m["skipped"]) == 0
+    after = {**flat(state.params), **flat(frozen)}
+    for k in before:
+        if k.startswith("visual/") and (not train_merger or "merger" not in k):
+            np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+    assert not np.array_equal(
+        before["text/layers/self_attn/q_proj/kernel"], after["text/layers/self_attn/q_proj/kernel"]
+    )
+    if train_merger:  # the merger gets gradient through the image row
+        assert not np.array_equal(before["visual/merger/fc2/kernel"], after["visual/merger/fc2/kernel"])
+
+
+def test_non_finite_skips_update():
+    _, state, frozen, _ = init()
+    step = setup_step()
+    b = text_batch()
+    before = flat(state.params)
+    opt_before = [np.asarray(x) for x in jax.tree.leaves(state.opt_state)]
+    state, m = step(state, frozen, stack_micro_batches([b]), jnp.float32(np.nan))  # NaN normaliser
+    assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
+    assert int(state.step) == 1
+    for k, v in flat(state.params).items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    for x, y in zip(jax.tree.leaves(state.opt_state), opt_before, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    # A normal step after a skip trains again.
+    state, m = step(state, frozen, stack_micro_batches([b]), n_items(b))
+    assert int(m["skipped"]) == 0 and int(state.step) == 2
+    assert not np.array_equal(flat(state.params)["lm_head/kernel"], before["lm_head/kernel"])
+
+
+def test_update_overflow_skips():
+    """A huge learning rate with finite gradients overflows the update itself: skipped too."""
+    from qwenvl_jax.train import TrainState
+    from qwenvl_jax.train.step import apply_update
+
+    params = {"w": jnp.full((3,), 1e38)}
+    for lr, skipped in ((1e38, 1), (1.0, 0)):
+        tx = make_optimizer(OptimConfig(learning_rate=lr, schedule="constant", max_grad_norm=None))
+        state = TrainState(jnp.int32(0), params, tx.init(params), jax.random.key_data(jax.random.key(0)))
+        new, m = jax.jit(lambda s, tx=tx: apply_update(s, {"w": jnp.ones(3)}, jnp.float32(1.0), tx, s.rng))(
+            state
+        )
+        assert int(m["skipped"]) == skipped and int(new.step) == 1
+        assert np.array_equal(new.params["w"], params["w"]) == bool(skipped) or lr == 1.0
+        assert np.all(np.isfinite(np.asarray(new.params["w"])))
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+
+LORA = LoraConfig(rank=4, alpha=8.0)
+
+
+def test_lora_only_adapters_change_and_merge_matches():
+    from qwenvl_jax import loading
+
+    model = fresh_model()
+    _, cfg = _model_and_cfg()
+    graphdef, state, frozen, _ = init_train_state(model, OPT, trainable="lora", lora_cfg=LORA)
+    assert len(state.params) == 7  # 7 targets in the (single, stacked) decoder stack
+    a = state.params["text/layers/self_attn/q_proj/kernel"]
+    assert a["a"].shape == (2, 64, 4) and a["b"].shape == (2, 4, 64)
+    b = text_batch()
+    inputs = {k: b[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    base_logits = model.forward(**inputs)
+    # B = 0: the adapted model is the base model exactly.
+    np.testing.assert_array_equal(
+        build_model(graphdef, state.params, frozen, LORA).forward(**inputs), base_logits
+    )
+    frozen_before = flat(frozen)
+    lora_before = flat(state.params)
+    step = setup_step(trainable="lora", lora_cfg=LORA)
+    losses_seen = []
+    for _ in range(3):
+        state, m = step(state, frozen, stack_micro_batches([b]), n_items(b))
+        losses_seen.append(float(m["loss"]))
+    assert losses_seen[-1] < losses_seen[0]
+    for k, v in flat(frozen).items():
+        np.testing.assert_array_equal(v, frozen_before[k], err_msg=k)
+    after = flat(state.params)
+    assert all(not np.array_equal(after[k], lora_before[k]) for k in after if k.endswith("/b"))
+    adapted = build_model(graphdef, state.params, frozen, LORA).forward(**inputs)
+    assert np.abs(np.asarray(adapted) - np.asarray(base_logits)).max() > 1e-3
+    merged = loading.model_from_params(cfg, merge_lora(frozen, state.params, LORA))
+    np.testing.assert_allclose(merged.forward(**inputs), adapted, atol=1e-5)
+    # LoRA disabled = the base params.
+    np.testing.assert_array_equal(
+        build_model(graphdef, state.params, frozen, LORA, lora_enabled=False).forward(**inputs), base_logits
+    )
+
+
+# ------------------------------------------------------------------------------------ DPO
+
+
+def dpo_batch():
+    b = text_batch(seed=5, rows=4)  # rows 0,1 chosen; 2,3 rejected (same prompts)
+    b["input_ids"][2:, :4] = b["input_ids"][:2, :4]
+    comp = np.zeros((4, S), np.int32)
+    comp[:, 4:] = b["attention_mask"][:, 4:]
+    b["completion_mask"] = comp
+    del b["labels"]
+    return b
+
+
+def test_dpo_step_frozen_ref_and_lora_ref():
+    b = stack_micro_batches([dpo_batch()])
+    # Frozen reference copy = the initial policy: loss at step 0 is -logσ(0) = log 2.
+    _, state, frozen, _ = init()
+    ref = jax.tree.map(jnp.copy, state.params)
+    step = step_ref = setup_step("dpo", beta=0.1)
+    state, m = step(state, frozen, b, ref)
+    np.testing.assert_allclose(float(m["loss"]), math.log(2), rtol=1e-6)
+    assert int(m["skipped"]) == 0 and float(m["grad_norm"]) > 0
+    state, m = step(state, frozen, b, ref)
+    assert float(m["loss"]) < math.log(2)  # the policy moved towards the chosen rows
+    # LoRA: the reference is the base with adapters disabled.
+    _, state, frozen, _ = init("lora", lora_cfg=LORA)
+    step = setup_step("dpo", "lora", lora_cfg=LORA, beta=0.1)
+    state, m = step(state, frozen, b)
+    np.testing.assert_allclose(float(m["loss"]), math.log(2), rtol=1e-6)
+    state, m = step(state, frozen, b)
+    assert float(m["loss"]) < math.log(2)
+    # Precomputed reference log-probs give the same numbers as the in-step reference.
+    graphdef, s1, frozen, _ = init()
+    model = build_model(graphdef, s1.params, frozen)
+    labels = np.where(b["completion_mask"][0] > 0, b["input_ids"][0], -100)
+    lp = losses.token_logprobs(
+        model.hidden_states(b["input_ids"][0], b["attention_mask"][0], b["position_ids"][0]),
+        model.lm_head_matrix(),
+        labels,
+    )["log_probs"]
+    seq = np.asarray(losses.sequence_logps(lp, b["completion_mask"][0][:, 1:]))
+    pre = dict(b, ref_chosen_logps=seq[None, :2], ref_rejected_logps=seq[None, 2:])
+    s2 = jax.tree.map(jnp.copy, s1)
+    ref = jax.tree.map(jnp.copy, s1.params)
+    s1, m1 = step_ref(s1, frozen, b, ref)
+    s2, m2 = setup_step("dpo", beta=0.1)(s2, frozen, pre)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    for k, v in flat(s1.params).items():
+        np.testing.assert_allclose(v, flat(s2.params)[k], atol=1e-6, err_msg=k)

@@ -1,0 +1,123 @@
+"""One SFT optimizer step on 8 fake CPU devices equals the single-device step (run by
+test_train_multidevice.py in a fresh process).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_multidevice_checks.py 8x1x1 ...
+
+Each check prints `PASS <name>` or `FAIL <name>: <reason>`; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from qwenvl_jax import losses
+from qwenvl_jax import sharding as shd
+from qwenvl_jax.model.qwen2_5_vl import host_inputs
+from qwenvl_jax.train import OptimConfig, init_train_state, make_train_step, param_logical_axes
+from qwenvl_jax.train.lora import flatten
+from qwenvl_jax.train.step import _param_sharding_tree, batch_shardings, state_shardings
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from multidevice_checks import random_model, raw_batch, tiny_config
+
+ATOL = 1e-5
+# eps=1: Adam's first step is ~lr·g instead of ~lr·sign(g), so reduction-order noise in near-zero
+# gradients cannot flip whole lr-sized steps; weight decay on so the decay mask runs sharded too.
+OPT = OptimConfig(learning_rate=1e-2, schedule="constant", eps=1.0, weight_decay=0.1, max_grad_norm=1.0)
+
+
+@functools.cache
+def setup():
+    cfg = tiny_config(False)
+    model = random_model(cfg)
+    b = host_inputs(cfg, **raw_batch(cfg))
+    ids = b["input_ids"]
+    labels = np.where(b["attention_mask"] > 0, ids, -100)
+    labels = np.where(ids == cfg.image_token_id, -100, labels).astype(np.int32)
+    b["labels"] = labels
+    batch = {k: np.asarray(v)[None] for k, v in b.items()}  # one micro-batch
+    n = np.float32(losses.sft_num_items_in_batch([labels]))
+    return model, batch, n
+
+
+def fresh():
+    model, batch, n = setup()
+    graphdef, state, frozen, tx = init_train_state(model, OPT)
+    state = jax.tree.map(lambda x: np.array(x), state)  # host copies: each run places its own
+    return model, graphdef, state, frozen, tx, batch, n
+
+
+@functools.cache
+def reference():
+    _, graphdef, state, frozen, tx, batch, n = fresh()
+    dev = jax.devices()[0]
+    state = jax.device_put(state, dev)
+    step = make_train_step("sft", graphdef, tx)
+    new, m = step(state, frozen, jax.device_put(batch, dev), jnp.float32(n))
+    return {k: np.asarray(v) for k, v in flatten(new.params).items()}, float(m["loss"]), float(m["grad_norm"])
+
+
+def check_mesh(shape):
+    ref_params, ref_loss, ref_gnorm = reference()
+    model, graphdef, state, frozen, tx, batch, n = fresh()
+    mesh = shd.make_mesh(*shape)
+    axes = param_logical_axes(model)
+    step = make_train_step(
+        "sft", graphdef, tx, state=state, frozen=frozen, batch=batch, logical_axes=axes, mesh=mesh
+    )
+    state = jax.device_put(state, state_shardings(state, tx, axes, mesh))
+    frozen = jax.device_put(
+        frozen, _param_sharding_tree(frozen, axes, mesh, shd.as_rules(shd.DEFAULT_RULES), False)
+    )
+    batch = jax.device_put(batch, batch_shardings(batch, mesh))
+    new, m = step(state, frozen, batch, jnp.float32(n))
+    # Params really are split (fsdp x tensor ways) and stay so after the step (out_shardings).
+    w = new.params["text"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert isinstance(w.sharding, NamedSharding) and w.sharding.mesh.shape == mesh.shape
+    assert len({str(s.index) for s in w.addressable_shards}) == shape[1] * shape[2]
+    mu = jax.tree.leaves(new.opt_state)
+    assert any(getattr(x, "shape", None) == w.shape and x.sharding == w.sharding for x in mu), (
+        "Adam mu not sharded like params"
+    )
+    np.testing.assert_allclose(float(m["loss"]), ref_loss, rtol=1e-6, atol=ATOL)
+    np.testing.assert_allclose(float(m["grad_norm"]), ref_gnorm, rtol=1e-5)
+    assert int(m["skipped"]) == 0
+    got = flatten(new.params)
+    worst = 0.0
+    for k, v in ref_params.items():
+        np.testing.assert_allclose(np.asarray(got[k]), v, atol=ATOL, err_msg=k)
+        worst = max(worst, float(np.abs(np.asarray(got[k]) - v).max()))
+    return f"loss {float(m['loss']):.6f} (1 device {ref_loss:.6f}), max |dparam| {worst:.1e}"
+
+
+CHECKS = {
+    f"sft_step_{d}x{f}x{t}": functools.partial(check_mesh, (d, f, t))
+    for d, f, t in ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
+}
+
+
+def main(names: list[str]) -> int:
+    assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    failed = 0
+    for name in names or list(CHECKS):
+        t0 = time.time()
+        try:
+            note = CHECKS[name]()
+            print(f"PASS {name} ({time.time() - t0:.1f}s) {note or ''}", flush=True)
+        except Exception as e:
+            failed += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+            traceback.print_exc()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
