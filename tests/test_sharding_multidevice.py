@@ -8,10 +8,6 @@ process has initialised it): two processes at once, each check reported as one t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -21,6 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from multidevice import assert_passed, run_check_groups
 
 from qwenvl_jax import loading
 from qwenvl_jax import sharding as shd
@@ -204,27 +201,7 @@ def test_batch_axes_layout():
 
 @pytest.fixture(scope="module")
 def multidevice_report():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-
-    def run(names):
-        return subprocess.run(
-            [sys.executable, "-W", "error", str(SCRIPT), *names],
-            env=env,
-            cwd=SCRIPT.parent.parent,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    with ThreadPoolExecutor(len(GROUPS)) as pool:
-        procs = list(pool.map(run, GROUPS))
-    output = "\n".join(p.stdout + p.stderr for p in procs)
-    status = {}
-    for line in output.splitlines():
-        word, _, rest = line.partition(" ")
-        if word in ("PASS", "FAIL"):
-            status[rest.split(" ")[0].rstrip(":")] = (word, line)
-    return status, output
+    return run_check_groups(SCRIPT, GROUPS)
 
 
 def test_groups_cover_every_check():
@@ -235,7 +212,4 @@ def test_groups_cover_every_check():
 
 @pytest.mark.parametrize("name", ALL_CHECKS)
 def test_multidevice(multidevice_report, name):
-    status, output = multidevice_report
-    assert name in status, f"{name} did not report:\n{output[-4000:]}"
-    word, line = status[name]
-    assert word == "PASS", f"{line}\n{output[-4000:]}"
+    assert_passed(multidevice_report, name)
