@@ -3,6 +3,7 @@
 qwenvl-jax demo                          # offline: tiny checkpoint, synthetic images and a video
 qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
 qwenvl-jax generate --model DIR --image PATH_OR_URL [--video PATH] --prompt "..." [--json]
+qwenvl-jax train --config configs/sft_tiny_cpu.yaml [--set run_dir=/tmp/run --set steps=10]
 """
 
 from __future__ import annotations
@@ -232,6 +233,12 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from qwenvl_jax.train.loop import load_config, train
+
+    return train(load_config(args.config, args.set))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwenvl-jax", description="Qwen2.5-VL in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -287,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
         "--real", action="store_true", help="real-weight gates (rtol 1e-3, atol 2e-2, argmax)"
     )
     parity.set_defaults(func=cmd_parity)
+    trn = sub.add_parser("train", help="SFT training loop from a YAML config (resumes from run_dir)")
+    trn.add_argument("--config", required=True, help="YAML config (see qwenvl_jax/train/loop.py)")
+    trn.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key (repeatable)"
+    )
+    trn.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     from qwenvl_jax.processing.errors import InputError
     from qwenvl_jax.weights import CheckpointMismatchError
