@@ -54,6 +54,26 @@ def model_from_params(config: Qwen25VLConfig, flat: dict[str, Any]) -> Qwen25VL:
     return nnx.merge(graphdef, state)
 
 
+def random_model(config: Qwen25VLConfig, seed: int = 0) -> Qwen25VL:
+    """A model of `config` with random weights drawn in numpy: fast, deterministic, no torch.
+
+    Norm scales 1 + N(0, 0.1^2), matrices N(0, 1/fan_in), other vectors N(0, 0.1^2). Eager NNX init would
+    cost seconds per tiny model on many devices; this fills the abstract model instead.
+    """
+    rng = np.random.default_rng(seed)
+    flat = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract_model(config))):
+        axes, shape = var.get_metadata()["logical_axes"], var.shape
+        if axes[-1] == "norm":
+            value = 1 + 0.1 * rng.normal(size=shape)
+        elif len(shape) - (axes[0] == "layers") >= 2:
+            value = rng.normal(size=shape) * shape[-2] ** -0.5
+        else:
+            value = 0.1 * rng.normal(size=shape)
+        flat["/".join(map(str, path))] = value.astype(np.float32)
+    return model_from_params(config, flat)
+
+
 def load(
     path: str | Path,
     *,

@@ -68,18 +68,7 @@ def raw_batch(cfg: Qwen25VLConfig) -> dict[str, np.ndarray]:
 
 def random_model(cfg: Qwen25VLConfig) -> Qwen25VL:
     """The tiny model with random weights, filled from numpy (eager nnx init costs seconds on 8 devices)."""
-    rng = np.random.default_rng(3)
-    flat = {}
-    for path, var in nnx.to_flat_state(nnx.state(loading.abstract_model(cfg))):
-        axes, shape = var.get_metadata()["logical_axes"], var.shape
-        if axes[-1] == "norm":
-            value = 1 + 0.1 * rng.normal(size=shape)
-        elif len(shape) - (axes[0] == "layers") >= 2:
-            value = rng.normal(size=shape) * shape[-2] ** -0.5
-        else:
-            value = 0.1 * rng.normal(size=shape)
-        flat["/".join(map(str, path))] = value.astype(np.float32)
-    return loading.model_from_params(cfg, flat)
+    return loading.random_model(cfg, seed=3)
 
 
 @functools.cache

@@ -93,24 +93,6 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ setup
-def random_params_model(cfg, seed: int = 0):
-    """A model of `cfg` with random weights filled from numpy (fast, deterministic, no torch)."""
-    from flax import nnx
-
-    from qwenvl_jax import loading
-
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, var in nnx.to_flat_state(nnx.state(loading.abstract_model(cfg))):
-        axes, shape = var.get_metadata()["logical_axes"], var.shape
-        if axes[-1] == "norm":
-            value = 1 + 0.1 * rng.normal(size=shape)
-        elif len(shape) - (axes[0] == "layers") >= 2:
-            value = rng.normal(size=shape) * shape[-2] ** -0.5
-        else:
-            value = 0.1 * rng.normal(size=shape)
-        flat["/".join(map(str, path))] = value.astype(np.float32)
-    return loading.model_from_params(cfg, flat)
 
 
 def build_model(model_cfg: dict):
@@ -122,7 +104,9 @@ def build_model(model_cfg: dict):
     from qwenvl_jax.config import Qwen25VLConfig
 
     cfg = Qwen25VLConfig.preset(model_cfg.get("preset", "tiny"), dtype=dtype, param_dtype="float32")
-    return random_params_model(cfg, int(model_cfg.get("random_seed", 0)))
+    from qwenvl_jax.loading import random_model
+
+    return random_model(cfg, int(model_cfg.get("random_seed", 0)))
 
 
 def processor_dir(config: dict, run_dir: Path) -> Path:
