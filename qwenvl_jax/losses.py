@@ -115,7 +115,7 @@ def sft_metrics(entropy, is_top1, label_mask, attention_mask=None):
         "mean_token_accuracy": jnp.sum(is_top1 * label_mask) / n,
     }
     if attention_mask is not None:
-        metrics["num_tokens"] = jnp.sum(attention_mask).astype(jnp.float32)
+        metrics["num_tokens"] = jnp.sum(attention_mask > 0).astype(jnp.float32)
     return metrics
 
 
@@ -404,7 +404,7 @@ def dpo_objective(
         metrics["mean_token_accuracy"] = _masked_mean(ts["is_top1"][:half], m[:half])
         metrics["entropy"] = _masked_mean(ts["entropy"], m)
     if attention_mask is not None:
-        metrics["num_tokens"] = jnp.sum(attention_mask).astype(jnp.float32)
+        metrics["num_tokens"] = jnp.sum(attention_mask > 0).astype(jnp.float32)
     return loss, metrics
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from qwenvl_jax.data import BadRecord, DPORecord, SFTRecord, parse_line, read_jsonl
 from qwenvl_jax.data.pipeline import collate_pairs, encode_dpo, encode_sft, make_batches
-from qwenvl_jax.processing import BatchSpec, InputError, Processor
+from qwenvl_jax.processing import BatchSpec, ExampleSize, InputError, Processor, pack_examples, plan_batches
 from qwenvl_jax.tiny import write_tiny_checkpoint
 
 GOOD = 10  # good SFT records in sft.jsonl
@@ -349,3 +349,64 @@ def test_data_package_never_imports_jax():
     # The record parsers load without jax (grain itself imports jax.profiler, so the pipeline cannot).
     code = "import sys, qwenvl_jax.data; qwenvl_jax.data.read_jsonl; assert 'jax' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------ packing
+def _pack_spec(data):
+    # 2 rows of up to 192 tokens: about three 62-67-token examples per row, up to 8 images per batch.
+    return BatchSpec(**{**data["spec"].__dict__, "batch_size": 2, "seq_buckets": (64, 192)})
+
+
+def _good_examples(data):
+    records = [r for r in read_jsonl(data["sft"]) if isinstance(r, SFTRecord) and r.id.startswith("g")]
+    return {r.id: encode_sft(data["processor"], r) for r in records}
+
+
+def test_packed_batches_take_examples_while_they_fit(data):
+    spec = _pack_spec(data)
+    it = make_batches(data["sft"], data["ckpt"], spec, shuffle=False, pack=True)
+    batches, groups = [], []
+    for batch in it:
+        batches.append(batch)
+        groups.append(it.last_ids)
+    stream = [i for g in groups for i in g]
+    assert stream == [f"g{i}" for i in range(GOOD)] and it.skipped.total == 5
+    assert max(len(g) for g in groups) > spec.batch_size  # several examples share a row
+    # Greedy: each batch holds the examples that fit in stream order, the first misfit opens the next.
+    examples = _good_examples(data)
+    plans = plan_batches([ExampleSize.of(examples[i]) for i in stream], spec)
+    assert [tuple(stream[j] for j in sorted(p.order)) for p in plans] == groups
+    _assert_same(batches, [pack_examples([examples[i] for i in g], spec) for g in groups])
+    for b in batches:
+        assert b["input_ids"].shape == (2, 192) and b["attention_mask"].max() >= 2
+    # drop_remainder drops the batch that the end of the data closed.
+    it = make_batches(data["sft"], data["ckpt"], spec, shuffle=False, pack=True, drop_remainder=True)
+    assert _drain(it)[1] == [i for g in groups[:-1] for i in g]
+    with pytest.raises(ValueError, match="packing is for SFT"):
+        make_batches(data["dpo"], data["ckpt"], data["spec"], kind="dpo", pack=True)
+
+
+def test_packed_checkpoint_restore_mid_stream(data):
+    spec, kwargs = _pack_spec(data), dict(seed=7, num_epochs=None, pack=True)
+    it = make_batches(data["sft"], data["ckpt"], spec, **kwargs)
+    _take(it, 2)
+    state = it.get_state()
+    # The example that closed batch 2 has been pulled from grain and is held for batch 3, so the saved
+    # grain state is the one from before it was pulled, not the loader's current state.
+    assert json.loads(state)["grain"].encode() != it._it.get_state()
+    a, a_ids = [], []
+    for _ in range(4):
+        a.append(next(it))
+        a_ids.append(it.last_ids)
+    restored = make_batches(data["sft"], data["ckpt"], spec, **kwargs)
+    restored.set_state(state)
+    b, b_ids = [], []
+    for _ in range(4):
+        b.append(next(restored))
+        b_ids.append(restored.last_ids)
+    assert a_ids == b_ids
+    _assert_same(a, b)
+    # The uninterrupted stream from the start: the restored batches are its batches 3 to 6.
+    fresh = make_batches(data["sft"], data["ckpt"], spec, **kwargs)
+    _take(fresh, 2)
+    _assert_same(a, _take(fresh, 4))

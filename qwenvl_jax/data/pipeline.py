@@ -15,6 +15,12 @@ mid-epoch yields exactly the batches that followed.
 Collation runs in the main process (it needs whole groups, and grain's `Batch` would group skip markers
 too, leaving holes); decoding, which dominates, runs in the workers.
 
+Packing (`pack=True`, SFT only): a batch takes good examples in stream order while they fit together
+into its rows (`processing.packing.Packer`: sequence buckets, patch budgets, `max_images`); the first
+that does not fit is held back and starts the next batch. The held-back example has already been pulled
+from grain, so while one is held the checkpoint carries grain's state from BEFORE it was pulled: a
+restored iterator pulls it again, and nothing is lost or duplicated.
+
 DPO batches are the `2B` rows `[chosen x B, rejected x B]` of one forward pass (`losses.py`), so the
 `BatchSpec.batch_size` of a DPO pipeline is twice the number of pairs. A short last batch of pairs is
 filled with one-token dummy rows (attention_mask, example_mask 0, labels -100) so that the halves stay
@@ -51,6 +57,7 @@ from qwenvl_jax.processing.chat import (
 )
 from qwenvl_jax.processing.errors import InputError
 from qwenvl_jax.processing.image import process_image
+from qwenvl_jax.processing.packing import ExampleSize, Packer, pack_examples
 from qwenvl_jax.processing.processor import Processor
 
 _IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
@@ -331,7 +338,9 @@ class BatchIterator:
 
     `get_state()` returns bytes (JSON: grain's DataLoader iterator state and the skip counts) and
     `set_state(bytes)` restores them; the batches after a restore are bitwise those that followed the save.
-    `last_ids` holds the record ids of the last batch (chosen-row order for DPO).
+    `last_ids` holds the record ids of the last batch (chosen-row order for DPO, stream order when packed).
+    With `pack=True` (SFT) each batch is `pack_examples` of the examples that fit (module docstring);
+    `drop_remainder` then drops the last batch, the one the end of the data closed.
     """
 
     def __init__(
@@ -342,12 +351,19 @@ class BatchIterator:
         kind: str = "sft",
         policy: str = "skip",
         drop_remainder: bool = False,
+        pack: bool = False,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if kind == "dpo" and spec.batch_size % 2:
             raise ValueError(f"a DPO batch spec needs an even batch_size (2 x pairs), got {spec.batch_size}")
+        if pack and kind != "sft":
+            raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
         self.spec, self.kind, self.policy, self.drop_remainder = spec, kind, policy, drop_remainder
+        self.pack = pack
+        # (element, grain state from before it was pulled): the example that did not fit in the last
+        # packed batch, the first of the next one.
+        self._held: tuple[dict[str, Any], bytes] | None = None
         self.group = spec.batch_size // 2 if kind == "dpo" else spec.batch_size
         self.skipped = SkipCounter()
         self.last_ids: tuple[str, ...] = ()
@@ -356,18 +372,51 @@ class BatchIterator:
     def __iter__(self):
         return self
 
+    def _good(self, element: dict[str, Any]) -> bool:
+        """False for a skip marker (counted, or raised under the strict policy)."""
+        if "skip" not in element:
+            return True
+        err = BadRecord(*element["skip"])
+        if self.policy == "strict":
+            raise err
+        self.skipped.add(err)
+        return False
+
+    def _next_packed(self) -> dict[str, np.ndarray]:
+        packer, items, ended = Packer(self.spec), [], False
+        while True:
+            if self._held is not None:
+                (element, before), self._held = self._held, None
+            else:
+                before = self._it.get_state()
+                try:
+                    element = next(self._it)
+                except StopIteration:
+                    ended = True
+                    break
+            if not self._good(element):
+                continue
+            example = element["example"]
+            # Raises, naming the example, only when it fits in no batch even alone.
+            if not packer.add(ExampleSize.of(example), name=example.get("id")):
+                self._held = (element, before)
+                break
+            items.append(example)
+        if not items or (self.drop_remainder and ended):
+            raise StopIteration
+        self.last_ids = tuple(str(ex["id"]) for ex in items)
+        return pack_examples(items, self.spec)
+
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.pack:
+            return self._next_packed()
         items = []
         while len(items) < self.group:
             try:
                 element = next(self._it)
             except StopIteration:
                 break
-            if "skip" in element:
-                err = BadRecord(*element["skip"])
-                if self.policy == "strict":
-                    raise err
-                self.skipped.add(err)
+            if not self._good(element):
                 continue
             items.append(element["example"] if self.kind == "sft" else element["pair"])
         if not items or (self.drop_remainder and len(items) < self.group):
@@ -379,12 +428,13 @@ class BatchIterator:
         return collate_pairs(items, self.spec)
 
     def get_state(self) -> bytes:
-        grain_state = self._it.get_state()
+        grain_state = self._held[1] if self._held is not None else self._it.get_state()
         return json.dumps({"grain": grain_state.decode("utf-8"), "skipped": self.skipped.state()}).encode()
 
     def set_state(self, state: bytes) -> None:
         value = json.loads(state)
         self._it.set_state(value["grain"].encode("utf-8"))
+        self._held = None
         self.skipped.set_state(value["skipped"])
 
 
@@ -449,15 +499,18 @@ def make_batches(
     policy: str = "skip",
     drop_remainder: bool = False,
     max_length: int | None = None,
+    pack: bool = False,
     **loader_kwargs: Any,
 ) -> BatchIterator:
     """JSONL files -> a checkpointable iterator of static-shape batches (see module docstring).
 
     `max_length` defaults to the largest sequence bucket of `spec`; pass the processor's directory (not a
-    `Processor`) when `worker_count > 0`.
+    `Processor`) when `worker_count > 0`. `pack=True` (SFT only) packs several examples per row.
     """
     if kind == "dpo" and spec.batch_size % 2:
         raise ValueError(f"a DPO batch spec needs an even batch_size (2 x pairs), got {spec.batch_size}")
+    if pack and kind != "sft":
+        raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
     max_length = spec.seq_buckets[-1] if max_length is None else min(max_length, spec.seq_buckets[-1])
     loader = make_loader(paths, processor, kind=kind, max_length=max_length, **loader_kwargs)
-    return BatchIterator(loader, spec, kind=kind, policy=policy, drop_remainder=drop_remainder)
+    return BatchIterator(loader, spec, kind=kind, policy=policy, drop_remainder=drop_remainder, pack=pack)

@@ -73,7 +73,8 @@ class Qwen25VL(nnx.Module):
     ) -> jax.Array:
         """Logits `(B, S, V)` float32 from static-shape arrays (jittable).
 
-        `input_ids (B, S)`; `attention_mask (B, S)` 1 real / 0 padding (default all real);
+        `input_ids (B, S)`; `attention_mask (B, S)` 1 real / 0 padding (default all real), or the segment
+        ids 1, 2, ... of packed rows (`processing.packing`; those always come with their position ids);
         `position_ids (3, B, S)` M-RoPE positions (default: text-only `cumsum(mask) - 1`). For each
         modality present, `pixel_values[_videos] (P, 1176)` and `{image,video}_{rope_pos, patch_perm,
         window_seg, full_seg, unit_unperm, scatter_b, scatter_s}` as `collate` documents them.
@@ -97,7 +98,8 @@ class Qwen25VL(nnx.Module):
             jnp.ones((batch, seq), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
         )
         if position_ids is None:
-            pos_bs = jnp.maximum(jnp.cumsum(mask_bs, axis=-1) - 1, 0) * mask_bs
+            real_bs = (mask_bs > 0).astype(jnp.int32)
+            pos_bs = jnp.maximum(jnp.cumsum(real_bs, axis=-1) - 1, 0) * real_bs
             position_ids = jnp.broadcast_to(pos_bs[None], (3, batch, seq))
         return self.text(self.embed(input_ids, **vision), mask_bs, position_ids)
 

@@ -157,8 +157,8 @@ class TextModel(nnx.Module):
     ) -> jax.Array:
         """Final hidden states `(B, S, H)` in `dtype`.
 
-        `attention_mask_bs` (1 real, 0 padding) becomes the segment ids of a causal attention: real
-        tokens never see padding. Padding rows see only padding, so they are finite garbage, as in HF;
+        `attention_mask_bs` (1 real, 0 padding; or segment ids 1, 2, ... of packed rows) becomes the segment
+        ids of a causal attention: real tokens never see padding or another segment. Padding rows see only padding, so they are finite garbage, as in HF;
         compare only real positions. `position_ids_3bs` is `(3, B, S)` (t, h, w) or `(B, S)`.
         """
         cfg = self.config

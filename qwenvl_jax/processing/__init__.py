@@ -8,6 +8,7 @@ from qwenvl_jax.processing.batch import BatchSpec, collate
 from qwenvl_jax.processing.chat import ChatTemplate
 from qwenvl_jax.processing.errors import InputError
 from qwenvl_jax.processing.image import ImageConfig, load_image, process_image, process_images, smart_resize
+from qwenvl_jax.processing.packing import ExampleSize, Packer, PackPlan, pack_examples, plan_batches
 from qwenvl_jax.processing.positions import (
     VisionIndices,
     decode_position_ids,
@@ -23,8 +24,11 @@ from qwenvl_jax.processing.video_sampling import VideoConfig
 __all__ = [
     "BatchSpec",
     "ChatTemplate",
+    "ExampleSize",
     "ImageConfig",
     "InputError",
+    "PackPlan",
+    "Packer",
     "Processor",
     "Tokenizer",
     "VideoConfig",
@@ -34,6 +38,8 @@ __all__ = [
     "get_rope_index",
     "load_image",
     "load_video",
+    "pack_examples",
+    "plan_batches",
     "process_image",
     "process_images",
     "process_video",

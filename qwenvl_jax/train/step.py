@@ -152,7 +152,7 @@ def sft_step(
             "entropy": jnp.sum(st["entropy"] * m),
             "correct": jnp.sum(st["is_top1"] * m),
             "label_tokens": jnp.sum(m),
-            "num_tokens": jnp.sum(mb["attention_mask"]).astype(jnp.float32)
+            "num_tokens": jnp.sum(mb["attention_mask"] > 0).astype(jnp.float32)
             if "attention_mask" in mb
             else jnp.asarray(float(mb["input_ids"].size), jnp.float32),
         }
