@@ -1,5 +1,6 @@
-"""One SFT optimizer step on 8 fake CPU devices equals the single-device step (run by
-test_train_multidevice.py in a fresh process).
+"""Train steps and whole runs on 8 fake CPU devices equal their single-device versions (run by
+test_train_multidevice.py in a fresh process): one SFT step on four meshes, one DPO step (frozen
+reference copy) on a 2x2x2 mesh, and `train()` runs with a `mesh` section (SFT full, DPO with LoRA).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_multidevice_checks.py 8x1x1 ...
 
@@ -9,9 +10,13 @@ Each check prints `PASS <name>` or `FAIL <name>: <reason>`; the exit status is 1
 from __future__ import annotations
 
 import functools
+import json
+import math
 import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -98,9 +103,91 @@ def check_mesh(shape):
     return f"loss {float(m['loss']):.6f} (1 device {ref_loss:.6f}), max |dparam| {worst:.1e}"
 
 
+def dpo_batch():
+    """The 8 rows as 4 pairs: rows 0-3 chosen, 4-7 rejected; the completion is each row's last 8 tokens."""
+    _, batch, _ = setup()
+    b = {k: v for k, v in batch.items() if k != "labels"}
+    comp = np.zeros_like(b["attention_mask"])
+    comp[..., -8:] = b["attention_mask"][..., -8:]
+    b["completion_mask"] = comp
+    return b
+
+
+def check_dpo_mesh(shape):
+    model, graphdef, state, frozen, tx, _, _ = fresh()
+    batch = dpo_batch()
+    ref_params = jax.tree.map(np.copy, state.params)
+    dev = jax.devices()[0]
+    one = make_train_step("dpo", graphdef, tx, beta=0.1)
+    new1, m1 = one(
+        jax.device_put(state, dev), frozen, jax.device_put(batch, dev), jax.device_put(ref_params, dev)
+    )
+    mesh = shd.make_mesh(*shape)
+    axes = param_logical_axes(model)
+    step = make_train_step(
+        "dpo", graphdef, tx, state=state, frozen=frozen, batch=batch, logical_axes=axes, mesh=mesh,
+        with_ref_params=True, beta=0.1,
+    )  # fmt: skip
+    new, m = step(state, frozen, batch, ref_params)
+    np.testing.assert_allclose(float(m["loss"]), math.log(2), rtol=1e-6)  # reference = initial policy
+    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen", "logps/rejected"):
+        np.testing.assert_allclose(float(m[key]), float(m1[key]), rtol=1e-5, atol=ATOL, err_msg=key)
+    got, ref = flatten(new.params), flatten(new1.params)
+    for k, v in ref.items():
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(v), atol=ATOL, err_msg=k)
+    return f"loss {float(m['loss']):.6f}, grad norm {float(m['grad_norm']):.4f} (1 device {float(m1['grad_norm']):.4f})"
+
+
+def _run(tmp: Path, name: str, mesh, **over) -> tuple[list[dict], dict]:
+    from qwenvl_jax.checkpoint import load_params
+    from qwenvl_jax.train.loop import train
+
+    config = {
+        "run_dir": str(tmp / name), "steps": 2, "seed": 0, "mesh": mesh,
+        "model": {"preset": "tiny", "dtype": "float32", "param_dtype": "float32"},
+        "data": {"synthetic": 8},
+        "batch": {"batch_size": 4, "seq_buckets": [96], "image_patches": 128, "max_images": 8},
+        "optim": {"learning_rate": 1e-3, "schedule": "constant", "eps": 1.0},
+        "checkpoint": {"every": 0, "async": False},
+        "logging": {"progress": False, "tensorboard": False, "plot": False},
+        **over,
+    }  # fmt: skip
+    assert train(config) == 0
+    rows = [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
+    params, _ = load_params(tmp / name / "final")
+    return rows, params
+
+
+def check_loop_mesh(shape, **over):
+    with tempfile.TemporaryDirectory() as tmp:
+        rows1, params1 = _run(Path(tmp), "one", None, **over)
+        rows, params = _run(
+            Path(tmp), "mesh", dict(zip(("data", "fsdp", "tensor"), shape, strict=True)), **over
+        )
+    assert [r["step"] for r in rows] == [1, 2]
+    for r, r1 in zip(rows, rows1, strict=True):
+        np.testing.assert_allclose(r["loss"], r1["loss"], rtol=1e-5, atol=ATOL)
+    worst = max(float(np.abs(params[k] - v).max()) for k, v in params1.items())
+    assert worst < 1e-4, worst
+    return f"losses {[round(r['loss'], 5) for r in rows]} (1 device {[round(r['loss'], 5) for r in rows1]})"
+
+
 CHECKS = {
-    f"sft_step_{d}x{f}x{t}": functools.partial(check_mesh, (d, f, t))
-    for d, f, t in ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
+    **{
+        f"sft_step_{d}x{f}x{t}": functools.partial(check_mesh, (d, f, t))
+        for d, f, t in ((8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2))
+    },
+    "dpo_step_2x2x2": functools.partial(check_dpo_mesh, (2, 2, 2)),
+    "loop_sft_2x2x2": functools.partial(check_loop_mesh, (2, 2, 2)),
+    "loop_dpo_lora_1x4x2": functools.partial(
+        check_loop_mesh,
+        (1, 4, 2),
+        kind="dpo",
+        trainable="lora",
+        lora={"rank": 4, "alpha": 8.0},
+        batch={"batch_size": 2, "seq_buckets": [96], "image_patches": 128, "max_images": 8},
+        optim={"learning_rate": 1e-2, "schedule": "constant", "eps": 1.0},
+    ),
 }
 
 

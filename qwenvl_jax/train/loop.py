@@ -1,111 +1,63 @@
-"""The SFT training loop: `train(config)` from a plain dict (a YAML file's contents, `--set` overrides applied).
+"""The training loop: `train(config)` runs (or resumes) an SFT or DPO run from a config dict.
 
-Config keys (defaults in `DEFAULTS`):
+The config schema, defaults and validation are in `qwenvl_jax.train.config`. A run directory holds:
 
-    kind: sft                      # only SFT for now
-    run_dir: DIR                   # metrics.jsonl, checkpoints/, processor/ (tiny), data/ (synthetic)
-    steps: 20                      # optimizer steps in total (a resumed run continues up to it)
-    seed: 0                        # train-state rng (LoRA dropout) and data shuffling
-    model: {preset: tiny, random_seed: 0}   # random weights, no downloads; or {path: DIR} (HF or Orbax)
-           dtype: float32          # compute dtype; parameters are float32 master weights
-    processor: DIR                 # default: model.path, or the tiny processor written into run_dir/processor
-    data: {paths: [a.jsonl, ...]}  # or {synthetic: N}: N shape-drawing records written into run_dir/data
-          shuffle: true, num_epochs: null (repeat), worker_count: 0, policy: skip
-    batch: {batch_size, seq_buckets, image_patches, max_images, ...}   # `BatchSpec` fields
-    grad_accum: 1                  # micro-batches per step (they must collate to the same shapes)
-    trainable: full                # full | frozen_vision
-    optim: {learning_rate, warmup_steps, schedule, ...}               # `OptimConfig` fields
-    checkpoint: {every: 50, keep: 3, async: true}
-    loss_type: nll, chunk_size: 1024
+    config.json          the resolved config
+    metrics.jsonl        one line per optimizer step (`qwenvl_jax.train.logger`), plus tensorboard/ and
+                         loss_curves.png
+    checkpoints/<step>/  train state (trainable params, optimizer state, step, rng), data iterator, config
+    final/               at the end of a run: the whole model (LoRA merged in, frozen parts included) as
+                         an Orbax model checkpoint that `qwenvl_jax.load`, `qwenvl-jax export` and
+                         `model: {path: run_dir/final}` of a next run (SFT -> DPO) accept
 
-Each step writes one JSON line to `run_dir/metrics.jsonl` (step, loss, tokens, tokens_per_s, skipped,
-records_skipped, grad_norm, ...) and a progress line to stderr. With a checkpoint in `run_dir/checkpoints`
-the run RESUMES from its latest complete step: params, optimizer state, step, rng and the data iterator
-state (so the batches continue where they stopped), and metrics lines past that step are dropped. SIGTERM
-saves a checkpoint at the current step and exits cleanly (`train` returns 0).
+With a checkpoint in `run_dir/checkpoints` the run RESUMES from its latest complete step: params,
+optimizer state, step, rng and the data iterator (so the batches continue where they stopped); metrics past
+that step are dropped. SIGTERM saves a checkpoint at the current step and returns 0. A non-finite loss or
+gradient skips the update (see `train.step`); `max_bad_steps` of them in a row save a checkpoint and stop
+the run with `TrainingError`.
+
+Sharding: with a `mesh` section the model is placed on a `(data, fsdp, tensor)` mesh by
+`sharding.DEFAULT_RULES` and the step is jitted with explicit shardings (one compile per batch shape);
+without one everything runs on the default device.
+
+DPO: the reference is the LoRA-disabled base with `trainable: lora` (no second copy of the weights),
+nothing with `dpo.reference_free`, and otherwise a frozen copy of the initial trainable parameters (the
+frozen ones are shared, not copied).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DEFAULTS: dict[str, Any] = {
-    "kind": "sft",
-    "run_dir": None,
-    "steps": 20,
-    "seed": 0,
-    "model": {"preset": "tiny", "random_seed": 0, "dtype": "float32"},
-    "processor": None,
-    "data": {"shuffle": True, "num_epochs": None, "worker_count": 0, "policy": "skip"},
-    "batch": {"batch_size": 2},
-    "grad_accum": 1,
-    "trainable": "full",
-    "optim": {},
-    "checkpoint": {"every": 50, "keep": 3, "async": True},
-    "loss_type": "nll",
-    "chunk_size": 1024,
-}
+from qwenvl_jax.train.config import ConfigError, apply_overrides, load_config, resolve
+
+__all__ = ["ConfigError", "TrainingError", "apply_overrides", "load_config", "train"]
 
 
-# ---------------------------------------------------------------------------------------------- config
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """`["a.b=3", "run_dir=/tmp/x"]` -> config with those (YAML-parsed) values set at the dotted keys."""
-    import yaml
-
-    config = copy.deepcopy(config)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects key=value, got {item!r}")
-        node = config
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
-        node[last] = yaml.safe_load(raw)
-    return config
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    import yaml
-
-    config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    return apply_overrides(config, list(overrides))
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. a streak of non-finite steps); a checkpoint was saved first."""
 
 
 # ------------------------------------------------------------------------------------------------ setup
-
-
 def build_model(model_cfg: dict):
-    dtype = model_cfg.get("dtype", "float32")
+    policy = {k: model_cfg[k] for k in ("remat", "attention_backend") if model_cfg.get(k)}
+    dtype, param_dtype = model_cfg.get("dtype", "float32"), model_cfg.get("param_dtype", "float32")
     if model_cfg.get("path"):
         from qwenvl_jax import loading
 
-        return loading.load(model_cfg["path"], dtype=dtype, param_dtype="float32")
+        return loading.load(model_cfg["path"], dtype=dtype, param_dtype=param_dtype, **policy)
     from qwenvl_jax.config import Qwen25VLConfig
-
-    cfg = Qwen25VLConfig.preset(model_cfg.get("preset", "tiny"), dtype=dtype, param_dtype="float32")
     from qwenvl_jax.loading import random_model
 
+    cfg = Qwen25VLConfig.preset(
+        model_cfg.get("preset", "tiny"), dtype=dtype, param_dtype=param_dtype, **policy
+    )
     return random_model(cfg, int(model_cfg.get("random_seed", 0)))
 
 
@@ -122,125 +74,176 @@ def processor_dir(config: dict, run_dir: Path) -> Path:
     return out
 
 
-SHAPES = ("circle", "square", "triangle")
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220)}
-
-
-def write_synthetic_data(out_dir: Path, num: int, *, size: int = 56, seed: int = 0) -> Path:
-    """`num` SFT records (one drawn shape each, "What is in the image?" -> "A red circle.") and their PNGs
-    under `out_dir`; deterministic in `seed`, written once (kept if the JSONL already exists)."""
-    from PIL import Image, ImageDraw
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "synthetic.jsonl"
-    if path.exists():
-        return path
-    rng = np.random.default_rng(seed)
-    lines = []
-    for i in range(num):
-        shape, color = SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))]
-        image = Image.new("RGB", (size, size), "white")
-        draw = ImageDraw.Draw(image)
-        r = size // 4
-        cx, cy = size // 2 + int(rng.integers(-4, 5)), size // 2 + int(rng.integers(-4, 5))
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape == "circle":
-            draw.ellipse(box, fill=COLORS[color])
-        elif shape == "square":
-            draw.rectangle(box, fill=COLORS[color])
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
-        name = f"img_{i:05d}.png"
-        image.save(out_dir / name)
-        lines.append(
-            json.dumps(
-                {
-                    "id": f"syn{i}",
-                    "image": name,
-                    "prefix": "What is in the image?",
-                    "suffix": f"A {color} {shape}.",
-                }
-            )
-        )
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
 def data_paths(config: dict, run_dir: Path) -> list[str]:
     data = config["data"]
     if data.get("synthetic"):
-        return [str(write_synthetic_data(run_dir / "data", int(data["synthetic"]), seed=int(config["seed"])))]
+        from qwenvl_jax.data import synthetic
+
+        num, seed = int(data["synthetic"]), int(config["seed"])
+        if config["kind"] == "dpo":
+            task = synthetic.write_shape_task(run_dir / "data", num_train=num, num_heldout=1, seed=seed)
+            return [str(task.dpo)]
+        return [str(synthetic.write_synthetic_data(run_dir / "data", num, seed=seed))]
     paths = data.get("paths")
     if not paths:
-        raise ValueError("config data needs `paths: [...]` or `synthetic: N`")
+        raise ConfigError("config data needs `paths: [...]` or `synthetic: N`")
     return [str(p) for p in ([paths] if isinstance(paths, str) else paths)]
 
 
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = [line for line in keep if json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
-# ------------------------------------------------------------------------------------------------- loop
-def train(config: dict) -> int:
-    """Run (or resume) the training run `config` describes; returns 0 (also after SIGTERM)."""
-    import jax
-
-    from qwenvl_jax import losses
+def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
     from qwenvl_jax.data.pipeline import make_batches
-    from qwenvl_jax.processing import BatchSpec, Processor
-    from qwenvl_jax.train.checkpoints import TrainCheckpointer
-    from qwenvl_jax.train.optim import OptimConfig
-    from qwenvl_jax.train.state import init_train_state
-    from qwenvl_jax.train.step import make_train_step, stack_micro_batches
+    from qwenvl_jax.processing import BatchSpec
 
-    config = _merge(DEFAULTS, config)
-    if config["kind"] != "sft":
-        raise ValueError(f"only kind: sft is supported by the loop, got {config['kind']!r}")
-    if not config.get("run_dir"):
-        raise ValueError("config needs run_dir (e.g. --set run_dir=/tmp/run)")
-    if config["trainable"] not in ("full", "frozen_vision"):
-        raise ValueError(f"trainable must be full or frozen_vision, got {config['trainable']!r}")
-    run_dir = Path(config["run_dir"]).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    steps, seed, accum = int(config["steps"]), int(config["seed"]), int(config["grad_accum"])
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-    # Model, processor, batch spec, data.
-    model = build_model(config["model"])
-    proc_dir = processor_dir(config, run_dir)
-    processor = Processor.from_pretrained(proc_dir)
+    kind, data = config["kind"], config["data"]
+    batch = dict(config["batch"])
+    pack = bool(batch.pop("pack", False))
+    if kind == "dpo":
+        batch["batch_size"] = 2 * int(batch["batch_size"])  # rows [chosen x pairs, rejected x pairs]
     spec = BatchSpec.from_dict(
-        config["batch"],
+        batch,
         pad_token_id=processor.pad_token_id,
         image_token_id=processor.image_token_id,
         video_token_id=processor.video_token_id,
     )
-    data = config["data"]
-    batches = make_batches(
+    options = {"pack": True} if pack else {}
+    for key in ("max_length", "mask_vision_tokens"):
+        if data.get(key) is not None:
+            options[key] = data[key]
+    workers = int(data.get("worker_count", 0))
+    return make_batches(
         data_paths(config, run_dir),
-        proc_dir if int(data.get("worker_count", 0)) else processor,
+        proc_dir if workers else processor,
         spec,
-        kind="sft",
+        kind=kind,
         policy=data.get("policy", "skip"),
-        seed=seed,
+        seed=int(config["seed"]),
         shuffle=bool(data.get("shuffle", True)),
         num_epochs=data.get("num_epochs"),
-        worker_count=int(data.get("worker_count", 0)),
+        worker_count=workers,
+        **options,
     )
 
-    # Train state and step.
+
+def full_params(state, frozen, lora_cfg) -> dict[str, Any]:
+    """Flat `{"a/b/c": array}` of the whole model: trainable + frozen, or the base with LoRA merged."""
+    from qwenvl_jax.train import lora as lora_lib
+
+    if lora_cfg is not None:
+        return lora_lib.merge_lora(frozen, state.params, lora_cfg)
+    return {**lora_lib.flatten(frozen), **lora_lib.flatten(state.params)}
+
+
+class _Steps:
+    """The jitted step per batch signature (with a mesh the batch shardings depend on the shapes)."""
+
+    def __init__(self, kind, graphdef, tx, *, mesh, logical_axes, lora_cfg, with_ref, step_kw):
+        self.args = dict(kind=kind, graphdef=graphdef, tx=tx)
+        self.kw = dict(mesh=mesh, logical_axes=logical_axes, lora_cfg=lora_cfg, **step_kw)
+        if kind == "dpo":
+            self.kw["with_ref_params"] = with_ref
+        self.cache: dict = {}
+
+    def __call__(self, state, frozen, batch, *extra):
+        from qwenvl_jax.train.step import make_train_step
+
+        key = tuple(sorted((k, np.shape(v), str(np.asarray(v).dtype)) for k, v in batch.items()))
+        fn = self.cache.get(key) if self.kw["mesh"] is not None else self.cache.get(None)
+        if fn is None:
+            sharded = (
+                {"state": state, "frozen": frozen, "batch": batch} if self.kw["mesh"] is not None else {}
+            )
+            fn = make_train_step(
+                self.args["kind"], self.args["graphdef"], self.args["tx"], **sharded, **self.kw
+            )
+            self.cache[key if self.kw["mesh"] is not None else None] = fn
+        return fn(state, frozen, batch, *extra)
+
+
+def _next_micro_batches(batches, accum: int) -> list[dict] | None:
+    micro = []
+    for _ in range(accum):
+        try:
+            micro.append(next(batches))
+        except StopIteration:
+            return None
+    shapes = {tuple((k, np.shape(v)) for k, v in mb.items() if v is not None) for mb in micro}
+    if len(shapes) > 1:
+        raise ConfigError(
+            f"grad_accum={accum}: the micro-batches of one step collated to different shapes (different "
+            "sequence buckets); use a single entry in batch.seq_buckets, or grad_accum: 1"
+        )
+    return micro
+
+
+def _row(kind: str, step: int, metrics: dict, micro: list[dict], dt: float, records_skipped: int) -> dict:
+    tokens = float(sum(int((np.asarray(mb["attention_mask"]) > 0).sum()) for mb in micro))
+    row: dict[str, Any] = {"step": step, "loss": float(metrics["loss"])}
+    row.update(tokens=tokens, tokens_per_s=tokens / dt if dt > 0 else 0.0, time_s=dt)
+    row.update(skipped=int(metrics["skipped"]), records_skipped=records_skipped)
+    for key, value in metrics.items():
+        if key not in row and np.ndim(value) == 0 and key != "num_tokens":
+            row[key] = float(value)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------- loop
+def train(config: dict) -> int:
+    """Run (or resume) the run `config` describes; returns 0 (also after SIGTERM)."""
+    import jax
+
+    from qwenvl_jax import losses
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.checkpoint import save_params
+    from qwenvl_jax.processing import Processor
+    from qwenvl_jax.train.checkpoints import TrainCheckpointer
+    from qwenvl_jax.train.logger import RunLogger
+    from qwenvl_jax.train.lora import LoraConfig, flatten, unflatten
+    from qwenvl_jax.train.optim import OptimConfig
+    from qwenvl_jax.train.state import init_train_state, param_logical_axes
+    from qwenvl_jax.train.step import stack_micro_batches
+
+    config = resolve(config)
+    kind, steps, seed = config["kind"], int(config["steps"]), int(config["seed"])
+    accum, max_bad = int(config["grad_accum"]), int(config["max_bad_steps"])
+    run_dir = Path(config["run_dir"]).absolute()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+    model = build_model(config["model"])
+    model_config = model.config
+    proc_dir = processor_dir(config, run_dir)
+    processor = Processor.from_pretrained(proc_dir)
+    batches = _make_batches(config, run_dir, processor, proc_dir)
+
+    mesh = shd.make_mesh(**config["mesh"]) if config["mesh"] is not None else None
+    logical_axes = param_logical_axes(model) if mesh is not None else None
+    if mesh is not None:
+        shd.shard_model(model, mesh)
+    lora_cfg = None
+    if config["trainable"] == "lora":
+        lora = dict(config["lora"])
+        lora.update({k: tuple(lora[k]) for k in ("targets", "scopes") if k in lora})
+        lora_cfg = LoraConfig(**lora)
     optim_cfg = OptimConfig(**{"total_steps": steps, **config["optim"]})
-    graphdef, state, frozen, tx = init_train_state(model, optim_cfg, config["trainable"], seed=seed)
-    del model
-    step_fn = make_train_step(
-        "sft", graphdef, tx, loss_type=config["loss_type"], chunk_size=int(config["chunk_size"])
+    graphdef, state, frozen, tx = init_train_state(
+        model, optim_cfg, config["trainable"], lora_cfg, seed, train_merger=bool(config["train_merger"])
     )
+    del model
+
+    extra: tuple = ()
+    if kind == "dpo":
+        step_kw = {"chunk_size": int(config["chunk_size"]), **config["dpo"]}
+        if lora_cfg is None and not config["dpo"].get("reference_free"):
+            # The initial policy, frozen: a copy of the trainable params (the step donates the state);
+            # the frozen params are shared.
+            ref = {**flatten(frozen), **flatten(jax.tree.map(lambda x: x.copy(), state.params))}
+            extra = (unflatten(ref),)
+    else:
+        step_kw = {"loss_type": config["loss_type"], "chunk_size": int(config["chunk_size"])}
+    step_fn = _Steps(
+        kind, graphdef, tx, mesh=mesh, logical_axes=logical_axes, lora_cfg=lora_cfg,
+        with_ref=bool(extra), step_kw=step_kw,
+    )  # fmt: skip
 
     ck = config["checkpoint"]
     ckpt = TrainCheckpointer(
@@ -249,76 +252,72 @@ def train(config: dict) -> int:
         keep=int(ck.get("keep", 3)),
         async_save=bool(ck.get("async", True)),
     )
-    metrics_path = run_dir / "metrics.jsonl"
     restored = ckpt.restore_latest(state)
+    start = 0
     if restored is not None:
         start, state, data_state, _ = restored
         batches.set_state(data_state)
-        _truncate_metrics(metrics_path, start)
-        print(f"resumed from step {start} ({ckpt.directory})", file=sys.stderr)
-    else:
-        start = 0
-        metrics_path.unlink(missing_ok=True)
 
-    stop = {"signal": None}
-
-    def on_sigterm(signum, frame):
-        stop["signal"] = signum
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    step = start
+    stop: dict[str, Any] = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
+    logging = config["logging"]
+    logger = RunLogger(
+        run_dir,
+        steps,
+        start,
+        tensorboard=bool(logging.get("tensorboard", True)),
+        progress=bool(logging.get("progress", True)),
+        plot=bool(logging.get("plot", True)),
+    )
+    if start:
+        logger.message(f"resumed from step {start} ({ckpt.directory})")
+    step, bad_streak, finished = start, 0, False
     try:
-        with metrics_path.open("a", encoding="utf-8") as log:
-            while step < steps and stop["signal"] is None:
-                micro = []
-                for _ in range(accum):
-                    try:
-                        micro.append(next(batches))
-                    except StopIteration:
-                        break
-                if len(micro) < accum:
-                    print("data exhausted", file=sys.stderr)
-                    break
-                shapes = {tuple((k, np.shape(v)) for k, v in mb.items() if v is not None) for mb in micro}
-                if len(shapes) > 1:
-                    raise ValueError(
-                        "grad_accum micro-batches collated to different shapes; use one seq bucket"
-                    )
+        while step < steps and stop["signal"] is None:
+            micro = _next_micro_batches(batches, accum)
+            if micro is None:
+                logger.message(f"data exhausted after step {step}")
+                break
+            if kind == "dpo":  # DPO pairs collate their completion as labels (-100 elsewhere)
+                micro = [
+                    {**{k: v for k, v in mb.items() if k != "labels"},
+                     "completion_mask": (mb["labels"] != losses.IGNORE_INDEX).astype(np.int32)}
+                    for mb in micro
+                ]  # fmt: skip
+            stacked = stack_micro_batches(micro)
+            t0 = time.perf_counter()
+            if kind == "sft":
                 num_items = losses.sft_num_items_in_batch([mb["labels"] for mb in micro])
-                stacked = stack_micro_batches(micro)
-                t0 = time.perf_counter()
                 state, metrics = step_fn(state, frozen, stacked, np.float32(num_items))
-                metrics = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
-                step += 1
-                tokens = float(metrics["num_tokens"])
-                row = {
-                    "step": step,
-                    "loss": float(metrics["loss"]),
-                    "tokens": tokens,
-                    "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                    "skipped": int(metrics["skipped"]),
-                    "records_skipped": batches.skipped.total,
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "label_tokens": float(metrics["label_tokens"]),
-                    "mean_token_accuracy": float(metrics["mean_token_accuracy"]),
-                    "time_s": dt,
-                }
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                print(
-                    f"step {step}/{steps} loss {row['loss']:.4f} tok/s {row['tokens_per_s']:.0f}"
-                    + (" SKIPPED" if row["skipped"] else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-                ckpt.save(step, state, batches.get_state(), config)
-        if step > start or ckpt.latest_step() is None:
-            if ckpt.latest_step() != step:
+            else:
+                state, metrics = step_fn(state, frozen, stacked, *extra)
+            metrics = jax.device_get(metrics)
+            step += 1
+            row = _row(kind, step, metrics, micro, time.perf_counter() - t0, batches.skipped.total)
+            logger.log(row)
+            bad_streak = bad_streak + 1 if row["skipped"] else 0
+            if bad_streak >= max_bad:
                 ckpt.save_now(step, state, batches.get_state(), config)
+                raise TrainingError(
+                    f"{bad_streak} non-finite steps in a row (steps {step - bad_streak + 1}-{step}): the loss "
+                    f"or gradients overflowed and every update was skipped, so the parameters are those of "
+                    f"step {step - bad_streak}; checkpoint saved at step {step}. Lower optim.learning_rate, "
+                    "check the data, or raise max_bad_steps."
+                )
+            ckpt.save(step, state, batches.get_state(), config)
+        if ckpt.latest_step() != step:
+            ckpt.save_now(step, state, batches.get_state(), config)
+        finished = stop["signal"] is None
         if stop["signal"] is not None:
-            print(f"SIGTERM: saved step {step}, exiting", file=sys.stderr)
+            logger.message(f"SIGTERM: saved step {step}, exiting")
     finally:
         ckpt.close()
+        logger.close()
         signal.signal(signal.SIGTERM, previous)
+    if finished:
+        final = save_params(
+            full_params(state, frozen, lora_cfg), run_dir / "final", model_config, assets_from=proc_dir,
+            overwrite=True,
+        )  # fmt: skip
+        print(f"final model: {final}", flush=True)
     return 0
