@@ -234,6 +234,15 @@ def test_skip_policy_counts_by_reason(data):
         assert b["pixel_values"].shape == (256, 1176) and b["image_grid_thw"].shape == (8, 3)
 
 
+def test_all_records_skipped_fails_instead_of_looping(data, tmp_path):
+    bad = [{"id": f"b{i}", "image": "img/nope.png", "prefix": "p", "suffix": "s"} for i in range(3)]
+    path = _write(tmp_path / "bad.jsonl", [json.dumps(r) for r in bad])
+    (tmp_path / "img").mkdir()
+    it = make_batches(path, data["ckpt"], data["spec"], num_epochs=None)  # repeats forever
+    with pytest.raises(InputError, match=r"all 3 records were skipped.*missing_image=\d+"):
+        next(it)
+
+
 @pytest.mark.parametrize(
     "bad, reason, rid",
     [

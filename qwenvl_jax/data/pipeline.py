@@ -352,6 +352,7 @@ class BatchIterator:
         policy: str = "skip",
         drop_remainder: bool = False,
         pack: bool = False,
+        num_records: int | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -368,6 +369,10 @@ class BatchIterator:
         self.skipped = SkipCounter()
         self.last_ids: tuple[str, ...] = ()
         self._it = iter(loader)
+        # Records per epoch of this shard (set by `make_batches`); with it, a stream in which every record
+        # is skipped fails instead of looping forever under `num_epochs=None`.
+        self.num_records: int | None = num_records
+        self._bad_streak = 0
 
     def __iter__(self):
         return self
@@ -375,11 +380,18 @@ class BatchIterator:
     def _good(self, element: dict[str, Any]) -> bool:
         """False for a skip marker (counted, or raised under the strict policy)."""
         if "skip" not in element:
+            self._bad_streak = 0
             return True
         err = BadRecord(*element["skip"])
         if self.policy == "strict":
             raise err
         self.skipped.add(err)
+        self._bad_streak += 1
+        if self.num_records is not None and self._bad_streak > self.num_records:
+            # Every record of the shard was refused in a row: a repeating loader would spin forever.
+            raise InputError(
+                f"all {self.num_records} records were skipped, none is usable: {self.skipped.summary()}"
+            )
         return False
 
     def _next_packed(self) -> dict[str, np.ndarray]:
@@ -513,4 +525,7 @@ def make_batches(
         raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
     max_length = spec.seq_buckets[-1] if max_length is None else min(max_length, spec.seq_buckets[-1])
     loader = make_loader(paths, processor, kind=kind, max_length=max_length, **loader_kwargs)
-    return BatchIterator(loader, spec, kind=kind, policy=policy, drop_remainder=drop_remainder, pack=pack)
+    return BatchIterator(
+        loader, spec, kind=kind, policy=policy, drop_remainder=drop_remainder, pack=pack,
+        num_records=len(loader._data_source) // loader_kwargs.get("shard_count", 1),
+    )  # fmt: skip

@@ -311,6 +311,8 @@ def train(config: dict) -> int:
         if stop["signal"] is not None:
             logger.message(f"SIGTERM: saved step {step}, exiting")
     finally:
+        if batches.skipped.total:
+            logger.message(batches.skipped.summary())
         ckpt.close()
         logger.close()
         signal.signal(signal.SIGTERM, previous)
