@@ -294,22 +294,30 @@ def main(argv: list[str] | None = None) -> int:
         "--real", action="store_true", help="real-weight gates (rtol 1e-3, atol 2e-2, argmax)"
     )
     parity.set_defaults(func=cmd_parity)
-    trn = sub.add_parser("train", help="SFT training loop from a YAML config (resumes from run_dir)")
-    trn.add_argument("--config", required=True, help="YAML config (see qwenvl_jax/train/loop.py)")
+    trn = sub.add_parser("train", help="SFT or DPO run from a YAML config (resumes from run_dir)")
+    trn.add_argument("--config", required=True, help="YAML config (keys: qwenvl_jax/train/config.py)")
     trn.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key (repeatable)"
     )
     trn.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)
     from qwenvl_jax.processing.errors import InputError
+    from qwenvl_jax.train.config import ConfigError
     from qwenvl_jax.weights import CheckpointMismatchError
 
     try:
         return args.func(args)
-    except (InputError, CheckpointMismatchError, FileExistsError, FileNotFoundError) as err:
+    except (InputError, CheckpointMismatchError, ConfigError, FileExistsError, FileNotFoundError) as err:
         hint = " (on the command line: --overwrite)" if isinstance(err, FileExistsError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from qwenvl_jax.train.loop import TrainingError
+
+        if not isinstance(err, TrainingError):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -135,3 +135,14 @@ def test_packed_sft_run(tmp_path):
     # Real tokens, not the sum of segment ids (which would exceed the row).
     assert all(96 < r["tokens"] <= 160 for r in rows), [r["tokens"] for r in rows]
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    from qwenvl_jax.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("kind: sft\nsteps: 2\n")
+    assert main(["train", "--config", str(cfg), "--set", f"run_dir={tmp_path}", "--set", "optim.lr=3"]) == 2
+    assert "unknown optim keys ['lr']" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "no such config file" in capsys.readouterr().err
