@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conversion.tiny_hf import tiny_model_config
-from qwenvl_jax.processing import BatchSpec, InputError, Processor, collate
+from qwenvl_jax.processing import BatchSpec, InputError, Processor, collate, pad_to_length
 
 RNG = np.random.default_rng(3)
 
@@ -104,6 +104,22 @@ def test_static_shapes_do_not_depend_on_content(proc):
     assert b["input_ids"].shape[1] == 100  # smaller content (95 tokens), smaller bucket
     c = collate(examples[:1], _spec(proc, seq_buckets=(128,)))
     assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in c.items()}
+
+
+def test_pad_to_length_equals_collating_into_the_longer_bucket(proc):
+    examples = _examples(proc)[:1]  # 95 tokens: bucket 100
+    short = collate(examples, _spec(proc, seq_buckets=(100,)))
+    long = collate(examples, _spec(proc, seq_buckets=(256,)))
+    padded = pad_to_length(short, 256, proc.pad_token_id)
+    assert padded.keys() == long.keys()
+    for key in long:
+        np.testing.assert_array_equal(padded[key], long[key], err_msg=key)
+        assert padded[key].dtype == long[key].dtype, key
+    with pytest.raises(ValueError, match="down to"):
+        pad_to_length(long, 100, proc.pad_token_id)
+    left = collate(examples, _spec(proc, seq_buckets=(100,), padding_side="left"))
+    with pytest.raises(ValueError, match="right-padded"):
+        pad_to_length(left, 256, proc.pad_token_id)
 
 
 def test_scatter_slots_reproduce_masked_scatter(proc):

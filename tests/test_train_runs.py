@@ -146,3 +146,28 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert "unknown optim keys ['lr']" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "no such config file" in capsys.readouterr().err
+
+
+def test_grad_accum_over_different_buckets(tmp_path):
+    from qwenvl_jax.data.synthetic import draw_shape
+
+    data = tmp_path / "data"
+    data.mkdir()
+    draw_shape("circle", "red", size=56, center=(28, 28), radius=12).save(data / "a.png")
+    rows = [
+        {
+            "id": f"r{i}",
+            "image": "a.png",
+            "prefix": "What is in the image?",
+            "suffix": "A red circle." * (1 + 8 * (i % 2)),
+        }
+        for i in range(4)
+    ]
+    (data / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    batch = {"batch_size": 1, "seq_buckets": [80, 200], "image_patches": 16, "max_images": 1}
+    run = tmp_path / "accum"
+    cfg = config(
+        run, steps=2, grad_accum=2, batch=batch, data={"paths": [str(data / "d.jsonl")], "shuffle": False}
+    )
+    assert train(cfg) == 0  # one short (bucket 80) and one long (bucket 200) micro-batch per step
+    assert [r["skipped"] for r in metrics(run)] == [0, 0]

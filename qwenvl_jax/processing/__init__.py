@@ -4,7 +4,7 @@ Messages, images and videos in; static-shape numpy batches out, with every size-
 (M-RoPE positions, window permutation, segment ids, scatter slots) computed here.
 """
 
-from qwenvl_jax.processing.batch import BatchSpec, collate
+from qwenvl_jax.processing.batch import BatchSpec, collate, pad_to_length
 from qwenvl_jax.processing.chat import ChatTemplate
 from qwenvl_jax.processing.errors import InputError
 from qwenvl_jax.processing.image import ImageConfig, load_image, process_image, process_images, smart_resize
@@ -39,6 +39,7 @@ __all__ = [
     "load_image",
     "load_video",
     "pack_examples",
+    "pad_to_length",
     "plan_batches",
     "process_image",
     "process_images",

@@ -230,3 +230,32 @@ def collate(examples: Sequence[Mapping], spec: BatchSpec) -> dict[str, np.ndarra
     )
     out["position_ids"], out["rope_deltas"] = pos.astype(np.int32), deltas.astype(np.int32)
     return out
+
+
+# Keys with a trailing sequence axis and the value their padding takes (right padding).
+_SEQ_PAD = {"attention_mask": 0, "mm_token_type_ids": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+
+
+def pad_to_length(batch: Mapping[str, np.ndarray], seq_len: int, pad_token_id: int) -> dict[str, np.ndarray]:
+    """A right-padded training batch re-padded to a longer `seq_len`: what `collate` would have produced with
+    that bucket (gradient accumulation needs one shape for the micro-batches of a step). Unused placeholder
+    scatter slots point one past the end, so they move to the new end."""
+    seq = int(np.shape(batch["input_ids"])[-1])
+    if seq_len < seq:
+        raise ValueError(f"cannot pad a batch of {seq} tokens down to {seq_len}")
+    if seq_len == seq:
+        return dict(batch)
+    mask = np.asarray(batch["attention_mask"])
+    if ((mask[:, 0] == 0) & (mask[:, -1] > 0)).any():  # a row that starts with padding
+        raise ValueError("pad_to_length needs right-padded rows (training batches)")
+    out = dict(batch)
+    extra = seq_len - seq
+    for key, fill in (("input_ids", pad_token_id), *_SEQ_PAD.items()):
+        if key in batch:
+            x = np.asarray(batch[key])
+            out[key] = np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)], constant_values=fill)
+    for key in ("image_scatter_s", "video_scatter_s"):
+        if key in batch:
+            s_idx = np.asarray(batch[key])
+            out[key] = np.where(s_idx == seq, seq_len, s_idx).astype(s_idx.dtype)
+    return out

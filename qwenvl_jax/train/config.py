@@ -15,7 +15,7 @@ instead of silently running with a default after minutes of loading:
           mask_vision_tokens
     batch: {batch_size, seq_buckets, image_patches, max_images, ..., pack}   # `BatchSpec` fields + pack;
                                    # for DPO batch_size counts PAIRS (a batch holds 2 x pairs rows)
-    grad_accum: 1                  # micro-batches per optimizer step
+    grad_accum: 1                  # micro-batches per optimizer step (padded to one length)
     trainable: full | frozen_vision | lora,  train_merger: true
     lora: {rank, alpha, dropout, targets, scopes}                     # `LoraConfig` fields
     optim: {learning_rate, warmup_steps, schedule, ...}              # `OptimConfig` fields

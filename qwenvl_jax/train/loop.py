@@ -159,20 +159,18 @@ class _Steps:
         return fn(state, frozen, batch, *extra)
 
 
-def _next_micro_batches(batches, accum: int) -> list[dict] | None:
+def _next_micro_batches(batches, accum: int, pad_token_id: int) -> list[dict] | None:
+    """The micro-batches of one step, padded to the longest one's bucket (one shape per step)."""
+    from qwenvl_jax.processing import pad_to_length
+
     micro = []
     for _ in range(accum):
         try:
             micro.append(next(batches))
         except StopIteration:
             return None
-    shapes = {tuple((k, np.shape(v)) for k, v in mb.items() if v is not None) for mb in micro}
-    if len(shapes) > 1:
-        raise ConfigError(
-            f"grad_accum={accum}: the micro-batches of one step collated to different shapes (different "
-            "sequence buckets); use a single entry in batch.seq_buckets, or grad_accum: 1"
-        )
-    return micro
+    seq = max(np.shape(mb["input_ids"])[-1] for mb in micro)
+    return [pad_to_length(mb, seq, pad_token_id) for mb in micro]
 
 
 def _row(kind: str, step: int, metrics: dict, micro: list[dict], dt: float, records_skipped: int) -> dict:
@@ -274,7 +272,7 @@ def train(config: dict) -> int:
     step, bad_streak, finished = start, 0, False
     try:
         while step < steps and stop["signal"] is None:
-            micro = _next_micro_batches(batches, accum)
+            micro = _next_micro_batches(batches, accum, processor.pad_token_id)
             if micro is None:
                 logger.message(f"data exhausted after step {step}")
                 break
