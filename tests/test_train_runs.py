@@ -108,6 +108,15 @@ def test_non_finite_streak_stops_after_saving(tmp_path):
     assert (run / "checkpoints" / "3").is_dir() and not (run / "final").exists()
 
 
+def test_update_overflow_stops_without_saving(tmp_path):
+    run = tmp_path / "overflow"
+    cfg = config(run, steps=4, checkpoint={"every": 1, "async": False})
+    cfg["optim"] = {"learning_rate": float("inf"), "schedule": "constant"}  # the update alone overflows
+    with pytest.raises(TrainingError, match=r"step 1: the optimizer update overflowed.*\(step None\)"):
+        train(cfg)
+    assert not (run / "checkpoints" / "1").exists() and not (run / "final").exists()
+
+
 @pytest.mark.parametrize(
     "over, match",
     [

@@ -14,7 +14,8 @@ With a checkpoint in `run_dir/checkpoints` the run RESUMES from its latest compl
 optimizer state, step, rng and the data iterator (so the batches continue where they stopped); metrics past
 that step are dropped. SIGTERM saves a checkpoint at the current step and returns 0. A non-finite loss or
 gradient skips the update (see `train.step`); `max_bad_steps` of them in a row save a checkpoint and stop
-the run with `TrainingError`.
+the run with `TrainingError`. An update that overflows by itself stops the run at once, saving nothing of
+that step (the previous checkpoints stay).
 
 Sharding: with a `mesh` section the model is placed on a `(data, fsdp, tensor)` mesh by
 `sharding.DEFAULT_RULES` and the step is jitted with explicit shardings (one compile per batch shape);
@@ -293,6 +294,13 @@ def train(config: dict) -> int:
             step += 1
             row = _row(kind, step, metrics, micro, time.perf_counter() - t0, batches.skipped.total)
             logger.log(row)
+            if not row.get("params_finite", 1):
+                last = ckpt.latest_step()
+                raise TrainingError(
+                    f"step {step}: the optimizer update overflowed (finite loss and gradients, non-finite "
+                    f"parameters after the update); nothing from this step was saved. Lower "
+                    f"optim.learning_rate and resume from the last checkpoint (step {last})."
+                )
             bad_streak = bad_streak + 1 if row["skipped"] else 0
             if bad_streak >= max_bad:
                 ckpt.save_now(step, state, batches.get_state(), config)
