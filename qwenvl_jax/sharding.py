@@ -370,6 +370,21 @@ def constrain(
     return jax.lax.with_sharding_constraint(x, sharding)
 
 
+# Activation hints: a batch that does not divide over the batch axes (e.g. 2 DPO pairs on 8 devices) keeps
+# the longest dividing prefix of them instead of failing (recorded and logged by the rules).
+ACTIVATION_RULES = ShardingRules(DEFAULT_RULES, indivisible="replicate")
+
+
+def constrain_activation(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+    """`constrain` by `ACTIVATION_RULES` under the abstract mesh a sharded step traces in (the jitted train
+    step sets it, `jax.sharding.use_abstract_mesh`); outside any mesh (one device) there is nothing to lay
+    out and `x` comes back as it is. Without these hints GSPMD follows the FSDP-split weights inside a
+    layer and computes every row of the batch on every device."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return constrain(x, logical_axes, rules=ACTIVATION_RULES)
+
+
 # ------------------------------------------------------------------------------------------ batches
 
 # Keys of the packed vision inputs (`collate` / `host_inputs`): their leading axis is the patch or unit

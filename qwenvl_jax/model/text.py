@@ -20,6 +20,7 @@ from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model.attention import attention
 from qwenvl_jax.model.layers import MLP, Dense, Embed, RMSNorm, run_stack, stacked
 from qwenvl_jax.model.rope import apply_text_rope, mrope_cos_sin
+from qwenvl_jax.sharding import constrain_activation
 
 
 class TextAttention(nnx.Module):
@@ -166,6 +167,7 @@ class TextModel(nnx.Module):
         segment_ids_bs = attention_mask_bs.astype(jnp.int32)
 
         def step(layer, x_bsd, _):
+            x_bsd = constrain_activation(x_bsd, ("batch", "seq", None))
             return layer(x_bsd, cos_bsh, sin_bsh, segment_ids_bs)
 
         x_bsd = run_stack(self.layers, step, embeds_bsd, None, scan=cfg.scan_layers, remat=cfg.remat)
@@ -180,6 +182,7 @@ class TextModel(nnx.Module):
         segment_ids_bs = attention_mask_bs.astype(jnp.int32)
 
         def step(layer, x_bsd, _):
+            x_bsd = constrain_activation(x_bsd, ("batch", "seq", None))
             return layer(x_bsd, cos_bsh, sin_bsh, segment_ids_bs, return_kv=True)
 
         x_bsd, (k_lbskh, v_lbskh) = run_stack(
