@@ -16,8 +16,12 @@ Dropout: PEFT drops the layer INPUT per token (`B(A(dropout(x)))`), which has no
 Here `dropout > 0` zeroes (and rescales) rows of A, i.e. input features, with one mask per step shared by
 every token: a weight-space approximation, not PEFT's numbers. Keep `dropout=0` for parity runs.
 
-Cost: the merged kernel is materialised once per forward (one `(in, out)` matrix per target per layer,
-inside the layer scan's inputs), which is cheap next to activations for the sizes here.
+Cost: the merged kernels are materialised once per forward, all layers at once (the stacked kernels are
+merged before the layer scan), and live through the backward pass: for 7B with every text projection
+adapted that is 38.5 GiB, more than the bf16 base itself (`train.plan` counts it). Merging per layer
+inside the scan would remove most of it. On a bf16 base, `W + delta` is rounded to bf16 in the forward
+pass, so deltas far below W's bf16 resolution do not show in the outputs until they grow (the gradients
+of A and B are exact); PEFT's separate `x A B` path has no such rounding.
 """
 
 from __future__ import annotations
@@ -91,15 +95,18 @@ def target_paths(base_params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
 
 
 def init_lora(base_params: Mapping[str, Any], cfg: LoraConfig, key: jax.Array) -> dict[str, dict[str, Any]]:
-    """Adapters for every target: A uniform (PEFT's kaiming_uniform(a=sqrt(5))), B zero; in the kernel's dtype."""
+    """Adapters for every target: A uniform (PEFT's kaiming_uniform(a=sqrt(5))), B zero; float32 whatever the
+    base's dtype (they are the trained master weights, and their AdamW moments follow their dtype)."""
     flat = flatten(base_params)
     out = {}
     for i, path in enumerate(target_paths(base_params, cfg)):
         w = flat[path]
         *lead, fan_in, fan_out = w.shape
         bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, fan_in, cfg.rank), w.dtype, -bound, bound)
-        out[path] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, fan_out), w.dtype)}
+        a = jax.random.uniform(
+            jax.random.fold_in(key, i), (*lead, fan_in, cfg.rank), jnp.float32, -bound, bound
+        )
+        out[path] = {"a": a, "b": jnp.zeros((*lead, cfg.rank, fan_out), jnp.float32)}
     return out
 
 
