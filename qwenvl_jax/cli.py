@@ -1,6 +1,7 @@
 """`qwenvl-jax` command line.
 
-qwenvl-jax demo                          # offline: tiny checkpoint, synthetic images and a video
+qwenvl-jax demo [--out DIR] [--fast]     # offline, CPU: SFT then DPO of a tiny model on synthetic images
+qwenvl-jax demo --processor [--model DIR]  # offline: the host pipeline on synthetic images and a video
 qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
 qwenvl-jax generate --model DIR --image PATH_OR_URL [--video PATH] --prompt "..." [--json]
 qwenvl-jax train --config configs/sft_tiny_cpu.yaml [--set run_dir=/tmp/run --set steps=10]
@@ -43,6 +44,27 @@ def _describe(batch: dict[str, np.ndarray]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.processor:
+        if args.fast or args.out is not None:
+            print("error: --out and --fast apply to the training demo, not to --processor", file=sys.stderr)
+            return 2
+        return _processor_demo(args)
+    if args.model:
+        print(
+            "error: --model applies to the processor demo only (qwenvl-jax demo --processor)", file=sys.stderr
+        )
+        return 2
+    from qwenvl_jax.demo import FAST, FULL, run_demo
+
+    try:
+        run_demo(args.out or "qwenvl_jax_demo", FAST if args.fast else FULL)
+    except FileExistsError as err:  # an --out that is not the demo's own
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _processor_demo(args: argparse.Namespace) -> int:
     from qwenvl_jax.processing import BatchSpec, Processor, collate
     from qwenvl_jax.tiny import write_tiny_checkpoint
 
@@ -242,8 +264,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qwenvl-jax", description="Qwen2.5-VL in JAX/Flax.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="offline demo of the host pipeline on a tiny checkpoint")
-    demo.add_argument("--model", help="an HF Qwen2.5-VL directory to take the processor from (default: tiny)")
+    demo = sub.add_parser(
+        "demo", help="offline, on the CPU: SFT then DPO of a tiny random-weight model on synthetic images"
+    )
+    demo.add_argument("--out", help="output directory (default: ./qwenvl_jax_demo)")
+    demo.add_argument("--fast", action="store_true", help="a seconds-long smoke run (a few steps)")
+    demo.add_argument(
+        "--processor", action="store_true", help="instead: the host pipeline on a tiny checkpoint (no model)"
+    )
+    demo.add_argument(
+        "--model", help="with --processor: an HF Qwen2.5-VL directory to take the processor from"
+    )
     demo.set_defaults(func=cmd_demo)
     process = sub.add_parser("process", help="turn a prompt with images/videos into model inputs")
     process.add_argument("--model", required=True, help="HF Qwen2.5-VL checkpoint directory")

@@ -32,9 +32,12 @@ def test_host_side_imports_neither_jax_nor_torch(statement):
     }
 
 
-def test_demo_runs_offline():
+def test_processor_demo_runs_offline():
     out = subprocess.run(
-        [sys.executable, "-m", "qwenvl_jax.cli", "demo"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "qwenvl_jax.cli", "demo", "--processor"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "static-shape batch:" in out.stdout and "rope_deltas" in out.stdout
     assert "row 0 labels decode to: 'A red circle on a white background.<|im_end|>\\n'" in out.stdout

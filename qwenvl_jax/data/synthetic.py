@@ -5,11 +5,11 @@ Two writers:
 
 - `write_synthetic_data(out_dir, num, size=, seed=)`: `num` SFT records (format (a) of `records.py`), the
   data of `data: {synthetic: N}` in the training loop.
-- `write_shape_task(out_dir, num_train=, num_heldout=, size=, seed=)`: a small supervised task with a
-  HELD-OUT split whose images appear nowhere in the training split, and preference pairs (format (c)) for
-  DPO on both splits: chosen = the true answer, rejected = the same sentence with the colour or the shape
-  wrong. Position and size of the shape vary, so an image is identified by (shape, colour, centre, radius)
-  and the two splits are drawn without replacement from those keys.
+- `write_shape_task(out_dir, num_train=, num_heldout=, ...)`: a small supervised task with a HELD-OUT
+  split whose images appear nowhere in the training split, and preference pairs (format (c)) for DPO on
+  both splits: chosen = the true answer, rejected = the same sentence with the colour or the shape wrong
+  (`rejected=` picks which). Position and size of the shape vary, so an image is identified by (shape,
+  colour, centre, radius) and the two splits are drawn without replacement from those keys.
 
 Host side only: numpy and PIL.
 """
@@ -107,9 +107,13 @@ class ShapeTask:
     heldout: tuple[ShapeExample, ...]
 
 
-def _wrong_answer(rng: np.random.Generator, color: str, shape: str) -> str:
-    """The true sentence with exactly one attribute (colour or shape, equally often) changed."""
-    if rng.integers(2):
+REJECTED = ("either", "color", "shape")
+
+
+def _wrong_answer(rng: np.random.Generator, color: str, shape: str, rejected: str) -> str:
+    """The true sentence with exactly one attribute changed: the colour, the shape, or either (equally
+    often)."""
+    if rejected == "color" or (rejected == "either" and rng.integers(2)):
         others = [c for c in COLORS if c != color]
         return answer(others[rng.integers(len(others))], shape)
     others = [s for s in SHAPES if s != shape]
@@ -123,13 +127,18 @@ def write_shape_task(
     num_heldout: int,
     size: int = 56,
     radius: tuple[int, int] | None = None,
+    rejected: str = "either",
     seed: int = 0,
 ) -> ShapeTask:
     """Write the shape task (PNGs and four JSONL files) under `out_dir`; deterministic in its arguments.
 
     The shape's radius is drawn from `radius` = [lo, hi) (default [size/6, size/3)) and its centre keeps
-    the whole shape inside the image; every image key (shape, colour, centre, radius) occurs at most once over both splits.
+    the whole shape inside the image; every image key (shape, colour, centre, radius) occurs at most once
+    over both splits. `rejected` says which attribute the rejected answer of a pair gets wrong: "color",
+    "shape", or "either" (one of the two per pair, equally often).
     """
+    if rejected not in REJECTED:
+        raise ValueError(f"rejected must be one of {REJECTED}, got {rejected!r}")
     if num_train < 1 or num_heldout < 1:
         raise ValueError(f"num_train and num_heldout must be >= 1, got {num_train} and {num_heldout}")
     if size < 28:
@@ -149,18 +158,20 @@ def write_shape_task(
         if attempts > 100 * total:
             raise ValueError(f"size {size} has too few distinct images for {total} examples")
         shape, color = SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))]
-        radius = int(rng.integers(r_lo, r_hi))
-        center = tuple(int(c) for c in rng.integers(radius, size - radius, size=2))
-        key = (shape, color, center, radius)
+        r = int(rng.integers(r_lo, r_hi))
+        center = tuple(int(c) for c in rng.integers(r, size - r, size=2))
+        key = (shape, color, center, r)
         if key in seen:
             continue
         seen.add(key)
         split = "train" if len(examples) < num_train else "heldout"
         index = len(examples) if split == "train" else len(examples) - num_train
         name = f"{split}_{index:05d}.png"
-        draw_shape(shape, color, size=size, center=center, radius=radius).save(out_dir / name)
+        draw_shape(shape, color, size=size, center=center, radius=r).save(out_dir / name)
         examples.append(
-            ShapeExample(f"{split}{index}", out_dir / name, shape, color, _wrong_answer(rng, color, shape))
+            ShapeExample(
+                f"{split}{index}", out_dir / name, shape, color, _wrong_answer(rng, color, shape, rejected)
+            )
         )
     train, heldout = tuple(examples[:num_train]), tuple(examples[num_train:])
 
@@ -169,7 +180,13 @@ def write_shape_task(
 
     def dpo_rows(split):
         return [
-            {"id": e.id, "images": [e.image.name], "prompt": QUESTION, "chosen": e.answer, "rejected": e.rejected}
+            {
+                "id": e.id,
+                "images": [e.image.name],
+                "prompt": QUESTION,
+                "chosen": e.answer,
+                "rejected": e.rejected,
+            }
             for e in split
         ]
 
