@@ -258,7 +258,18 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from qwenvl_jax.train.loop import load_config, train
 
-    return train(load_config(args.config, args.set))
+    config = load_config(args.config, args.set)
+    if not args.dry_run:
+        return train(config)
+    from qwenvl_jax.train.config import resolve
+    from qwenvl_jax.train.plan import check_step_shapes, format_plan, plan
+
+    resolve({**config, "run_dir": config.get("run_dir") or "unused"})  # the keys, as a run would check them
+    p = plan(config)
+    print(format_plan(p))
+    checked = check_step_shapes(config)
+    print(f"train step traced at full size with jax.eval_shape ({checked.attention_backend} attention): ok")
+    return 1 if p.problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -329,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     trn.add_argument("--config", required=True, help="YAML config (keys: qwenvl_jax/train/config.py)")
     trn.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key (repeatable)"
+    )
+    trn.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-device memory plan and trace the step at full size; allocate nothing",
     )
     trn.set_defaults(func=cmd_train)
     args = parser.parse_args(argv)

@@ -4,6 +4,8 @@ A config is checked as a whole before anything is built, so a typo fails in a se
 instead of silently running with a default after minutes of loading:
 
     kind: sft | dpo
+    target: 1xh100                 # hardware of the memory plan (`train.plan`, `--dry-run`): NxH100,
+                                   # NxH200, v5p-CORES; not used by the run itself
     run_dir: DIR                   # metrics.jsonl, tensorboard/, loss_curves.png, checkpoints/, final/
     steps: 20                      # optimizer steps in total (a resumed run continues up to it)
     seed: 0                        # train-state rng (LoRA dropout) and data shuffling
@@ -37,6 +39,7 @@ from typing import Any
 
 DEFAULTS: dict[str, Any] = {
     "kind": "sft",
+    "target": None,
     "run_dir": None,
     "steps": 20,
     "seed": 0,

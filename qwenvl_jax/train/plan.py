@@ -1,0 +1,715 @@
+"""Memory plan of a training config, without allocating a byte or needing a device.
+
+`plan(config)` builds the model and the train state abstractly (`jax.eval_shape` around
+`train.state.init_train_state`, so the trainable/frozen split, the LoRA tree and the optimizer state are
+exactly the ones a run makes), shards every leaf by `sharding.DEFAULT_RULES` on an `AbstractMesh` of the
+config's `mesh` shape, and adds up bytes per device. `format_plan` prints it (`qwenvl-jax train
+--dry-run`). `check_step_shapes(config)` traces the real SFT/DPO step on abstract inputs of the config's
+static batch shapes (`jax.eval_shape`: full-size 3B/7B steps without allocating).
+
+The hardware is the top-level `target` key: `"<n>xh100"`, `"<n>xh200"` (n GPUs) or `"v5p-<cores>"` (a TPU
+v5p slice; Cloud TPU names count TensorCores, two per chip, so v5p-8 is 4 chips = 4 JAX devices). The
+per-device memory (HBM) comes from `CHIPS`; no target means an unknown budget (the plan is printed, the
+fit is not judged).
+
+Per device, each row of `Plan.rows` in one phase:
+- "state", exact (from shapes, dtypes and shardings), live the whole step: trainable params, frozen
+  params, the DPO reference copy (non-LoRA DPO: a full param tree at the storage dtype, what
+  `step.nnx_full_params_like` describes), optimizer state, the gradients, and the step's batch (`collate`'s
+  arrays for the largest bucket, x grad_accum). `Plan.state_bytes`.
+- "backward", live during forward and backward only: the micro-batch gradient being added to the running
+  sum (`grad_accum > 1`, exact), and the ESTIMATES of one micro-batch's activations
+  (`activation_estimate`) and of LoRA's merged kernels (`_lora_merged_bytes`).
+- "update", live during the optimizer update only: its temporaries (an ESTIMATE, `UPDATE_TEMP_COPIES`).
+
+`peak = state + max(backward, update)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the other
+10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces, XLA's scheduling
+choices) and for the estimates' error. On GPU, JAX preallocates only 75% of HBM by default: run with
+`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the budget to be available.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+GIB = 2**30
+USABLE_FRACTION = 0.90
+# `step.apply_update` runs the update under `lax.cond` into the donated buffers: the update itself is the
+# one trainable-sized temporary (XLA:CPU's buffer assignment of the real 3B step agrees, docs/training.md).
+UPDATE_TEMP_COPIES = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    memory_bytes: int  # HBM per JAX device
+
+
+CHIPS = {
+    # nvidia-smi's total (81559 MiB), which is what JAX's allocator sees before its fraction.
+    "h100": Chip("NVIDIA H100 80GB", 81559 * 2**20),
+    "h200": Chip("NVIDIA H200", 143771 * 2**20),
+    # 95 GiB HBM2e per chip (one JAX device per chip: the two TensorCores run as one megacore).
+    "v5p": Chip("TPU v5p", 95 * GIB),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str
+    chip: Chip
+    num_devices: int
+
+
+def parse_target(value: str | None) -> Target | None:
+    """`"8xh100"`, `"1xh200"` or `"v5p-8"` (4 chips) -> `Target`; None -> None (unknown hardware)."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    gpu = re.fullmatch(r"(\d+)x(h100|h200)", text)
+    if gpu and int(gpu.group(1)) >= 1:
+        return Target(text, CHIPS[gpu.group(2)], int(gpu.group(1)))
+    tpu = re.fullmatch(r"v5p-(\d+)", text)
+    if tpu and int(tpu.group(1)) >= 2 and int(tpu.group(1)) % 2 == 0:
+        return Target(text, CHIPS["v5p"], int(tpu.group(1)) // 2)
+    raise ValueError(f"target {value!r} is not one of '<n>xh100', '<n>xh200', 'v5p-<even cores>'")
+
+
+PHASES = ("state", "backward", "update")
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    bytes: int  # per device
+    phase: str  # one of PHASES
+    exact: bool
+    note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    kind: str
+    trainable: str
+    model_source: str  # "preset 3B", or the config.json it was read from
+    param_count: int  # the whole model, as HF counts it
+    trainable_count: int  # LoRA: the adapter parameters
+    trainable_dtype: str
+    target: Target | None
+    mesh: dict[str, int]
+    rows_per_micro_batch: int  # DPO: 2 x pairs
+    seq_len: int  # the largest bucket: the shape that decides memory
+    vision_patches: int  # per micro-batch (image + video budgets); replicated on every device
+    grad_accum: int
+    rows: tuple[Row, ...]
+    activation_formula: str
+    notes: tuple[str, ...] = ()
+
+    @property
+    def num_devices(self) -> int:
+        return math.prod(self.mesh.values())
+
+    @property
+    def batch_shards(self) -> int:
+        return self.mesh["data"] * self.mesh["fsdp"]
+
+    @property
+    def rows_per_device(self) -> float:
+        return self.rows_per_micro_batch / self.batch_shards
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(r.bytes for r in self.rows if r.phase == phase)
+
+    @property
+    def state_bytes(self) -> int:
+        """Params, frozen params, reference, optimizer state, gradients and the batch: exact."""
+        return self.phase_bytes("state")
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.state_bytes + max(self.phase_bytes("backward"), self.phase_bytes("update"))
+
+    @property
+    def usable_bytes(self) -> int | None:
+        return None if self.target is None else int(USABLE_FRACTION * self.target.chip.memory_bytes)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.usable_bytes is None else self.peak_bytes <= self.usable_bytes
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        out = []
+        if self.target is not None and self.num_devices != self.target.num_devices:
+            out.append(
+                f"mesh {self.mesh} has {self.num_devices} devices, target {self.target.name} has "
+                f"{self.target.num_devices}"
+            )
+        if self.rows_per_micro_batch % self.batch_shards:
+            out.append(
+                f"{self.rows_per_micro_batch} rows per micro-batch do not divide over data x fsdp = "
+                f"{self.batch_shards}"
+            )
+        if self.fits is False:
+            out.append(
+                f"peak {self.peak_bytes / GIB:.1f} GiB per device exceeds the usable "
+                f"{self.usable_bytes / GIB:.1f} GiB"
+            )
+        return tuple(out)
+
+
+# ----------------------------------------------------------------------------------- config reading
+
+
+def model_config(config: dict):
+    """`(Qwen25VLConfig, source)`: from `model.path`'s config.json when the path exists, else the preset."""
+    from qwenvl_jax.config import Qwen25VLConfig
+
+    model = config.get("model") or {}
+    policy = {k: model[k] for k in ("dtype", "param_dtype", "remat", "attention_backend") if k in model}
+    # The train loop's defaults: float32 compute and float32 master weights.
+    policy.setdefault("dtype", "float32")
+    policy.setdefault("param_dtype", "float32")
+    path = model.get("path")
+    if path and Path(path).exists():
+        directory = Path(path)
+        if not (directory / "config.json").is_file():
+            from qwenvl_jax.checkpoint import params_dir  # an Orbax checkpoint: config.json beside params/
+
+            directory = params_dir(directory).parent
+        return Qwen25VLConfig.from_pretrained(directory, **policy), str(directory / "config.json")
+    if not model.get("preset"):
+        raise ValueError(f"config model needs a preset (model.path {path!r} does not exist)")
+    return Qwen25VLConfig.preset(model["preset"], **policy), f"preset {model['preset']}"
+
+
+def mesh_shape(config: dict) -> dict[str, int]:
+    from qwenvl_jax.sharding import MESH_AXES
+
+    mesh = config.get("mesh") or {}
+    unknown = sorted(set(mesh) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"unknown mesh keys {unknown}; known: {list(MESH_AXES)}")
+    shape = {axis: int(mesh.get(axis, 1)) for axis in MESH_AXES}
+    if min(shape.values()) < 1:
+        raise ValueError(f"mesh sizes must be >= 1, got {shape}")
+    return shape
+
+
+def lora_config(config: dict):
+    from qwenvl_jax.train.lora import LoraConfig
+
+    if config.get("trainable", "full") != "lora":
+        return None
+    values = dict(config.get("lora") or {})
+    for key in ("targets", "scopes"):
+        if key in values:
+            values[key] = tuple(values[key])
+    return LoraConfig(**values)
+
+
+def batch_rows(config: dict) -> int:
+    """Rows of one collated micro-batch: `batch_size`, or for DPO 2 x `batch_size` pairs."""
+    size = int((config.get("batch") or {}).get("batch_size", 2))
+    return 2 * size if config.get("kind", "sft") == "dpo" else size
+
+
+# ------------------------------------------------------------------------------------ abstract state
+
+
+@dataclasses.dataclass(frozen=True)
+class AbstractSetup:
+    model_cfg: Any
+    source: str
+    graphdef: Any
+    state: Any  # TrainState of ShapeDtypeStructs
+    frozen: Any
+    tx: Any
+    lora_cfg: Any
+    logical_axes: dict[str, tuple[str | None, ...]]
+    param_count: int
+
+
+def abstract_setup(config: dict) -> AbstractSetup:
+    """The model, the train state and the frozen params as `init_train_state` makes them, all abstract."""
+    import jax
+    from flax import nnx
+
+    from qwenvl_jax.loading import abstract_model
+    from qwenvl_jax.train.optim import OptimConfig
+    from qwenvl_jax.train.state import init_train_state, param_logical_axes
+
+    model_cfg, source = model_config(config)
+    model = abstract_model(model_cfg)
+    logical_axes = param_logical_axes(model)
+    param_count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    graphdef, params = nnx.split(model)
+    optim_cfg = OptimConfig(**{"total_steps": int(config.get("steps", 20)), **(config.get("optim") or {})})
+    lora_cfg = lora_config(config)
+    static = {}
+
+    def init(values):
+        g, state, frozen, tx = init_train_state(
+            nnx.merge(graphdef, values),
+            optim_cfg,
+            config.get("trainable", "full"),
+            lora_cfg,
+            seed=int(config.get("seed", 0)),
+            train_merger=bool(config.get("train_merger", True)),
+        )
+        static.update(graphdef=g, tx=tx)  # not arrays: taken out of the trace by closure
+        return state, frozen
+
+    state, frozen = jax.eval_shape(init, params)
+    return AbstractSetup(
+        model_cfg,
+        source,
+        static["graphdef"],
+        state,
+        frozen,
+        static["tx"],
+        lora_cfg,
+        logical_axes,
+        param_count,
+    )
+
+
+def _device_fraction_tree(params, logical_axes, mesh, lora: bool):
+    """Per leaf: the fraction of its elements one device holds under `DEFAULT_RULES` on `mesh`."""
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.train import lora as lora_lib
+    from qwenvl_jax.train.optim import map_with_path
+
+    rules = shd.as_rules(shd.DEFAULT_RULES)
+    sizes = dict(mesh.shape)
+
+    def one(path, x):
+        if lora:
+            kernel_path, which = path.rsplit("/", 1)
+            axes = lora_lib.lora_logical_axes(logical_axes[kernel_path])[which]
+        else:
+            axes = logical_axes[path]
+        try:
+            spec = rules.spec(axes, x.shape, mesh)
+        except ValueError as err:
+            raise ValueError(f"parameter {path}: {err}") from None
+        ways = 1
+        for entry in spec:
+            for axis in (entry,) if isinstance(entry, str) else entry or ():
+                ways *= sizes[axis]
+        return 1.0 / ways
+
+    return map_with_path(one, params)
+
+
+def _bytes(tree, fractions=None) -> int:
+    import jax
+
+    leaves = jax.tree.leaves(tree)
+    if fractions is None:
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+    return round(
+        sum(
+            int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize * f
+            for x, f in zip(leaves, jax.tree.leaves(fractions), strict=True)
+        )
+    )
+
+
+def _opt_state_bytes(setup: AbstractSetup, param_fractions) -> int:
+    """Params-shaped optimizer leaves (Adam mu, nu) shard like their params; the rest is replicated."""
+    import jax
+    import optax
+
+    fractions = optax.tree_map_params(
+        setup.tx,
+        lambda _, f: f,
+        setup.state.opt_state,
+        param_fractions,
+        transform_non_params=lambda _: 1.0,
+        is_leaf=lambda x: isinstance(x, float),
+    )
+    return _bytes(setup.state.opt_state, jax.tree.map(float, fractions))
+
+
+# --------------------------------------------------------------------------------------- estimates
+
+
+def activation_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int, mesh: dict[str, int]):
+    """`(bytes, formula)`: an ESTIMATE of one micro-batch's peak activation memory on one device.
+
+    Layout: the decoder constrains its layer inputs to rows over (data, fsdp)
+    (`sharding.constrain_activation`), so inside a layer a device holds its rows at full model width
+    (FSDP gathers the weights) with the MLP/heads split tensor ways. The vision tower runs all P patches
+    on every device.
+
+    Symbols: r = rows / (data x fsdp), S sequence, D/I/L/H text width/MLP/layers/heads, Kv kv width, V
+    vocab, t the tensor size, P vision patches, Dv/Iv/Lv/Hv the vision tower's, a bytes of the compute
+    dtype, c the loss chunk.
+    - one text layer's tensors: T = r S (7 D + 3 I/t) a, plus attention r H/t S^2 (4 + a) with the
+      xla backend (fp32 logits and probs; cuDNN's flash kernel keeps none);
+    - one vision block's: Vb = P (7 Dv + 3 Iv) a, plus Hv P^2 (4 + a) + P^2 (xla: logits, probs, mask) or
+      P^2 (1 + a) (cuDNN: the segment mask and its dense bias);
+    - the loss: one chunk's fp32 logits and their gradient, 2 c V/t 4;
+    - remat full: saved = (L r S D + Lv P Dv) a (the layer inputs), transient = 2 max(T, Vb, loss);
+      remat dots: saved = L r S (3 D + 2 Kv/t + 2 I/t) a + Lv P (5 Dv + 2 Iv) a (matmul outputs),
+      transient as full; remat none: saved = L T + Lv Vb, transient = max(T, Vb, loss).
+    It ignores XLA's fusion and scheduling; read it as the right order of magnitude (docs/training.md
+    compares it with XLA's buffer assignment).
+    """
+    tc, vc = model_cfg.text, model_cfg.vision
+    a = np.dtype(model_cfg.dtype).itemsize
+    r, s, p = rows / (mesh["data"] * mesh["fsdp"]), seq, patches
+    t = mesh["tensor"]
+    d, i, kv = tc.hidden_size, tc.intermediate_size / t, tc.num_key_value_heads * tc.head_dim / t
+    xla = model_cfg.attention_backend == "xla"
+    text_layer = r * s * (7 * d + 3 * i) * a
+    text_layer += r * tc.num_attention_heads / t * s * s * (4 + a) if xla else 0
+    vision_layer = p * (7 * vc.hidden_size + 3 * vc.intermediate_size) * a
+    vision_layer += (vc.num_heads * p * p * (4 + a) + p * p) if xla else p * p * (1 + a)
+    vision_layer = vision_layer if p else 0
+    loss = 2 * min(chunk, r * s) * tc.vocab_size / t * 4
+    lt, lv = tc.num_hidden_layers, vc.depth
+    if model_cfg.remat == "none":
+        saved = lt * text_layer + lv * vision_layer
+        transient = max(text_layer, vision_layer, loss)
+    else:
+        if model_cfg.remat == "full":
+            saved = (lt * r * s * d + lv * p * vc.hidden_size) * a
+        else:
+            saved = lt * r * s * (3 * d + 2 * kv + 2 * i) * a
+            saved += lv * p * (5 * vc.hidden_size + 2 * vc.intermediate_size) * a
+        transient = 2 * max(text_layer, vision_layer, loss)
+    formula = (
+        f"remat {model_cfg.remat}: saved {_size(saved).strip()} + transient {_size(transient).strip()} "
+        f"(r={r:g}, S={s}, P={p}, attention {model_cfg.attention_backend}; see activation_estimate)"
+    )
+    return round(saved + transient), formula
+
+
+def _lora_merged_bytes(setup: AbstractSetup, frozen_fractions) -> tuple[int, str]:
+    """LoRA's merge of whole stacked kernels (`lora.apply_lora`, outside the layer scan): the adapted
+    kernels `W + delta` of every target (the layer scan reads them in forward and backward), their
+    gradients (the scan's stacked cotangents), and two fp32 `(layers, in, out)` buffers of the widest
+    target (its `delta` and the cotangent of `delta`, one target at a time)."""
+    from qwenvl_jax.train import lora as lora_lib
+
+    flat = lora_lib.flatten(setup.frozen)
+    fractions = lora_lib.flatten(frozen_fractions)
+    targets = list(setup.state.params)
+    merged = sum(_bytes(flat[t], fractions[t]) for t in targets)
+    widest32 = round(4 * max(int(np.prod(flat[t].shape)) * fractions[t] for t in targets))
+    note = f"2 x {_size(merged).strip()} adapted kernels and gradients + 2 x {_size(widest32).strip()} fp32"
+    return 2 * merged + 2 * widest32, note
+
+
+def _batch_bytes(config: dict, model_cfg, shape: dict[str, int]) -> int:
+    """One step's stacked batch on one device: row-sharded keys split over data x fsdp, the packed vision
+    inputs replicated (`sharding.batch_axes`)."""
+    from qwenvl_jax.sharding import batch_axes
+
+    unpacked = {**config, "batch": {k: v for k, v in (config.get("batch") or {}).items() if k != "pack"}}
+    shards = shape["data"] * shape["fsdp"]
+    total = 0
+    for key, x in abstract_batch(unpacked, model_cfg).items():
+        nbytes = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        total += nbytes / shards if "batch" in batch_axes(key, len(x.shape) - 1) else nbytes
+    return round(total)
+
+
+# --------------------------------------------------------------------------------------------- plan
+
+
+def plan(config: dict) -> Plan:
+    """The per-device memory plan of a training config (a YAML file's contents); allocates nothing."""
+    import jax
+    from jax.sharding import AbstractMesh, AxisType
+
+    from qwenvl_jax.sharding import MESH_AXES
+
+    kind = config.get("kind", "sft")
+    if kind not in ("sft", "dpo"):
+        raise ValueError(f"kind must be sft or dpo, got {kind!r}")
+    setup = abstract_setup(config)
+    shape = mesh_shape(config)
+    mesh = AbstractMesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    lora = setup.lora_cfg is not None
+    params = setup.state.params
+    param_fr = _device_fraction_tree(params, setup.logical_axes, mesh, lora)
+    frozen_fr = _device_fraction_tree(setup.frozen, setup.logical_axes, mesh, False)
+    trainable_bytes = _bytes(params, param_fr)
+    accum = int(config.get("grad_accum", 1))
+    dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
+
+    rows = [
+        Row("trainable params", trainable_bytes, "state", True, "/".join(dtypes)),
+        Row("frozen params", _bytes(setup.frozen, frozen_fr), "state", True),
+    ]
+    if kind == "dpo" and not lora:
+        rows.append(
+            Row("reference params", trainable_bytes + rows[1].bytes, "state", True, "DPO without LoRA")
+        )
+    rows.append(Row("optimizer state", _opt_state_bytes(setup, param_fr), "state", True, "AdamW mu, nu"))
+    rows.append(Row("gradients", trainable_bytes, "state", True))
+    rows.append(
+        Row("batch inputs", _batch_bytes(config, setup.model_cfg, shape), "state", True, "x grad_accum")
+    )
+    if accum > 1:
+        rows.append(Row("micro-batch gradient", trainable_bytes, "backward", True, f"grad_accum {accum}"))
+
+    batch = config.get("batch") or {}
+    rows_mb = batch_rows(config)
+    seq = max(batch.get("seq_buckets") or [1024])
+    patches = int(batch.get("image_patches", 0)) + int(batch.get("video_patches", 0))
+    act, formula = activation_estimate(
+        setup.model_cfg, rows_mb, seq, patches, int(config.get("chunk_size", 1024)), shape
+    )
+    rows.append(Row("activations", act, "backward", False, "one micro-batch"))
+    if lora:
+        merged, note = _lora_merged_bytes(setup, frozen_fr)
+        rows.append(Row("LoRA merged kernels", merged, "backward", False, note))
+    rows.append(
+        Row(
+            "update temporaries",
+            UPDATE_TEMP_COPIES * trainable_bytes,
+            "update",
+            False,
+            f"{UPDATE_TEMP_COPIES} trainable-sized buffer (the update; moments are written in place)",
+        )
+    )
+
+    notes = []
+    if any(np.dtype(d).itemsize < 4 for d in dtypes):
+        notes.append(
+            f"trainable params are {'/'.join(dtypes)}: AdamW keeps its moments in the same dtype "
+            "(no float32 master weights)"
+        )
+    if kind == "dpo" and not lora:
+        notes.append("DPO reference: a second full param tree (no LoRA to disable)")
+    if batch.get("pack"):
+        notes.append("batch.pack: batch shapes and activations are those of unpacked rows")
+    trainable_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    return Plan(
+        kind=kind,
+        trainable=config.get("trainable", "full"),
+        model_source=setup.source,
+        param_count=setup.param_count,
+        trainable_count=trainable_count,
+        trainable_dtype="/".join(dtypes),
+        target=parse_target(config.get("target")),
+        mesh=shape,
+        rows_per_micro_batch=rows_mb,
+        seq_len=seq,
+        vision_patches=patches,
+        grad_accum=accum,
+        rows=tuple(rows),
+        activation_formula=formula,
+        notes=tuple(notes),
+    )
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
+        if n >= scale / 10:
+            return f"{n / scale:9.2f} {unit}"
+    return f"{n / 2**10:9.2f} KiB"
+
+
+def format_plan(p: Plan) -> str:
+    """A readable table of the plan (what `qwenvl-jax train --dry-run` prints)."""
+    mesh = " x ".join(f"{k} {v}" for k, v in p.mesh.items())
+    tokens = p.rows_per_micro_batch * p.seq_len
+    lines = [
+        f"{p.kind} ({p.trainable}), model {p.model_source}: {p.param_count:,} params, "
+        f"{p.trainable_count:,} trainable ({p.trainable_dtype})",
+        f"mesh {mesh} = {p.num_devices} device(s); target "
+        + (
+            f"{p.target.name}: {p.target.num_devices} x {p.target.chip.name}, "
+            f"{p.target.chip.memory_bytes / GIB:.1f} GiB each"
+            if p.target
+            else "not given (no memory budget)"
+        ),
+        f"micro-batch {p.rows_per_micro_batch} rows{' (chosen + rejected)' if p.kind == 'dpo' else ''} x "
+        f"{p.seq_len} tokens ({tokens:,} tokens, "
+        f"{p.vision_patches} vision patches) x grad_accum {p.grad_accum} = "
+        f"{p.rows_per_micro_batch * p.grad_accum} rows / {tokens * p.grad_accum:,} tokens per step; "
+        f"rows per device: {p.rows_per_device:g}",
+        "",
+    ]
+    for phase, title in (("state", "state"), ("backward", "forward/backward"), ("update", "update")):
+        lines.append(f"{title + ' (per device)':<30}{_size(p.phase_bytes(phase))}")
+        for r in p.rows:
+            if r.phase == phase:
+                note = r.note if r.exact else f"estimate: {r.note}"
+                lines.append(f"  {r.name:<28}{_size(r.bytes)}  {note}")
+        if phase == "backward":
+            lines.append(f"  {'':<28}{'':13}  activations: {p.activation_formula}")
+    lines.append(f"{'peak (estimate)':<30}{_size(p.peak_bytes)}  state + max(forward/backward, update)")
+    if p.usable_bytes is not None:
+        verdict = "FITS" if p.fits else "DOES NOT FIT"
+        lines.append(
+            f"{'usable':<30}{_size(p.usable_bytes)}  {USABLE_FRACTION:.0%} of HBM -> {verdict} "
+            f"({p.peak_bytes / p.usable_bytes:.0%} of usable)"
+        )
+    lines += [f"note: {n}" for n in p.notes]
+    lines += [f"PROBLEM: {n}" for n in p.problems]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------- step shapes
+
+
+def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
+    """ShapeDtypeStructs of one step's batch: `collate`'s output for the config's BatchSpec (largest
+    bucket, full vision budgets) with the leading micro-batch axis of `stack_micro_batches`; DPO adds the
+    `completion_mask` its step reads."""
+    import jax
+
+    from qwenvl_jax.processing.batch import BatchSpec, collate
+
+    batch = dict(config.get("batch") or {})
+    if batch.pop("pack", False):
+        raise ValueError("check_step_shapes: packed batches (batch.pack) are not modelled")
+    rows = batch_rows(config)
+    spec = BatchSpec.from_dict(
+        batch,
+        batch_size=rows,
+        pad_token_id=model_cfg.bos_token_id,
+        image_token_id=model_cfg.image_token_id,
+        video_token_id=model_cfg.video_token_id,
+        merge_size=model_cfg.vision.spatial_merge_size,
+        patch_size=model_cfg.vision.patch_size,
+        window_size=model_cfg.vision.window_size,
+    )
+    # Shapes depend only on the spec: one row of the longest bucket with one merged image unit is enough.
+    ids = np.full(spec.seq_buckets[-1], model_cfg.bos_token_id, np.int64)
+    example: dict[str, Any] = {"input_ids": ids, "labels": ids.copy()}
+    if spec.image_patches:
+        unit = spec.merge_size**2
+        ids[1] = model_cfg.image_token_id
+        example["pixel_values"] = np.zeros((unit, model_cfg.vision.patch_dim), np.float32)
+        example["image_grid_thw"] = np.array([[1, spec.merge_size, spec.merge_size]])
+    out = collate([example], spec)
+    if config.get("kind", "sft") == "dpo":
+        out["completion_mask"] = (out["labels"] != -100).astype(np.int32)
+    accum = int(config.get("grad_accum", 1))
+    return {k: jax.ShapeDtypeStruct((accum, *np.shape(v)), np.asarray(v).dtype) for k, v in out.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCheck:
+    state: Any  # the new TrainState, ShapeDtypeStructs
+    metrics: dict[str, Any]
+    attention_backend: str  # the backend traced (see check_step_shapes)
+
+
+def _traceable(config: dict) -> dict:
+    """`config` with a `cudnn` attention backend swapped for `xla` when the default backend is not a GPU:
+    tracing the cuDNN call needs cuDNN, and both backends take and return the same shapes."""
+    import jax
+
+    model = dict(config.get("model") or {})
+    if model.get("attention_backend") == "cudnn" and jax.default_backend() != "gpu":
+        model["attention_backend"] = "xla"
+        return {**config, "model": model}
+    return config
+
+
+def _step_and_args(config: dict, *, sharded: bool):
+    """`(setup, jitted step, abstract args)` of the config's real train step; `sharded`: on a mesh of the
+    config's shape over the available devices, with the step's explicit shardings."""
+    import jax
+
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.train.step import make_train_step, nnx_full_params_like
+
+    setup = abstract_setup(config)
+    kind = config.get("kind", "sft")
+    batch = abstract_batch(config, setup.model_cfg)
+    step_kw: dict[str, Any] = {"chunk_size": int(config.get("chunk_size", 1024))}
+    if kind == "sft":
+        step_kw["loss_type"] = config.get("loss_type", "nll")
+        extra: tuple = (jax.ShapeDtypeStruct((), np.float32),)  # num_items_in_batch
+    else:
+        step_kw.update(config.get("dpo") or {})
+        lora = setup.lora_cfg is not None
+        extra = () if lora else (nnx_full_params_like(setup.frozen, setup.state, None),)
+    if sharded:
+        step_kw.update(
+            state=setup.state,
+            frozen=setup.frozen,
+            batch=batch,
+            logical_axes=setup.logical_axes,
+            mesh=shd.make_mesh(**mesh_shape(config)),
+            with_ref_params=bool(extra) and kind == "dpo",
+        )
+    step = make_train_step(kind, setup.graphdef, setup.tx, lora_cfg=setup.lora_cfg, **step_kw)
+    return setup, step, (setup.state, setup.frozen, batch, *extra)
+
+
+def check_step_shapes(config: dict) -> StepCheck:
+    """`jax.eval_shape` of the config's real jitted train step (`make_train_step`, no mesh) on the abstract
+    state and batch; raises if the new state's structure, shapes or dtypes differ from the input state's
+    (a donated state must come back alike). A `cudnn` config is traced with `xla` off GPU
+    (`StepCheck.attention_backend` says which).
+    """
+    import jax
+
+    setup, step, args = _step_and_args(_traceable(config), sharded=False)
+    new_state, metrics = jax.eval_shape(step, *args)
+    before = jax.tree_util.tree_flatten_with_path(setup.state)[0]
+    after = jax.tree_util.tree_flatten_with_path(new_state)[0]
+    if len(before) != len(after):
+        raise ValueError(f"the step returns a state of {len(after)} leaves for {len(before)}")
+    for (path, x), (_, y) in zip(before, after, strict=True):
+        if (x.shape, x.dtype) != (y.shape, y.dtype):
+            raise ValueError(
+                f"state leaf {jax.tree_util.keystr(path)}: {x.shape} {x.dtype} in, {y.shape} {y.dtype} out"
+            )
+    return StepCheck(new_state, metrics, setup.model_cfg.attention_backend)
+
+
+def compiled_memory(config: dict) -> dict[str, int]:
+    """XLA's own per-device figures for the config's real step: lower and COMPILE it for the default
+    backend (on the config's mesh, which needs that many devices: on CPU set
+    `XLA_FLAGS=--xla_force_host_platform_device_count=N`) and read `memory_analysis()`. Nothing is
+    allocated, but compiling a full-size step takes 10-60 s on CPU. Keys: argument, output, alias, temp
+    and peak = argument + output - alias + temp (bytes). On a GPU host this is the figure to trust; on
+    CPU it holds bf16 matmul operands in fp32 (XLA:CPU computes bf16 dots in fp32), so it overstates
+    bf16 models (docs/training.md).
+    """
+    sharded = math.prod(mesh_shape(config).values()) > 1
+    _, step, args = _step_and_args(_traceable(config), sharded=sharded)
+    stats = step.lower(*args).compile().memory_analysis()
+    out = {
+        "argument": int(stats.argument_size_in_bytes),
+        "output": int(stats.output_size_in_bytes),
+        "alias": int(stats.alias_size_in_bytes),
+        "temp": int(stats.temp_size_in_bytes),
+    }
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+__all__ = [
+    "CHIPS",
+    "PHASES",
+    "USABLE_FRACTION",
+    "Plan",
+    "Row",
+    "StepCheck",
+    "Target",
+    "abstract_batch",
+    "activation_estimate",
+    "check_step_shapes",
+    "compiled_memory",
+    "format_plan",
+    "parse_target",
+    "plan",
+]

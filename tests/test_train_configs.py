@@ -1,0 +1,229 @@
+"""The training configs in configs/ and their memory plans (`qwenvl_jax.train.plan`), without allocating.
+
+Every train config (a YAML file with a `kind`) loads, plans, names the HF parameter count of its preset,
+has a mesh of its target's size and rows that split over it, and fits its target's memory with the
+plan's headroom (peak estimate <= 90% of HBM, see `plan.USABLE_FRACTION`). Every config's real train
+step is traced at full size with `jax.eval_shape` (about 2 s per config on CPU). Configs that cannot fit
+are reported as not fitting.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.processing.batch import BatchSpec, collate
+from qwenvl_jax.train import plan as plan_lib
+from qwenvl_jax.train.plan import (
+    GIB,
+    abstract_batch,
+    check_step_shapes,
+    compiled_memory,
+    format_plan,
+    parse_target,
+    plan,
+)
+
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+TRAIN_CONFIGS = sorted(
+    p.name for p in CONFIG_DIR.glob("*.yaml") if "kind" in (yaml.safe_load(p.read_text()) or {})
+)
+# HF's counts (tests/test_model_shapes.py: transformers on the meta device; the tied 3B lm_head once).
+HF_PARAMS = {"3B": 3_754_622_976, "7B": 8_292_166_656}
+EXPECTED = [
+    "dpo_3b_1xh100.yaml", "dpo_7b_8xh100.yaml", "dpo_7b_v5p8.yaml", "sft_3b_1xh100.yaml",
+    "sft_3b_8xh100.yaml", "sft_7b_1xh100.yaml", "sft_7b_8xh100.yaml", "sft_7b_v5p8.yaml",
+]  # fmt: skip
+
+
+def load(name: str) -> dict:
+    return yaml.safe_load((CONFIG_DIR / name).read_text(encoding="utf-8"))
+
+
+def test_the_config_set():
+    assert set(EXPECTED) <= set(TRAIN_CONFIGS)
+    assert "sft_tiny_cpu.yaml" in TRAIN_CONFIGS
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_config_plans_and_fits(name):
+    config = load(name)
+    p = plan(config)
+    assert p.problems == (), format_plan(p)
+    table = format_plan(p)
+    assert f"{p.param_count:,} params" in table
+    preset = config["model"]["preset"]
+    if preset in HF_PARAMS:
+        assert not Path(config["model"]["path"]).exists()  # a placeholder: the plan read the preset
+        assert p.model_source == f"preset {preset}"
+        assert p.param_count == HF_PARAMS[preset]
+    if config.get("target") is None:
+        assert preset == "tiny" and p.fits is None
+        return
+    target = parse_target(config["target"])
+    assert p.num_devices == target.num_devices
+    assert p.rows_per_micro_batch % (p.mesh["data"] * p.mesh["fsdp"]) == 0
+    assert p.fits and p.peak_bytes <= plan_lib.USABLE_FRACTION * target.chip.memory_bytes
+    assert "FITS" in table and "DOES NOT FIT" not in table
+    # Full fine-tuning with AdamW: param + gradient + mu + nu in float32 = 16 bytes per param (20 with
+    # DPO's reference copy) split over the devices; FSDP leaves only norms and biases replicated.
+    if config["trainable"] == "full":
+        per_param = 20 if config["kind"] == "dpo" else 16
+        even = per_param * p.param_count / p.num_devices
+        state = sum(r.bytes for r in p.rows if r.phase == "state" and r.name != "batch inputs")
+        assert even <= state <= 1.005 * even, (state, even)
+    else:
+        assert config["trainable"] == "lora"
+        assert p.trainable_count < 0.01 * p.param_count
+
+
+@pytest.mark.parametrize("name", TRAIN_CONFIGS)
+def test_step_shapes_at_full_size(name):
+    """The real jitted step of the config's kind traced on abstract state and batch (no allocation)."""
+    config = load(name)
+    check = check_step_shapes(config)
+    assert check.metrics["loss"].shape == () and check.metrics["loss"].dtype == np.float32
+    assert check.metrics["skipped"].dtype == np.int32
+    assert ("rewards/margins" in check.metrics) == (config["kind"] == "dpo")
+    assert ("label_tokens" in check.metrics) == (config["kind"] == "sft")
+    backend = config["model"].get("attention_backend", "xla")
+    assert check.attention_backend == (backend if jax.default_backend() == "gpu" else "xla")
+    assert int(check.state.step.size) == 1
+
+
+def test_abstract_batch_is_collate_output_stacked():
+    config = load("dpo_7b_8xh100.yaml")
+    cfg = Qwen25VLConfig.preset("7B")
+    batch = abstract_batch(config, cfg)
+    pairs, accum = config["batch"]["batch_size"], config["grad_accum"]
+    seq = config["batch"]["seq_buckets"][-1]
+    assert batch["input_ids"].shape == (accum, 2 * pairs, seq)
+    assert batch["position_ids"].shape == (accum, 3, 2 * pairs, seq)
+    assert batch["pixel_values"].shape == (accum, config["batch"]["image_patches"], 1176)
+    assert batch["completion_mask"].shape == (accum, 2 * pairs, seq)
+    # Same keys, shapes and dtypes as collate of real-looking rows (one 448x448 image each).
+    spec = BatchSpec.from_dict(
+        {k: v for k, v in config["batch"].items() if k != "pack"},
+        batch_size=2 * pairs,
+        pad_token_id=cfg.bos_token_id,
+    )
+    rows = []
+    for _ in range(2 * pairs):
+        ids = np.full(seq - 7, 100, np.int64)
+        ids[5 : 5 + 256] = cfg.image_token_id
+        rows.append(
+            {
+                "input_ids": ids,
+                "labels": ids,
+                "pixel_values": np.zeros((1024, 1176), np.float32),
+                "image_grid_thw": np.array([[1, 32, 32]]),
+            }
+        )
+    real = collate(rows, spec)
+    assert set(batch) - {"completion_mask"} == set(real)
+    for key, value in real.items():
+        assert batch[key].shape[1:] == value.shape and batch[key].dtype == value.dtype, key
+
+
+def test_compiled_arguments_are_the_planned_state():
+    """XLA's buffer assignment of the compiled tiny step holds exactly the planned params and optimizer
+    state as arguments (plus the batch keys the step reads) and reuses the donated ones for its output."""
+    config = {**load("sft_tiny_cpu.yaml"), "batch": {"batch_size": 2, "seq_buckets": [32]}, "grad_accum": 1}
+    p = plan(config)
+    memory = compiled_memory(config)
+    held = {r.name: r.bytes for r in p.rows if r.phase == "state"}
+    params_and_moments = held["trainable params"] + held["frozen params"] + held["optimizer state"]
+    assert params_and_moments < memory["argument"] <= params_and_moments + held["batch inputs"]
+    assert memory["alias"] >= held["trainable params"] + held["optimizer state"]
+    assert memory["peak"] == memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+
+
+def test_seven_b_full_finetune_on_one_h100_does_not_fit():
+    config = copy.deepcopy(load("sft_7b_1xh100.yaml"))
+    config["trainable"] = "full"
+    config["model"]["param_dtype"] = "float32"
+    del config["lora"]
+    p = plan(config)
+    assert p.fits is False
+    assert p.state_bytes > 16 * HF_PARAMS["7B"]  # 123.6 GiB of state alone
+    assert any("exceeds the usable" in problem for problem in p.problems)
+    assert "DOES NOT FIT" in format_plan(p)
+
+
+def test_three_b_full_finetune_fits_one_h100():
+    """56 GiB of state (16 bytes/param) plus the update's one trainable-sized buffer: 70 GiB of 71.7
+    usable, because `apply_update` writes the new params and moments in place (under lax.cond)."""
+    config = copy.deepcopy(load("sft_3b_1xh100.yaml"))
+    assert config["trainable"] == "full"
+    p = plan(config)
+    assert p.phase_bytes("update") > p.phase_bytes("backward")
+    state = sum(r.bytes for r in p.rows if r.phase == "state" and r.name != "batch inputs")
+    assert state == pytest.approx(16 * HF_PARAMS["3B"], abs=1024)  # 55.9 GiB; the step counters
+    assert p.state_bytes < p.peak_bytes < p.usable_bytes
+    assert p.fits is True
+
+
+def test_mesh_and_batch_problems_are_reported():
+    config = copy.deepcopy(load("sft_7b_8xh100.yaml"))
+    config["mesh"] = {"fsdp": 4}
+    config["batch"]["batch_size"] = 6
+    problems = plan(config).problems
+    assert any("has 4 devices, target 8xh100 has 8" in s for s in problems)
+    assert any("6 rows per micro-batch do not divide over data x fsdp = 4" in s for s in problems)
+
+
+def test_fsdp_splits_the_state_evenly():
+    one = plan({**load("sft_7b_8xh100.yaml"), "mesh": None, "target": "1xh200"})
+    eight = plan(load("sft_7b_8xh100.yaml"))
+    for name in ("trainable params", "optimizer state", "gradients"):
+        (a,) = [r.bytes for r in one.rows if r.name == name]
+        (b,) = [r.bytes for r in eight.rows if r.name == name]
+        assert a / 8 < b < 1.005 * a / 8, name  # replicated: only norm scales and biases
+
+
+def test_lora_adapters_stay_float32_on_a_bf16_base():
+    p = plan(load("sft_7b_1xh100.yaml"))
+    assert p.trainable_dtype == "float32"  # the adapters and their AdamW moments
+    assert not any("moments in the same dtype" in n for n in p.notes)
+    assert [r.name for r in p.rows if r.phase == "backward"][-1] == "LoRA merged kernels"
+
+
+def test_model_path_config_json_is_read(tmp_path):
+    Qwen25VLConfig.preset("3B").save_pretrained(tmp_path)
+    config = {**load("sft_3b_1xh100.yaml"), "model": {"path": str(tmp_path), "dtype": "bfloat16"}}
+    p = plan(config)
+    assert p.model_source == str(tmp_path / "config.json")
+    assert p.param_count == HF_PARAMS["3B"]
+
+
+@pytest.mark.parametrize(
+    ("value", "devices", "memory_gib"),
+    [("1xh100", 1, 79.6), ("8xH100", 8, 79.6), ("2xh200", 2, 140.4), ("v5p-8", 4, 95.0)],
+)
+def test_parse_target(value, devices, memory_gib):
+    target = parse_target(value)
+    assert target.num_devices == devices
+    assert target.chip.memory_bytes / GIB == pytest.approx(memory_gib, abs=0.05)
+
+
+@pytest.mark.parametrize("value", ["h100", "0xh100", "v5p-3", "8xa100"])
+def test_bad_target_names_it(value):
+    with pytest.raises(ValueError, match=repr(value)):
+        parse_target(value)
+
+
+def test_cli_dry_run(capsys):
+    from qwenvl_jax.cli import main
+
+    assert main(["train", "--config", str(CONFIG_DIR / "sft_3b_8xh100.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "-> FITS" in out and "train step traced at full size" in out
+    too_big = ["--set", "model.preset=72B"]
+    assert main(["train", "--config", str(CONFIG_DIR / "sft_3b_1xh100.yaml"), "--dry-run", *too_big]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
