@@ -25,7 +25,7 @@ def run_check_groups(script: Path, groups) -> tuple[dict[str, tuple[str, str]], 
             cwd=script.parent.parent,
             capture_output=True,
             text=True,
-            timeout=300,
+            timeout=900,  # a loaded 2-core machine runs three of these at once
         )
 
     with ThreadPoolExecutor(len(groups)) as pool:
