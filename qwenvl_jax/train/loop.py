@@ -202,6 +202,12 @@ def train(config: dict) -> int:
     from qwenvl_jax.train.step import stack_micro_batches
 
     config = resolve(config)
+    if jax.process_count() > 1:
+        # Each process would feed its own rows as if they were the global batch: refuse, not mis-train.
+        raise ConfigError(
+            f"{jax.process_count()} JAX processes: the loop feeds one process's batches as the global "
+            "batch, so multi-host runs are not supported yet; run one process per host group"
+        )
     kind, steps, seed = config["kind"], int(config["steps"]), int(config["seed"])
     accum, max_bad = int(config["grad_accum"]), int(config["max_bad_steps"])
     run_dir = Path(config["run_dir"]).absolute()
