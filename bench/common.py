@@ -8,11 +8,12 @@ a fresh worker process, `python bench/<script>.py --worker JOB.json`, one after 
   CUDA fault, the host's OOM killer) or hangs (`--job-timeout`) is reported as such, and the next
   measurement still runs.
 
-Same weights on both sides, with no file written: each HF tensor is drawn on the device by torch's
-generator seeded from (seed, its on-disk key), with `conversion.tiny_hf.randomize_`'s rule (matrices
-N(0, 1/fan_in), biases N(0, 0.1^2), norm scales 1 + N(0, 0.1^2)). The HF worker copies the draws into
-its model; our worker draws the same tensors, maps them with `qwenvl_jax.weights.key_map` and builds the
-model with `loading.model_from_params`. Inputs come from a seeded numpy generator and
+Same weights on both sides, with no file written (`conversion.random_weights`, shared with `qwenvl-jax
+parity --random`): each HF tensor is drawn on the device by torch's generator seeded from (seed, its
+on-disk key), with `conversion.tiny_hf.randomize_`'s rule (matrices N(0, 1/fan_in), biases N(0, 0.1^2),
+norm scales 1 + N(0, 0.1^2)). The HF worker copies the draws into its model; our worker draws the same
+tensors, maps them with `qwenvl_jax.weights.key_map`, copies them to the host one layer at a time and
+builds the model with `loading.model_from_params`. Inputs come from a seeded numpy generator and
 `qwenvl_jax.processing.collate`, so both sides see the same token ids, pixels and grids.
 
 This module imports no jax or torch at top level: the parent must not touch the device.
@@ -30,7 +31,6 @@ import sys
 import tempfile
 import time
 import traceback
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python bench/x.py` from anywhere, without installing the package
     sys.path.insert(0, str(REPO))
 
+# Re-exported for the bench scripts (`common.build_hf_model`); torch and jax are imported lazily there.
+from conversion.random_weights import build_hf_model, build_ours_model  # noqa: E402, F401
 from qwenvl_jax.config import Qwen25VLConfig  # noqa: E402  (pure python: no jax)
-from qwenvl_jax.weights import key_map, normalize_hf_key, param_shapes  # noqa: E402  (numpy only)
+from qwenvl_jax.weights import param_shapes  # noqa: E402  (numpy only)
 
 IMAGE_PX = {"tiny": 56}  # every other preset: 448x448 (1024 patches, 256 merged tokens)
 H100_BF16_DENSE_FLOPS = 989.4e12
@@ -162,72 +164,6 @@ def core_inputs(batch) -> dict:
     from qwenvl_jax.model.qwen2_5_vl import CORE_KEYS
 
     return {k: np.asarray(batch[k]) for k in CORE_KEYS if k in batch}
-
-
-# ------------------------------------------------------------------------------------------ weights
-
-
-def random_hf_tensor(key: str, shape, seed: int, device):
-    """The float32 tensor of HF on-disk `key`: the same values in every process for the same device type."""
-    import torch
-
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed * 2**32 + zlib.crc32(key.encode()))
-    x = torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
-    if key.endswith(".bias"):
-        return x * 0.1
-    if len(shape) == 1:  # RMSNorm scales
-        return x * 0.1 + 1.0
-    return x * math.prod(shape[1:]) ** -0.5
-
-
-def build_hf_model(config: Qwen25VLConfig, device: str, dtype: str, seed: int):
-    """`Qwen2_5_VLForConditionalGeneration` of `config` (sdpa) on `device` in `dtype`, random weights."""
-    import torch
-    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig
-
-    hf_config = Qwen2_5_VLConfig(**config.to_hf_dict())
-    with torch.device(device):
-        model = AutoModelForImageTextToText.from_config(
-            hf_config, dtype=getattr(torch, dtype), attn_implementation="sdpa"
-        )
-    params = {normalize_hf_key(name): p for name, p in model.named_parameters()}
-    filled = set()
-    with torch.no_grad():
-        for entry in key_map(config):
-            for key in entry.hf_keys():
-                if key not in params or tuple(params[key].shape) != entry.hf_shape:
-                    got = tuple(params[key].shape) if key in params else "missing"
-                    raise ValueError(f"HF model parameter {key}: {got}, expected {entry.hf_shape}")
-                params[key].copy_(random_hf_tensor(key, entry.hf_shape, seed, params[key].device))
-                filled.add(key)
-    if set(params) - filled:
-        raise ValueError(f"HF parameters with no draw: {sorted(set(params) - filled)}")
-    return model
-
-
-def build_ours_model(config: Qwen25VLConfig, device: str, seed: int):
-    """Our model with the weights `build_hf_model` draws: drawn by torch on `device`, mapped to our
-    layout (`key_map`), cast to `config.param_dtype` there (round-to-nearest-even, as HF's copy_), then
-    moved through the host. Torch's cached blocks are released before JAX allocates anything."""
-    import ml_dtypes
-    import torch
-
-    from qwenvl_jax.loading import model_from_params
-
-    bf16 = config.param_dtype == "bfloat16"
-    flat = {}
-    for entry in key_map(config):
-        parts = []
-        for key in entry.hf_keys():
-            x = entry.to_ours(key, random_hf_tensor(key, entry.hf_shape, seed, device)).contiguous()
-            x = x.to(torch.bfloat16).view(torch.int16) if bf16 else x.to(getattr(torch, config.param_dtype))
-            parts.append(x.cpu().numpy())
-        value = np.stack(parts) if entry.layers else parts[0]
-        flat[entry.path] = value.view(ml_dtypes.bfloat16) if bf16 else value
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return model_from_params(config, flat)
 
 
 # ------------------------------------------------------------------------------------ measurements
