@@ -115,6 +115,17 @@ def lora_logical_axes(kernel_axes: tuple[str | None, ...]) -> dict[str, tuple[st
     return {"a": (*kernel_axes[:-1], None), "b": (*kernel_axes[:-2], None, kernel_axes[-1])}
 
 
+def leaf_logical_axes(
+    path: str, logical_axes: Mapping[str, tuple[str | None, ...]], *, lora: bool
+) -> tuple[str | None, ...]:
+    """The logical axes of a trainable leaf: a Param's own (`logical_axes[path]`), or for a LoRA leaf
+    `"<kernel path>/a"` / `".../b"` those `lora_logical_axes` derives from its kernel's."""
+    if not lora:
+        return logical_axes[path]
+    kernel_path, which = path.rsplit("/", 1)
+    return lora_logical_axes(logical_axes[kernel_path])[which]
+
+
 def delta(
     lora_ab: Mapping[str, jax.Array], cfg: LoraConfig, dropout_key: jax.Array | None = None
 ) -> jax.Array:

@@ -290,11 +290,7 @@ def _device_fraction_tree(params, logical_axes, mesh, lora: bool):
     sizes = dict(mesh.shape)
 
     def one(path, x):
-        if lora:
-            kernel_path, which = path.rsplit("/", 1)
-            axes = lora_lib.lora_logical_axes(logical_axes[kernel_path])[which]
-        else:
-            axes = logical_axes[path]
+        axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
         try:
             spec = rules.spec(axes, x.shape, mesh)
         except ValueError as err:

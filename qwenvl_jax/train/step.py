@@ -253,11 +253,7 @@ def dpo_step(
 
 def _param_sharding_tree(params, logical_axes, mesh, rules, lora: bool):
     def one(path, x):
-        if lora:
-            kernel_path, which = path.rsplit("/", 1)
-            axes = lora_lib.lora_logical_axes(logical_axes[kernel_path])[which]
-        else:
-            axes = logical_axes[path]
+        axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
         return NamedSharding(mesh, rules.spec(axes, x.shape, mesh))
 
     return map_with_path(one, params)
