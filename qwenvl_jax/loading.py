@@ -17,7 +17,13 @@ from flax import nnx
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model import Qwen25VL
-from qwenvl_jax.weights import CheckpointMismatchError, checkpoint_files, hf_to_params
+from qwenvl_jax.weights import (
+    CheckpointMismatchError,
+    checkpoint_files,
+    flatten_params,
+    hf_to_params,
+    unflatten_params,
+)
 
 
 def _is_orbax(path: Path) -> bool:
@@ -38,7 +44,7 @@ def model_from_params(config: Qwen25VLConfig, flat: dict[str, Any]) -> Qwen25VL:
     """Put flat `{'a/b/c': array}` parameters into a model of `config`; keys and shapes must match exactly."""
     graphdef, state = nnx.split(abstract_model(config))
     pure = nnx.to_pure_dict(state)
-    expected = dict(_flatten(pure))
+    expected = flatten_params(pure)
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
     wrong = {k: (tuple(np.shape(flat[k])), tuple(expected[k].shape)) for k in expected.keys() & flat.keys()
@@ -49,7 +55,7 @@ def model_from_params(config: Qwen25VLConfig, flat: dict[str, Any]) -> Qwen25VL:
         )
     param_dtype = jnp.dtype(config.param_dtype)
     # One device array at a time from the (memory-mapped) host arrays.
-    filled = _unflatten({k: jnp.asarray(flat[k], dtype=param_dtype) for k in expected})
+    filled = unflatten_params({k: jnp.asarray(flat[k], dtype=param_dtype) for k in expected})
     nnx.replace_by_pure_dict(state, filled)
     return nnx.merge(graphdef, state)
 
@@ -103,26 +109,6 @@ def load(
             f"{path}: neither an HF checkpoint (config.json + safetensors) nor an Orbax checkpoint"
         )
     return model_from_params(config, flat)
-
-
-def _flatten(tree, prefix=""):
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, name + "/")
-        else:
-            yield name, value
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return out
 
 
 def param_count(model_or_config) -> int:

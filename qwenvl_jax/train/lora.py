@@ -38,6 +38,10 @@ import numpy as np
 
 from qwenvl_jax.train.optim import map_with_path
 
+# The project's one flat <-> nested param conversion, under the short names this package uses.
+from qwenvl_jax.weights import flatten_params as flatten
+from qwenvl_jax.weights import unflatten_params as unflatten
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -55,29 +59,6 @@ class LoraConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a/b/c": leaf}` of a nested dict."""
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        node = out
-        *parents, last = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return out
 
 
 def target_paths(base_params: Mapping[str, Any], cfg: LoraConfig) -> list[str]:
