@@ -80,6 +80,17 @@ class BatchSpec:
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(yaml.safe_load(f) or {}, **overrides)
 
+    @property
+    def rope_options(self) -> dict:
+        """The keyword arguments of `get_rope_index` that this spec fixes (collate and packing share them)."""
+        return {
+            "spatial_merge_size": self.merge_size,
+            "tokens_per_second": self.tokens_per_second,
+            "image_token_id": self.image_token_id,
+            "video_token_id": self.video_token_id,
+            "rule": self.rope_rule,
+        }
+
     def bucket(self, length: int) -> int:
         for size in self.seq_buckets:
             if length <= size:
@@ -222,11 +233,7 @@ def collate(examples: Sequence[Mapping], spec: BatchSpec) -> dict[str, np.ndarra
         video_grid if video_grid is not None and len(video_grid) else None,
         spg,
         mask,
-        spatial_merge_size=spec.merge_size,
-        tokens_per_second=spec.tokens_per_second,
-        image_token_id=spec.image_token_id,
-        video_token_id=spec.video_token_id,
-        rule=spec.rope_rule,
+        **spec.rope_options,
     )
     out["position_ids"], out["rope_deltas"] = pos.astype(np.int32), deltas.astype(np.int32)
     return out

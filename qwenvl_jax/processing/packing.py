@@ -198,11 +198,7 @@ def _example_positions(example: Mapping, ids: np.ndarray, spec: BatchSpec, name:
             grids["video"],
             None if grids["video"] is None else np.asarray(spg, np.float32).reshape(-1),
             None,
-            spatial_merge_size=spec.merge_size,
-            tokens_per_second=spec.tokens_per_second,
-            image_token_id=spec.image_token_id,
-            video_token_id=spec.video_token_id,
-            rule=spec.rope_rule,
+            **spec.rope_options,
         )
     except InputError as err:
         raise InputError(f"example {name}: {err}") from None
