@@ -6,6 +6,7 @@ qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
 qwenvl-jax generate --model DIR --image PATH_OR_URL [--video PATH] --prompt "..." [--json]
 qwenvl-jax train --config configs/sft_tiny_cpu.yaml [--set run_dir=/tmp/run --set steps=10] [--dry-run]
 qwenvl-jax convert --hf DIR --out DIR      |  qwenvl-jax export --ckpt DIR --out DIR
+qwenvl-jax tiny --out DIR                  # a tiny random-weight HF checkpoint, no torch, no downloads
 qwenvl-jax parity --hf DIR | --random PRESET [--device cuda] [--real]   # needs torch + transformers
 """
 
@@ -255,6 +256,16 @@ def cmd_parity(args: argparse.Namespace) -> int:
         # torch and JAX share the GPU: without this JAX takes 75 % of it when it starts. Set before
         # anything initialises JAX's backend (importing jax does not).
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import importlib.util
+
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:  # torch and transformers are test extras, never runtime dependencies
+        print(
+            f"error: parity compares against transformers and needs the test extras ({', '.join(missing)} "
+            "not installed): pip install 'qwenvl-jax[test]'",
+            file=sys.stderr,
+        )
+        return 2
     from conversion import parity
 
     dtypes = tuple(args.dtype or ("float32", "bfloat16"))
@@ -283,7 +294,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qwenvl_jax.train.config import resolve
     from qwenvl_jax.train.plan import check_step_shapes, format_plan, plan
 
-    resolve({**config, "run_dir": config.get("run_dir") or "unused"})  # the keys, as a run would check them
+    config = resolve({**config, "run_dir": config.get("run_dir") or "unused"})  # as a run would check it
     p = plan(config)
     print(format_plan(p))
     checked = check_step_shapes(config)
@@ -291,11 +302,57 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 1 if p.problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qwenvl-jax", description="Qwen2.5-VL in JAX/Flax.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from qwenvl_jax.tiny import write_tiny_model
+
+    out = write_tiny_model(args.out, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote a tiny random-weight Qwen2.5-VL checkpoint (HF format) to {out}")
+    return 0
+
+
+TRAIN_EPILOG = """\
+resume: a run_dir that holds checkpoints is resumed from its latest loadable step by running the same
+  command again (params, optimizer state, rng and the data position are restored, so the losses continue
+  exactly). A damaged latest checkpoint is reported and the newest intact one used. A resume whose config
+  changes the train state or the data order (model, trainable, lora, seed, data, batch, grad_accum, ...)
+  is refused; other changes (steps, learning rate, logging, ...) are reported. One process per run_dir.
+
+exit codes:
+  0  finished; run_dir/final written
+  1  failed during training (non-finite streak, overflowing update); the last good checkpoint is kept
+  2  refused: a config, data, checkpoint or path error (the message names it), run_dir in use, or a
+     resume with a changed config; nothing was trained
+  3  stopped by SIGTERM or Ctrl-C: checkpoint saved, final/ not written; the same command resumes
+  4  finished and final/ written, but more than max_skipped_fraction of the steps were skipped as
+     non-finite; read the warning before using the model
+"""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option's help, and epilogs kept as written."""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("qwenvl-jax")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = {"formatter_class": _HelpFormatter}
+    parser = argparse.ArgumentParser(
+        prog="qwenvl-jax", description="Qwen2.5-VL in JAX/Flax: processing, conversion, generation, training.",
+        **fmt,
+    )  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"qwenvl-jax {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
-        "demo", help="offline, on the CPU: SFT then DPO of a tiny random-weight model on synthetic images"
+        "demo",
+        help="offline, on the CPU: SFT then DPO of a tiny random-weight model on synthetic images",
+        **fmt,
     )
     demo.add_argument("--out", help="output directory (default: ./qwenvl_jax_demo)")
     demo.add_argument("--fast", action="store_true", help="a seconds-long smoke run (a few steps)")
@@ -306,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         "--model", help="with --processor: an HF Qwen2.5-VL directory to take the processor from"
     )
     demo.set_defaults(func=cmd_demo)
-    process = sub.add_parser("process", help="turn a prompt with images/videos into model inputs")
+    process = sub.add_parser("process", help="turn a prompt with images/videos into model inputs", **fmt)
     process.add_argument("--model", required=True, help="HF Qwen2.5-VL checkpoint directory")
     process.add_argument(
         "--image", action="append", default=[], help="path, file:// or http(s) URL (repeatable)"
@@ -314,9 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     process.add_argument(
         "--video", action="append", default=[], help="video file or frame directory (repeatable)"
     )
-    process.add_argument("--prompt", required=True)
+    process.add_argument("--prompt", required=True, help="the user's text")
     process.set_defaults(func=cmd_process)
-    gen = sub.add_parser("generate", help="answer a prompt with images/videos, streaming the text")
+    gen = sub.add_parser("generate", help="answer a prompt with images/videos, streaming the text", **fmt)
     gen.add_argument(
         "--model", required=True, help="HF Qwen2.5-VL checkpoint directory (or Orbax + processor)"
     )
@@ -324,32 +381,47 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument(
         "--video", action="append", default=[], help="video file or frame directory (repeatable)"
     )
-    gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
-    gen.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    gen.add_argument("--prompt", required=True, help="the user's text")
+    gen.add_argument("--max-new-tokens", type=int, default=256, help="stop after this many new tokens")
+    gen.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens; 0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16", help="compute dtype")
     gen.add_argument("--json", action="store_true", help="print ids, text, log-probs and timing as JSON")
     gen.set_defaults(func=cmd_generate)
-    convert = sub.add_parser("convert", help="HF Qwen2.5-VL directory -> Orbax checkpoint (atomic)")
+    overwrite_help = (
+        "replace what the command writes in an existing --out (weights, config, tokenizer files); other "
+        "files there are kept. --out may never be the source or inside it"
+    )
+    convert = sub.add_parser("convert", help="HF Qwen2.5-VL directory -> Orbax checkpoint (atomic)", **fmt)
     convert.add_argument("--hf", required=True, help="HF checkpoint directory (safetensors)")
     convert.add_argument("--out", required=True, help="Orbax checkpoint directory to create")
     convert.add_argument("--dtype", choices=["float32", "bfloat16"], help="cast on the way (default: keep)")
-    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--overwrite", action="store_true", help=overwrite_help)
     convert.set_defaults(func=cmd_convert)
-    export = sub.add_parser("export", help="Orbax checkpoint -> HF directory that transformers loads")
-    export.add_argument("--ckpt", required=True, help="Orbax checkpoint directory")
+    export = sub.add_parser("export", help="Orbax checkpoint -> HF directory that transformers loads", **fmt)
+    export.add_argument("--ckpt", required=True, help="Orbax checkpoint directory (e.g. run_dir/final)")
     export.add_argument("--out", required=True, help="HF directory to create")
     export.add_argument(
         "--dtype", choices=["float32", "bfloat16"], help="default: the dtype it was converted from"
     )
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--overwrite", action="store_true", help=overwrite_help)
     export.set_defaults(func=cmd_export)
+    tiny = sub.add_parser(
+        "tiny",
+        help="write a tiny random-weight HF checkpoint (no torch, no downloads) to try the commands",
+        **fmt,
+    )
+    tiny.add_argument("--out", required=True, help="directory to create")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed")
+    tiny.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    tiny.set_defaults(func=cmd_tiny)
     from qwenvl_jax.config import PRESETS  # pure python, no jax
 
-    parity = sub.add_parser("parity", help="logits of ours vs transformers on built-in prompts (needs torch)")
+    parity = sub.add_parser(
+        "parity", help="logits of ours vs transformers on built-in prompts (needs the test extras)", **fmt
+    )
     source = parity.add_mutually_exclusive_group(required=True)
     source.add_argument("--hf", help="HF checkpoint directory")
     source.add_argument(
@@ -363,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         "--processor",
         help="with --random: processor dir with the model's vocabulary (default: built-in token ids)",
     )
-    parity.add_argument("--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable")
+    parity.add_argument(
+        "--dtype", action="append", choices=["float32", "bfloat16"], help="repeatable (default: both)"
+    )
     parity.add_argument("--device", default="cpu", help="torch device for the reference: cpu or cuda")
     parity.add_argument(
         "--real",
@@ -372,25 +446,33 @@ def main(argv: list[str] | None = None) -> int:
         "with a full-size preset has the float32 gate without this)",
     )
     parity.set_defaults(func=cmd_parity)
-    trn = sub.add_parser("train", help="SFT or DPO run from a YAML config (resumes from run_dir)")
-    trn.add_argument("--config", required=True, help="YAML config (keys: qwenvl_jax/train/config.py)")
-    trn.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted key (repeatable)"
+    trn = sub.add_parser(
+        "train", help="SFT or DPO run from a YAML config (resumes from run_dir)", epilog=TRAIN_EPILOG, **fmt
     )
+    trn.add_argument("--config", required=True, help="YAML config (keys: docs/training.md)")
+    trn.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a dotted key with a YAML value, e.g. optim.learning_rate=1e-5 (repeatable)",
+    )  # fmt: skip
     trn.add_argument(
         "--dry-run",
         action="store_true",
         help="print the per-device memory plan and trace the step at full size; allocate nothing",
     )
     trn.set_defaults(func=cmd_train)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from qwenvl_jax.processing.errors import InputError
     from qwenvl_jax.train.config import ConfigError
     from qwenvl_jax.weights import CheckpointMismatchError
 
     try:
         return args.func(args)
-    except (InputError, CheckpointMismatchError, ConfigError, FileExistsError, FileNotFoundError) as err:
+    except (InputError, CheckpointMismatchError, ConfigError, FileExistsError,
+            FileNotFoundError, NotADirectoryError) as err:  # fmt: skip
         hint = " (on the command line: --overwrite)" if isinstance(err, FileExistsError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2

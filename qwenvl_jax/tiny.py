@@ -97,3 +97,25 @@ def write_tiny_checkpoint(out: str | Path, *, max_pixels: int = 28 * 28 * 256) -
     }
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2), encoding="utf-8")
     return out
+
+
+def write_tiny_model(out: str | Path, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """A complete tiny HF checkpoint directory in `out`: random weights (`loading.random_model` of the
+    "tiny" preset, float32 `model.safetensors`), `config.json` and the processor files above. No torch, no
+    downloads: every command that takes an HF directory (`convert`, `generate`, `parity`, `train` with
+    `model.path`) accepts it."""
+    import tempfile
+
+    from flax import nnx
+
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.loading import random_model
+    from qwenvl_jax.weights import flatten_params, write_hf_checkpoint
+
+    config = Qwen25VLConfig.preset("tiny", dtype="float32", param_dtype="float32")
+    params = flatten_params(nnx.to_pure_dict(nnx.state(random_model(config, seed), nnx.Param)))
+    with tempfile.TemporaryDirectory() as assets:
+        write_tiny_checkpoint(assets)
+        return write_hf_checkpoint(
+            params, config, out, dtype="float32", assets_from=assets, overwrite=overwrite
+        )

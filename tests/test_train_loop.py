@@ -2,7 +2,9 @@
 
 - resume: a run killed with SIGKILL after its step-3 checkpoint and resumed gives BITWISE the losses of an
   uninterrupted run (params, optimizer state, rng and data iterator state all restored);
-- SIGTERM saves a checkpoint at the current step and exits 0;
+- SIGTERM saves a checkpoint at the current step and exits 3 without `final/` (so `train && export`
+  stops there);
+- what happens before step 1 (loading, compiling) is said, not silent;
 - the loss falls over the tiny run.
 """
 
@@ -67,6 +69,8 @@ def uninterrupted(tmp_path_factory):
     run = tmp_path_factory.mktemp("A")
     out = subprocess.run(_cmd(run, "steps=6"), env=ENV, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    assert "loading model: preset tiny" in out.stderr, out.stderr
+    assert "compiling the train step for batches of 2x2x96" in out.stderr, out.stderr
     return _metrics(run)
 
 
@@ -88,16 +92,18 @@ def test_resume_after_sigkill_is_bitwise(tmp_path, uninterrupted):
     assert [m["tokens"] for m in got] == [m["tokens"] for m in uninterrupted]
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_and_exits_3(tmp_path):
     with open(tmp_path / "run.log", "w") as log:
         proc = subprocess.Popen(
             _cmd(tmp_path, "steps=100000", "checkpoint.every=100000"), env=ENV, stderr=log
         )
         _wait(proc, lambda: len(_metrics(tmp_path)) >= 2)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0, (tmp_path / "run.log").read_text()
+        assert proc.wait(timeout=60) == 3, (tmp_path / "run.log").read_text()
     last = _metrics(tmp_path)[-1]["step"]
     assert _steps(tmp_path) == [last]
+    assert not (tmp_path / "final").exists()
+    assert f"SIGTERM: saved step {last}; run the same command to resume" in (tmp_path / "run.log").read_text()
 
 
 def test_loss_falls(uninterrupted):

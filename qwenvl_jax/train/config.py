@@ -1,7 +1,7 @@
-"""Run configs: a plain dict (a YAML file's contents), `--set key=value` overrides, defaults, validation.
+"""Run configs: YAML (plus `--set key=value` overrides) -> one validated schema -> a plain dict.
 
-A config is checked as a whole before anything is built, so a typo fails in a second with the key's name
-instead of silently running with a default after minutes of loading:
+The whole config is checked before anything is built or written, so a typo or a wrong value fails in a
+second with the key, the value and what is allowed, instead of a traceback after minutes of loading:
 
     kind: sft | dpo
     target: 1xh100                 # hardware of the memory plan (`train.plan`, `--dry-run`): NxH100,
@@ -25,17 +25,27 @@ instead of silently running with a default after minutes of loading:
     dpo: {loss_type, beta, label_smoothing, reference_free, ...}     # `losses.dpo_objective` keywords
     checkpoint: {every: 50, keep: 3, async: true}
     max_bad_steps: 10              # stop after this many non-finite (skipped) steps in a row
-    loss_type: nll, chunk_size: 1024
+    max_skipped_fraction: 0.1      # a finished run with more skipped steps than this exits 4
+    loss_type: nll | dft, chunk_size: 1024
     logging: {progress: true, tensorboard: true, plot: true}
+
+The schema is pydantic models, one per section (`RunConfig`); a test keeps each section's fields equal to
+the dataclass it configures (`BatchSpec`, `LoraConfig`, `OptimConfig`, `dpo_objective`'s keywords).
+`resolve` returns the defaults-merged dict with every value coerced to its declared type, which is what
+the loop and the planner read.
+
+YAML: numbers in either notation are numbers (`1e-5` as well as `1.0e-5`; YAML 1.1 reads the former as a
+string), in files and in `--set`.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import inspect
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 DEFAULTS: dict[str, Any] = {
     "kind": "sft",
@@ -56,26 +66,254 @@ DEFAULTS: dict[str, Any] = {
     "dpo": {},
     "checkpoint": {"every": 50, "keep": 3, "async": True},
     "max_bad_steps": 10,
+    "max_skipped_fraction": 0.1,
     "loss_type": "nll",
     "chunk_size": 1024,
     "logging": {"progress": True, "tensorboard": True, "plot": True},
 }
 
-MODEL_KEYS = ("path", "preset", "random_seed", "dtype", "param_dtype", "remat", "attention_backend")
-DATA_KEYS = (
-    "paths", "synthetic", "shuffle", "num_epochs", "worker_count", "policy", "max_length",
-    "mask_vision_tokens",
-)  # fmt: skip
-MESH_KEYS = ("data", "fsdp", "tensor")
-CHECKPOINT_KEYS = ("every", "keep", "async")
-LOGGING_KEYS = ("progress", "tensorboard", "plot")
 # Filled in by the loop from the batch itself, never by the user.
 _DPO_INTERNAL = ("policy_token_logps", "ref_token_logps", "completion_mask", "policy_log_sum_sq_probs",
-                 "ref_chosen_logps", "ref_rejected_logps", "token_stats", "attention_mask")  # fmt: skip
+                 "ref_chosen_logps", "ref_rejected_logps", "token_stats", "attention_mask", "pair_mask")  # fmt: skip
 
 
 class ConfigError(ValueError):
     """A config key or value that cannot be run; the message names the key."""
+
+
+# ------------------------------------------------------------------------------------------- schema
+# Integers and booleans are strict: YAML gives them typed, and `batch_size: yes` must not become 1.
+Int = Annotated[int, Strict()]
+PosInt = Annotated[int, Strict(), Field(gt=0)]
+NonNegInt = Annotated[int, Strict(), Field(ge=0)]
+Bool = Annotated[bool, Strict()]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    path: str | None = None
+    preset: str | None = None
+    random_seed: NonNegInt = 0
+    dtype: Dtype = "float32"
+    param_dtype: Dtype = "float32"
+    remat: Literal["none", "full", "dots"] | None = None
+    attention_backend: Literal["xla", "cudnn"] | None = None
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value):
+        from qwenvl_jax.config import PRESETS
+
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown preset; known: {sorted(PRESETS)}")
+        return value
+
+
+class DataSection(_Section):
+    paths: list[str] | str | None = None
+    synthetic: PosInt | None = None
+    shuffle: Bool = True
+    num_epochs: PosInt | None = None
+    worker_count: NonNegInt = 0
+    policy: Literal["skip", "strict"] = "skip"
+    max_length: PosInt | None = None
+    mask_vision_tokens: Bool | None = None
+
+
+class BatchSection(_Section):
+    batch_size: PosInt = 2
+    seq_buckets: list[PosInt] | None = None
+    image_patches: NonNegInt | None = None
+    video_patches: NonNegInt | None = None
+    max_images: NonNegInt | None = None
+    max_videos: NonNegInt | None = None
+    padding_side: Literal["left", "right"] | None = None
+    pad_token_id: NonNegInt | None = None
+    image_token_id: NonNegInt | None = None
+    video_token_id: NonNegInt | None = None
+    merge_size: PosInt | None = None
+    patch_size: PosInt | None = None
+    window_size: PosInt | None = None
+    tokens_per_second: Annotated[float, Field(gt=0)] | None = None
+    rope_rule: Literal["5.24", "legacy"] | None = None
+    pack: Bool = False
+
+    @model_validator(mode="after")
+    def _spec(self):
+        from qwenvl_jax.processing.batch import BatchSpec
+
+        values = self.model_dump(exclude_none=True, exclude={"pack"})
+        if "seq_buckets" in values:
+            values["seq_buckets"] = tuple(values["seq_buckets"])
+        BatchSpec(**values)  # its own checks: increasing buckets, budgets in whole merge blocks
+        return self
+
+
+class LoraSection(_Section):
+    rank: PosInt = 8
+    alpha: Annotated[float, Field(gt=0)] = 16.0
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    targets: list[str] | None = None
+    scopes: list[str] | None = None
+
+
+class OptimSection(_Section):
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
+    warmup_steps: NonNegInt = 0
+    total_steps: PosInt | None = None
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    end_lr_ratio: Fraction = 0.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    b1: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    b2: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.999
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    max_grad_norm: Annotated[float, Field(ge=0)] | None = 1.0
+
+
+def _dpo_loss_type():
+    from qwenvl_jax.losses import DPO_LOSS_TYPES
+
+    return DPO_LOSS_TYPES
+
+
+class DpoSection(_Section):
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
+    beta: Annotated[float, Field(gt=0)] = 0.1
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=0.5)] = 0.0
+    ld_alpha: Fraction | None = None
+    use_weighting: Bool = False
+    reference_free: Bool = False
+    f_divergence_type: Literal["reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"] = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: Annotated[float, Field(gt=0)] = 0.05
+    cdpo: Bool = False
+    bco_delta: float = 0.0
+
+    @field_validator("loss_type")
+    @classmethod
+    def _known_loss(cls, value):
+        known = _dpo_loss_type()
+        for name in [value] if isinstance(value, str) else value:
+            if name not in known:
+                raise ValueError(f"unknown DPO loss type {name!r}; known: {list(known)}")
+        return value
+
+
+class MeshSection(_Section):
+    data: PosInt = 1
+    fsdp: PosInt = 1
+    tensor: PosInt = 1
+
+
+class CheckpointSection(_Section):
+    every: NonNegInt = 50
+    keep: PosInt = 3
+    async_: Bool = Field(True, alias="async")
+
+
+class LoggingSection(_Section):
+    progress: Bool = True
+    tensorboard: Bool = True
+    plot: Bool = True
+
+
+class RunConfig(_Section):
+    kind: Literal["sft", "dpo"] = "sft"
+    target: str | None = None
+    run_dir: str
+    steps: PosInt = 20
+    seed: NonNegInt = 0
+    model: ModelSection
+    processor: str | None = None
+    data: DataSection
+    batch: BatchSection
+    grad_accum: PosInt = 1
+    trainable: Literal["full", "frozen_vision", "lora"] = "full"
+    train_merger: Bool = True
+    lora: LoraSection
+    optim: OptimSection
+    mesh: MeshSection | None = None
+    dpo: DpoSection
+    checkpoint: CheckpointSection
+    max_bad_steps: PosInt = 10
+    max_skipped_fraction: Fraction = 0.1
+    loss_type: Literal["nll", "dft"] = "nll"
+    chunk_size: PosInt = 1024
+    logging: LoggingSection
+
+    @field_validator("run_dir")
+    @classmethod
+    def _non_empty(cls, value):
+        if not value.strip():
+            raise ValueError("run_dir is empty")
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, value):
+        from qwenvl_jax.train.plan import parse_target
+
+        parse_target(value)
+        return value
+
+
+def _cross_checks(config: dict, given: dict) -> None:
+    """Rules between sections; `given` is what the user wrote (before defaults)."""
+    kind, trainable = config["kind"], config["trainable"]
+    if given.get("lora") and trainable != "lora":
+        raise ConfigError(f"a lora section needs trainable: lora (trainable is {trainable!r})")
+    if given.get("dpo") and kind != "dpo":
+        raise ConfigError(f"a dpo section needs kind: dpo (kind is {kind!r})")
+    if kind == "dpo" and config["batch"].get("pack"):
+        raise ConfigError("batch.pack=true: packing applies to SFT only, not kind: dpo")
+    data = config["data"]
+    if data.get("paths") and data.get("synthetic"):
+        raise ConfigError("data: give paths or synthetic, not both")
+    if not data.get("paths") and not data.get("synthetic"):
+        raise ConfigError("data needs paths: [a.jsonl, ...] or synthetic: N")
+    model = config["model"]
+    if not model.get("path") and not model.get("preset"):
+        raise ConfigError("model needs path: DIR (HF or Orbax checkpoint) or preset: NAME (random weights)")
+    if trainable != "lora" and model["param_dtype"] != "float32":
+        raise ConfigError(
+            f"model.param_dtype={model['param_dtype']} with trainable: {trainable}: the master weights and "
+            f"AdamW moments would be {model['param_dtype']}, where updates of ~1e-5 relative round away. "
+            "Use param_dtype: float32 (dtype: bfloat16 keeps bf16 compute), or trainable: lora"
+        )
+
+
+# --------------------------------------------------------------------------------------------- YAML
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """YAML 1.1 with YAML 1.2's float syntax: `1e-5` and `3E+2` are floats, not strings."""
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"),
+    )
+    return Loader
+
+
+def parse_yaml(text: str, *, name: str) -> Any:
+    """YAML text -> Python values; a syntax error is a `ConfigError` naming `name` and the line."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_yaml_loader())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{name}: not valid YAML{line}: {problem}") from None
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -91,13 +329,11 @@ def merge(base: dict, over: dict) -> dict:
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """`["a.b=3", "run_dir=/tmp/x"]` -> config with those (YAML-parsed) values set at the dotted keys."""
-    import yaml
-
     config = copy.deepcopy(config)
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"--set expects key=value with a dotted key, got {item!r}")
         node = config
         *parents, last = key.split(".")
         for part in parents:
@@ -106,31 +342,64 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
-        node[last] = yaml.safe_load(raw)
+        node[last] = parse_yaml(raw, name=f"--set {item!r}")
     return config
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
-    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from None
+    config = parse_yaml(text, name=str(path))
+    if config is None:
+        config = {}
     if not isinstance(config, dict):
         raise ConfigError(f"{path}: a config is a YAML mapping, got {type(config).__name__}")
     return apply_overrides(config, list(overrides))
 
 
-def _check_keys(section: str, values: Any, known) -> None:
-    if not isinstance(values, dict):
-        raise ConfigError(f"config {section} must be a mapping, got {values!r}")
-    unknown = sorted(set(values) - set(known))
+# ------------------------------------------------------------------------------------------ resolve
+def _section_name(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) if loc else "top-level"
+
+
+def _fields(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The known keys at `loc` (a path of section names from `RunConfig`)."""
+    for part in loc:
+        annotation = model.model_fields[str(part)].annotation
+        model = next(t for t in getattr(annotation, "__args__", (annotation,)) if isinstance(t, type))
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def _message(err: ValidationError) -> str:
+    """One line for the first problem of a validation error, naming the key, the value, what is allowed."""
+    errors = err.errors(include_url=False)
+    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
     if unknown:
-        raise ConfigError(f"unknown {section} keys {unknown}; known: {sorted(known)}")
+        loc = unknown[0]["loc"][:-1]
+        keys = sorted(str(e["loc"][-1]) for e in unknown if e["loc"][:-1] == loc)
+        return f"unknown {_section_name(loc)} keys {keys}; known: {_fields(RunConfig, loc)}"
+    first = errors[0]
+    # Drop pydantic's union-member markers ("int", "list[...]", "function-after[...]") from the path.
+    loc = [str(p) for p in first["loc"] if not re.search(r"[\[\]]|^(int|str|float|bool|none)$", str(p))]
+    key = ".".join(loc) or "config"
+    if first["type"] == "missing" or (key == "run_dir" and not first["input"]):
+        return f"config needs {key}" + (" (e.g. --set run_dir=/tmp/run)" if key == "run_dir" else "")
+    msg = re.sub(r"^(Value|Assertion) error, ", "", first["msg"])
+    if msg[:2].istitle():  # "Input should be" -> "input should be"; "BatchSpec..." stays
+        msg = msg[0].lower() + msg[1:]
+    if isinstance(first["input"], dict):  # a rule of the section as a whole
+        return f"config {key}: {msg}"
+    return f"config {key}={first['input']!r}: {msg}"
 
 
 def dpo_keys() -> tuple[str, ...]:
+    import inspect
+
     from qwenvl_jax.losses import dpo_objective
 
     params = inspect.signature(dpo_objective).parameters
@@ -138,37 +407,20 @@ def dpo_keys() -> tuple[str, ...]:
 
 
 def resolve(config: dict) -> dict:
-    """Defaults merged in and every key checked; raises `ConfigError` naming the first bad key."""
-    from qwenvl_jax.processing.batch import BatchSpec
-    from qwenvl_jax.train.lora import LoraConfig
-    from qwenvl_jax.train.optim import OptimConfig
-    from qwenvl_jax.train.state import TRAINABLE_MODES
-
-    _check_keys("top-level", config, DEFAULTS)
-    config = merge(DEFAULTS, config)
-    if config["kind"] not in ("sft", "dpo"):
-        raise ConfigError(f"kind must be sft or dpo, got {config['kind']!r}")
-    if not config.get("run_dir"):
-        raise ConfigError("config needs run_dir (e.g. --set run_dir=/tmp/run)")
-    if config["trainable"] not in TRAINABLE_MODES:
-        raise ConfigError(f"trainable must be one of {TRAINABLE_MODES}, got {config['trainable']!r}")
-    _check_keys("model", config["model"], MODEL_KEYS)
-    _check_keys("data", config["data"], DATA_KEYS)
-    _check_keys("batch", config["batch"], [f.name for f in dataclasses.fields(BatchSpec)] + ["pack"])
-    _check_keys("lora", config["lora"], [f.name for f in dataclasses.fields(LoraConfig)])
-    _check_keys("optim", config["optim"], [f.name for f in dataclasses.fields(OptimConfig)])
-    _check_keys("dpo", config["dpo"], dpo_keys())
-    _check_keys("checkpoint", config["checkpoint"], CHECKPOINT_KEYS)
-    _check_keys("logging", config["logging"], LOGGING_KEYS)
-    if config["mesh"] is not None:
-        _check_keys("mesh", config["mesh"], MESH_KEYS)
-    if config["lora"] and config["trainable"] != "lora":
-        raise ConfigError(f"a lora section needs trainable: lora (trainable is {config['trainable']!r})")
-    if config["dpo"] and config["kind"] != "dpo":
-        raise ConfigError("a dpo section needs kind: dpo")
-    if config["kind"] == "dpo" and config["batch"].get("pack"):
-        raise ConfigError("batch.pack applies to SFT only")
-    for key in ("steps", "grad_accum", "max_bad_steps"):
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {config[key]!r}")
-    return config
+    """Defaults merged in, every key and value checked and coerced; raises `ConfigError` naming the key."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config is a mapping, got {type(config).__name__}")
+    merged = merge(DEFAULTS, config)
+    for section in ("lora", "optim", "dpo"):  # `lora: null` means an empty section
+        if merged.get(section) is None:
+            merged[section] = {}
+    try:
+        checked = RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_message(err)) from None
+    # The merged dict with each value as the schema coerced it (e.g. "1e-5" -> 1e-05), nothing added.
+    out = checked.model_dump(by_alias=True, exclude_unset=True)
+    for section in ("lora", "optim", "dpo"):
+        out[section] = checked.__getattribute__(section).model_dump(exclude_unset=True)
+    _cross_checks(out, config)
+    return out

@@ -10,12 +10,16 @@ The config schema, defaults and validation are in `qwenvl_jax.train.config`. A r
                          an Orbax model checkpoint that `qwenvl_jax.load`, `qwenvl-jax export` and
                          `model: {path: run_dir/final}` of a next run (SFT -> DPO) accept
 
-With a checkpoint in `run_dir/checkpoints` the run RESUMES from its latest complete step: params,
+With a checkpoint in `run_dir/checkpoints` the run RESUMES from its latest loadable step: params,
 optimizer state, step, rng and the data iterator (so the batches continue where they stopped); metrics past
-that step are dropped. SIGTERM saves a checkpoint at the current step and returns 0. A non-finite loss or
-gradient skips the update (see `train.step`); `max_bad_steps` of them in a row save a checkpoint and stop
-the run with `TrainingError`. An update that overflows by itself stops the run at once, saving nothing of
-that step (the previous checkpoints stay).
+that step are dropped. A resume whose config changes the state's structure or the data order is refused;
+other changes are reported. SIGTERM or Ctrl-C saves a checkpoint at the current step and returns 3 (no
+`final/`). A non-finite loss or gradient skips the update (see `train.step`); `max_bad_steps` of them in a
+row save a checkpoint and stop the run with `TrainingError`. An update that overflows by itself stops the
+run at once, saving nothing of that step (the previous checkpoints stay). Exit codes: `train.runs`.
+
+Before anything is loaded or written, `prepare` checks the whole config, makes every path absolute, checks
+the inputs exist and the mesh matches the devices; `run_dir/.lock` then keeps a second process out.
 
 Sharding: with a `mesh` section the model is placed on a `(data, fsdp, tensor)` mesh by
 `sharding.DEFAULT_RULES` and the step is jitted with explicit shardings (one compile per batch shape);
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,16 @@ from typing import Any
 import numpy as np
 
 from qwenvl_jax.train.config import ConfigError, apply_overrides, load_config, resolve
+from qwenvl_jax.train.runs import (
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNHEALTHY,
+    RunLock,
+    check_inputs,
+    check_mesh,
+    check_resume,
+    resolve_paths,
+)
 
 __all__ = ["ConfigError", "TrainingError", "apply_overrides", "load_config", "train"]
 
@@ -143,12 +158,23 @@ class _Steps:
         if kind == "dpo":
             self.kw["with_ref_params"] = with_ref
         self.cache: dict = {}
+        self.seen: set = set()  # batch signatures compiled so far (jit compiles once per signature)
+
+    @staticmethod
+    def _signature(batch):
+        return tuple(sorted((k, np.shape(v), str(np.asarray(v).dtype)) for k, v in batch.items()))
+
+    def needs_compile(self, batch) -> bool:
+        """Whether the next call with `batch` compiles the step (a batch signature not seen before)."""
+        return self._signature(batch) not in self.seen
 
     def __call__(self, state, frozen, batch, *extra):
         from qwenvl_jax.train.step import make_train_step
 
-        key = tuple(sorted((k, np.shape(v), str(np.asarray(v).dtype)) for k, v in batch.items()))
-        fn = self.cache.get(key) if self.kw["mesh"] is not None else self.cache.get(None)
+        signature = self._signature(batch)
+        self.seen.add(signature)
+        key = signature if self.kw["mesh"] is not None else None
+        fn = self.cache.get(key)
         if fn is None:
             sharded = (
                 {"state": state, "frozen": frozen, "batch": batch} if self.kw["mesh"] is not None else {}
@@ -156,7 +182,7 @@ class _Steps:
             fn = make_train_step(
                 self.args["kind"], self.args["graphdef"], self.args["tx"], **sharded, **self.kw
             )
-            self.cache[key if self.kw["mesh"] is not None else None] = fn
+            self.cache[key] = fn
         return fn(state, frozen, batch, *extra)
 
 
@@ -186,8 +212,43 @@ def _row(kind: str, step: int, metrics: dict, micro: list[dict], dt: float, reco
 
 
 # ------------------------------------------------------------------------------------------------- loop
+def _say(text: str) -> None:
+    """A status line before the progress bar exists (loading, compiling): silence reads as a hang."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def prepare(config: dict) -> dict:
+    """Everything checked before anything is loaded or written: the config, paths (made absolute),
+    inputs, the mesh against this process's devices. Raises `ConfigError` naming what is wrong."""
+    import jax
+
+    config = resolve_paths(resolve(config))
+    check_inputs(config)
+    if jax.process_count() > 1:
+        # Each process would feed its own rows as if they were the global batch: refuse, not mis-train.
+        raise ConfigError(
+            f"{jax.process_count()} JAX processes: the loop feeds one process's batches as the global "
+            "batch, so multi-host runs are not supported yet; run one process per host group"
+        )
+    check_mesh(config, jax.device_count(), jax.default_backend())
+    return config
+
+
 def train(config: dict) -> int:
-    """Run (or resume) the run `config` describes; returns 0 (also after SIGTERM)."""
+    """Run (or resume) the run `config` describes; returns an exit code (`train.runs`: 0 finished,
+    3 stopped by a signal with a checkpoint saved, 4 finished with too many skipped steps).
+
+    Raises `ConfigError` (before anything is written, or when the run_dir is in use or the resume changes
+    the state or data order) and `TrainingError` (a failure during training, after saving what is good).
+    """
+    config = prepare(config)
+    run_dir = Path(config["run_dir"])
+    with RunLock(run_dir):
+        changes = check_resume(run_dir / "checkpoints", config)
+        return _run(config, run_dir, changes)
+
+
+def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     import jax
 
     from qwenvl_jax import losses
@@ -201,19 +262,12 @@ def train(config: dict) -> int:
     from qwenvl_jax.train.state import init_train_state, param_logical_axes
     from qwenvl_jax.train.step import stack_micro_batches
 
-    config = resolve(config)
-    if jax.process_count() > 1:
-        # Each process would feed its own rows as if they were the global batch: refuse, not mis-train.
-        raise ConfigError(
-            f"{jax.process_count()} JAX processes: the loop feeds one process's batches as the global "
-            "batch, so multi-host runs are not supported yet; run one process per host group"
-        )
     kind, steps, seed = config["kind"], int(config["steps"]), int(config["seed"])
     accum, max_bad = int(config["grad_accum"]), int(config["max_bad_steps"])
-    run_dir = Path(config["run_dir"]).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
+    source = config["model"].get("path") or f"preset {config['model'].get('preset')} (random weights)"
+    _say(f"loading model: {source}")
     model = build_model(config["model"])
     model_config = model.config
     proc_dir = processor_dir(config, run_dir)
@@ -264,7 +318,13 @@ def train(config: dict) -> int:
         batches.set_state(data_state)
 
     stop: dict[str, Any] = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.__setitem__("signal", signum))
+
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     logging = config["logging"]
     logger = RunLogger(
         run_dir,
@@ -276,12 +336,14 @@ def train(config: dict) -> int:
     )
     if start:
         logger.message(f"resumed from step {start} ({ckpt.directory})")
+    for change in changes:
+        logger.message(f"resumed with a changed config: {change}")
     step, bad_streak, finished = start, 0, False
     try:
         while step < steps and stop["signal"] is None:
             micro = _next_micro_batches(batches, accum, processor.pad_token_id)
             if micro is None:
-                logger.message(f"data exhausted after step {step}")
+                logger.message(f"data exhausted after step {step} of {steps}")
                 break
             if kind == "dpo":  # DPO pairs collate their completion as labels (-100 elsewhere)
                 micro = [
@@ -290,6 +352,11 @@ def train(config: dict) -> int:
                     for mb in micro
                 ]  # fmt: skip
             stacked = stack_micro_batches(micro)
+            if step_fn.needs_compile(stacked):
+                shape = "x".join(map(str, np.shape(stacked["input_ids"])))
+                logger.message(
+                    f"compiling the train step for batches of {shape} (micro-batches x rows x tokens)"
+                )
             t0 = time.perf_counter()
             if kind == "sft":
                 num_items = losses.sft_num_items_in_batch([mb["labels"] for mb in micro])
@@ -320,18 +387,29 @@ def train(config: dict) -> int:
         if ckpt.latest_step() != step:
             ckpt.save_now(step, state, batches.get_state(), config)
         finished = stop["signal"] is None
-        if stop["signal"] is not None:
-            logger.message(f"SIGTERM: saved step {step}, exiting")
+        if not finished:
+            name = signal.Signals(stop["signal"]).name
+            logger.message(f"{name}: saved step {step}; run the same command to resume (final/ not written)")
     finally:
         if batches.skipped.total:
             logger.message(batches.skipped.summary())
         ckpt.close()
         logger.close()
-        signal.signal(signal.SIGTERM, previous)
-    if finished:
-        final = save_params(
-            full_params(state, frozen, lora_cfg), run_dir / "final", model_config, assets_from=proc_dir,
-            overwrite=True,
-        )  # fmt: skip
-        print(f"final model: {final}", flush=True)
-    return 0
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not finished:
+        return EXIT_STOPPED
+    final = save_params(
+        full_params(state, frozen, lora_cfg), run_dir / "final", model_config, assets_from=proc_dir,
+        overwrite=True,
+    )  # fmt: skip
+    print(f"final model: {final}", flush=True)
+    skipped, limit = logger.skipped_steps, float(config["max_skipped_fraction"])
+    if step and skipped / step > limit:
+        _say(
+            f"warning: {skipped} of {step} steps were skipped as non-finite (more than max_skipped_fraction="
+            f"{limit}): the model in {final} had fewer updates than asked. Check metrics.jsonl; lower "
+            "optim.learning_rate or check the data before using it"
+        )
+        return EXIT_UNHEALTHY
+    return EXIT_OK
