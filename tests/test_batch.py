@@ -173,11 +173,13 @@ def test_bad_spec_is_refused():
         BatchSpec(batch_size=1, seq_buckets=(512, 256))
 
 
-@pytest.mark.parametrize("name", ["batch_sft_1xh100.yaml", "batch_generate.yaml"])
+@pytest.mark.parametrize("name", ["sft_1xh100.yaml", "generate.yaml"])
 def test_shipped_batch_configs_load(name):
     from pathlib import Path
 
-    spec = BatchSpec.from_yaml(Path(__file__).parent.parent / "configs" / name, pad_token_id=151643)
+    spec = BatchSpec.from_yaml(
+        Path(__file__).parent.parent / "configs" / "batch_specs" / name, pad_token_id=151643
+    )
     assert spec.batch_size > 0 and spec.seq_buckets == tuple(sorted(spec.seq_buckets))
     assert spec.padding_side == ("left" if "generate" in name else "right")
 

@@ -301,3 +301,34 @@ def test_batch_specs_are_not_run_configs():
     for path in (ROOT / "configs" / "batch_specs").glob("*.yaml"):
         with pytest.raises(ConfigError, match="unknown top-level keys"):
             resolve(load_config(path, ["run_dir=/tmp/x"]))
+
+
+# ------------------------------------------------------------------------------------------ bad records
+def test_bad_and_over_budget_records_are_skipped_once_and_listed(tmp_path):
+    from qwenvl_jax.data.synthetic import draw_shape
+    from qwenvl_jax.train.loop import train
+
+    data = tmp_path / "data"
+    data.mkdir()
+    draw_shape("circle", "red", size=56, center=(28, 28), radius=12).save(data / "a.png")
+    good = {"image": "a.png", "prefix": "What is in the image?", "suffix": "A red circle."}
+    rows = [{"id": f"g{i}", **good} for i in range(4)]
+    rows.insert(1, {"id": "missing", **good, "image": "nope.png"})
+    # Five images: more than max_images=4 even alone, so no batch can ever hold it.
+    rows.insert(3, {"id": "five", "images": ["a.png"] * 5, "messages": [
+        {"role": "user", "content": [{"type": "image"}] * 5 + [{"type": "text", "text": "Count."}]},
+        {"role": "assistant", "content": "Five."}]})  # fmt: skip
+    (data / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    cfg = config(run, steps=4, data={"paths": [str(data / "d.jsonl")], "shuffle": False, "num_epochs": 2},
+                 batch={**BATCH, "seq_buckets": [256]})  # fmt: skip
+    assert train(cfg) == 0
+    skipped = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
+    # Two epochs pass over each bad record; each is listed (and counted) once.
+    assert sorted((s["id"], s["reason"]) for s in skipped) == [
+        ("five", "too_long"),
+        ("missing", "missing_image"),
+    ]
+    assert all(s["location"].endswith(("d.jsonl:2", "d.jsonl:4")) for s in skipped)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["records_skipped"] == 2

@@ -6,20 +6,28 @@
 
 The encode transform turns every failure into a skip marker instead of raising, so that skips are a
 deterministic function of the record and happen inside the pipeline: the same seed gives the same
-batches with or without bad records, with any worker count. The batch iterator groups exactly
-`batch_size` good examples (SFT) or pairs (DPO) per batch, counts the skipped ones in a `SkipCounter`
-(or raises `BadRecord` under `policy="strict"`), and collates. It pulls no element beyond the batch it
-returns, so its checkpoint is grain's `DataLoader` iterator state plus the skip counts, and restoring it
-mid-epoch yields exactly the batches that followed.
+batches with or without bad records, with any worker count. The batch iterator refuses, as `too_long`,
+an example that fits in no batch of the `BatchSpec` even alone (its images, patch rows, videos or
+tokens over the spec's budgets), counts the skipped records in a `SkipCounter` (or raises `BadRecord`
+under `policy="strict"`), groups the good ones and collates.
+
+Grouping takes good examples (SFT) or pairs (DPO) in stream order while they fit together: at most
+`batch_size` rows and within the patch budgets and `max_images`/`max_videos`
+(`processing.packing.Grouper`), or, packed (`pack=True`, SFT only), into the rows of one packed batch
+(`processing.packing.Packer`). The first that does not fit is held back and starts the next batch, so
+a batch never overflows its budget; a batch closed early is padded as usual (rows with `example_mask`
+0, dummy DPO pairs). The held-back element has already been pulled from grain, so while one is held
+the checkpoint carries grain's state from BEFORE it was pulled: a restored iterator pulls it again, and
+nothing is lost or duplicated. Otherwise the iterator pulls no element beyond the batch it returns, so
+its checkpoint is grain's `DataLoader` iterator state plus the skip state, and restoring it mid-epoch
+yields exactly the batches that followed.
+
+Each skipped record is counted once, by its `path:line`, however many epochs pass it; with a skip log
+every one is written once to a JSONL file, which a restore cuts back to what had been written at the
+save, so that the file equals that of an uninterrupted run.
 
 Collation runs in the main process (it needs whole groups, and grain's `Batch` would group skip markers
 too, leaving holes); decoding, which dominates, runs in the workers.
-
-Packing (`pack=True`, SFT only): a batch takes good examples in stream order while they fit together
-into its rows (`processing.packing.Packer`: sequence buckets, patch budgets, `max_images`); the first
-that does not fit is held back and starts the next batch. The held-back example has already been pulled
-from grain, so while one is held the checkpoint carries grain's state from BEFORE it was pulled: a
-restored iterator pulls it again, and nothing is lost or duplicated.
 
 DPO batches are the `2B` rows `[chosen x B, rejected x B]` of one forward pass (`losses.py`), so the
 `BatchSpec.batch_size` of a DPO pipeline is twice the number of pairs. A short last batch of pairs is
@@ -47,7 +55,7 @@ from qwenvl_jax.data.records import (
     parse_line,
     record_images,
 )
-from qwenvl_jax.processing.batch import IGNORE_INDEX, BatchSpec, collate
+from qwenvl_jax.processing.batch import IGNORE_INDEX, BatchSpec, check_spec, collate
 from qwenvl_jax.processing.chat import (
     expand_placeholders,
     normalize_messages,
@@ -57,7 +65,14 @@ from qwenvl_jax.processing.chat import (
 )
 from qwenvl_jax.processing.errors import InputError
 from qwenvl_jax.processing.image import process_image
-from qwenvl_jax.processing.packing import ExampleSize, Packer, pack_examples
+from qwenvl_jax.processing.packing import (
+    ExampleSize,
+    Grouper,
+    Packer,
+    pack_examples,
+    pair_size,
+    unfit_reason,
+)
 from qwenvl_jax.processing.processor import Processor
 
 _IMAGE_OPTIONS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
@@ -70,14 +85,18 @@ POLICIES = ("skip", "strict")
 
 # ------------------------------------------------------------------------------------------- source
 class JsonlSource(grain.RandomAccessDataSource):
-    """The non-blank lines of JSONL files, indexed once by byte offset; item i is `(path, line, bytes)`."""
+    """The non-blank lines of JSONL files, indexed once by byte offset; item i is `(path, line, bytes)`.
+
+    A file without a non-blank line is refused, naming it: an empty file among several is a mistake
+    (a failed export, a wrong path), not a part of the data set to pass over.
+    """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike]):
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
             raise InputError("no JSONL files given")
         self._paths = [os.path.abspath(os.fspath(p)) for p in paths]
-        files, starts, ends, lines = [], [], [], []
+        files, starts, ends, lines, empty = [], [], [], [], []
         for f, path in enumerate(self._paths):
             try:
                 data = Path(path).read_bytes()
@@ -92,6 +111,10 @@ class JsonlSource(grain.RandomAccessDataSource):
                     starts.append(s)
                     ends.append(e)
                     lines.append(i + 1)
+            if not files or files[-1] != f:
+                empty.append(path)
+        if empty:
+            raise InputError("; ".join(f"{p}: no records (empty or only blank lines)" for p in empty))
         self._file = np.asarray(files, np.int32)
         self._start = np.asarray(starts, np.int64)
         self._end = np.asarray(ends, np.int64)
@@ -227,7 +250,8 @@ def encode_dpo(
 
 
 class EncodeRecords(grain.MapTransform):
-    """Source item -> `{"example": ...}` (SFT), `{"pair": (chosen, rejected)}` (DPO) or `{"skip": ...}`.
+    """Source item -> `{"example": ...}` (SFT) or `{"pair": (chosen, rejected)}` (DPO), with the record's
+    `"location"`, or `{"skip": ...}`.
 
     Never raises on a bad record: the skip marker carries reason, id, location and detail to the main
     process, where the policy is applied. The processor is loaded lazily from its directory in each
@@ -274,25 +298,66 @@ class EncodeRecords(grain.MapTransform):
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         try:
             record = parse_line(element["text"], path=element["path"], line=element["line"])
-            return self.encode(record)
+            return {**self.encode(record), "location": record.location}
         except BadRecord as err:
             return {"skip": (err.reason, err.record_id, err.location, err.detail)}
 
 
 # ----------------------------------------------------------------------------------------- skipping
 class SkipCounter:
-    """Skipped records by reason, with the first few ids of each, for the training loop to log."""
+    """Skipped records by reason, each counted once by its location (`path:line`) across epochs and restores.
 
-    def __init__(self, keep: int = 5):
+    With `log`, every skipped record is appended once to that JSONL file (`id`, `location`, `reason`,
+    `detail`) when it is counted, and flushed. The state holds the skipped locations (grouped by file)
+    and the log's length: `set_state` cuts the log back to it, so that the records skipped again after a
+    restore are not listed twice. A counter that was not restored starts the log afresh at its first
+    `sync_log`. `examples` keeps the first few of each reason, for a summary without a log.
+    """
+
+    def __init__(self, keep: int = 3, log: str | os.PathLike | None = None):
         self.keep = keep
+        self.log = None if log is None else Path(log)
         self.counts: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
+        self._reasons: dict[str, str] = {}  # location -> reason
+        self._log_bytes = 0  # what this stream has written to the log
+        self._log_synced = False
 
-    def add(self, err: BadRecord) -> None:
+    def add(self, err: BadRecord) -> bool:
+        """Count a skipped record; False when its location was counted already (a later epoch)."""
+        if err.location in self._reasons:
+            return False
+        self._reasons[err.location] = err.reason
         self.counts[err.reason] = self.counts.get(err.reason, 0) + 1
         shown = self.examples.setdefault(err.reason, [])
         if len(shown) < self.keep:
             shown.append(f"{err.record_id} ({err.location}): {err.detail}"[:300])
+        if self.log is not None:
+            self.sync_log()
+            entry = {
+                "id": err.record_id,
+                "location": err.location,
+                "reason": err.reason,
+                "detail": err.detail,
+            }
+            line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+            with open(self.log, "ab") as f:
+                f.write(line)
+            self._log_bytes += len(line)
+        return True
+
+    def sync_log(self) -> None:
+        """Cut the log back to what this stream had written (nothing, when it was not restored); once."""
+        if self.log is None or self._log_synced:
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size >= self._log_bytes:
+                f.truncate(self._log_bytes)
+            else:  # lines written before the save are gone: go on from what is there
+                self._log_bytes = size
+        self._log_synced = True
 
     @property
     def total(self) -> int:
@@ -302,16 +367,44 @@ class SkipCounter:
         if not self.counts:
             return "no records skipped"
         parts = ", ".join(f"{r}={n}" for r, n in sorted(self.counts.items()))
-        return f"{self.total} records skipped ({parts}); e.g. " + "; ".join(
-            v[0] for _, v in sorted(self.examples.items())
-        )
+        head = f"{self.total} records skipped ({parts})"
+        if self.log is not None:
+            return f"{head}; each is listed in {self.log}"
+        return f"{head}; e.g. " + "; ".join(v[0] for _, v in sorted(self.examples.items()))
 
     def state(self) -> dict:
-        return {"counts": dict(self.counts), "examples": {k: list(v) for k, v in self.examples.items()}}
+        locations: dict[str, dict[str, list]] = {}
+        for location, reason in self._reasons.items():
+            path, _, line = location.rpartition(":")
+            if line.isdigit():
+                locations.setdefault(reason, {}).setdefault(path, []).append(int(line))
+            else:  # not `path:line`: kept whole
+                locations.setdefault(reason, {}).setdefault(location, []).append(None)
+        for by_path in locations.values():
+            for lines in by_path.values():
+                lines.sort(key=lambda x: -1 if x is None else x)
+        return {
+            "locations": locations,
+            "examples": {k: list(v) for k, v in self.examples.items()},
+            "log_bytes": self._log_bytes,
+        }
 
     def set_state(self, state: dict) -> None:
-        self.counts = dict(state["counts"])
         self.examples = {k: list(v) for k, v in state["examples"].items()}
+        self._reasons = {
+            path if line is None else f"{path}:{line}": reason
+            for reason, by_path in state.get("locations", {}).items()
+            for path, lines in by_path.items()
+            for line in lines
+        }
+        if "locations" in state:
+            self.counts = {}
+            for reason in self._reasons.values():
+                self.counts[reason] = self.counts.get(reason, 0) + 1
+        else:  # a state saved before locations were kept: its counts, and no locations
+            self.counts = dict(state["counts"])
+        self._log_bytes, self._log_synced = int(state.get("log_bytes", 0)), False
+        self.sync_log()
 
 
 # ----------------------------------------------------------------------------------------- batching
@@ -336,11 +429,12 @@ def collate_pairs(pairs: Sequence[tuple[dict, dict]], spec: BatchSpec) -> dict[s
 class BatchIterator:
     """Static-shape batches from a grain `DataLoader` of encoded records; checkpointable.
 
-    `get_state()` returns bytes (JSON: grain's DataLoader iterator state and the skip counts) and
+    `get_state()` returns bytes (JSON: grain's DataLoader iterator state and the skip state) and
     `set_state(bytes)` restores them; the batches after a restore are bitwise those that followed the save.
     `last_ids` holds the record ids of the last batch (chosen-row order for DPO, stream order when packed).
-    With `pack=True` (SFT) each batch is `pack_examples` of the examples that fit (module docstring);
-    `drop_remainder` then drops the last batch, the one the end of the data closed.
+    With `pack=True` (SFT) each batch is `pack_examples` of the examples that fit (module docstring).
+    `drop_remainder` drops the last batch, the one the end of the data closed (a batch closed early by a
+    budget is kept). `skip_log`: a JSONL file listing every skipped record once (`SkipCounter`).
     """
 
     def __init__(
@@ -353,20 +447,18 @@ class BatchIterator:
         drop_remainder: bool = False,
         pack: bool = False,
         num_records: int | None = None,
+        skip_log: str | os.PathLike | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        if kind == "dpo" and spec.batch_size % 2:
-            raise ValueError(f"a DPO batch spec needs an even batch_size (2 x pairs), got {spec.batch_size}")
-        if pack and kind != "sft":
-            raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
+        check_spec(spec, kind, pack)
         self.spec, self.kind, self.policy, self.drop_remainder = spec, kind, policy, drop_remainder
         self.pack = pack
-        # (element, grain state from before it was pulled): the example that did not fit in the last
-        # packed batch, the first of the next one.
+        # (element, grain state from before it was pulled): the good element that did not fit in the
+        # last batch, the first of the next one.
         self._held: tuple[dict[str, Any], bytes] | None = None
         self.group = spec.batch_size // 2 if kind == "dpo" else spec.batch_size
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(log=skip_log)
         self.last_ids: tuple[str, ...] = ()
         self._it = iter(loader)
         # Records per epoch of this shard (set by `make_batches`); with it, a stream in which every record
@@ -377,12 +469,30 @@ class BatchIterator:
     def __iter__(self):
         return self
 
+    def _size(self, element: dict[str, Any]) -> ExampleSize:
+        if self.kind == "sft":
+            return ExampleSize.of(element["example"])
+        chosen, rejected = element["pair"]
+        return pair_size(ExampleSize.of(chosen), ExampleSize.of(rejected))
+
+    def _refusal(self, element: dict[str, Any]) -> BadRecord | None:
+        """Why an element is skipped: its skip marker, or `too_long` when it fits in no batch even alone."""
+        if "skip" in element:
+            return BadRecord(*element["skip"])
+        reason = unfit_reason(self._size(element), self.spec)
+        if reason is None:
+            return None
+        if self.kind == "dpo":
+            reason = f"chosen and rejected rows together: {reason}"
+        first = element["example"] if self.kind == "sft" else element["pair"][0]
+        return BadRecord("too_long", str(first["id"]), element.get("location", "?"), reason)
+
     def _good(self, element: dict[str, Any]) -> bool:
-        """False for a skip marker (counted, or raised under the strict policy)."""
-        if "skip" not in element:
+        """False for a skipped element (counted, or raised under the strict policy)."""
+        err = self._refusal(element)
+        if err is None:
             self._bad_streak = 0
             return True
-        err = BadRecord(*element["skip"])
         if self.policy == "strict":
             raise err
         self.skipped.add(err)
@@ -394,50 +504,41 @@ class BatchIterator:
             )
         return False
 
-    def _next_packed(self) -> dict[str, np.ndarray]:
-        packer, items, ended = Packer(self.spec), [], False
+    def _pull(self) -> tuple[dict[str, Any], bytes] | None:
+        """The next good element and grain's state from before it was pulled; None at the end."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
         while True:
-            if self._held is not None:
-                (element, before), self._held = self._held, None
-            else:
-                before = self._it.get_state()
-                try:
-                    element = next(self._it)
-                except StopIteration:
-                    ended = True
-                    break
-            if not self._good(element):
-                continue
-            example = element["example"]
-            # Raises, naming the example, only when it fits in no batch even alone.
-            if not packer.add(ExampleSize.of(example), name=example.get("id")):
-                self._held = (element, before)
-                break
-            items.append(example)
-        if not items or (self.drop_remainder and ended):
-            raise StopIteration
-        self.last_ids = tuple(str(ex["id"]) for ex in items)
-        return pack_examples(items, self.spec)
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.pack:
-            return self._next_packed()
-        items = []
-        while len(items) < self.group:
+            before = self._it.get_state()
             try:
                 element = next(self._it)
             except StopIteration:
+                return None
+            if self._good(element):
+                return element, before
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self.skipped.sync_log()
+        former = Packer(self.spec) if self.pack else Grouper(self.spec, self.group)
+        items, ended = [], False
+        while self.pack or len(items) < self.group:
+            pulled = self._pull()
+            if pulled is None:
+                ended = True
                 break
-            if not self._good(element):
-                continue
+            element, before = pulled
+            if not former.add(self._size(element)):
+                self._held = (element, before)
+                break
             items.append(element["example"] if self.kind == "sft" else element["pair"])
-        if not items or (self.drop_remainder and len(items) < self.group):
+        if not items or (self.drop_remainder and ended):
             raise StopIteration
-        if self.kind == "sft":
-            self.last_ids = tuple(str(ex["id"]) for ex in items)
-            return collate(items, self.spec)
-        self.last_ids = tuple(str(c["id"]) for c, _ in items)
-        return collate_pairs(items, self.spec)
+        if self.kind == "dpo":
+            self.last_ids = tuple(str(c["id"]) for c, _ in items)
+            return collate_pairs(items, self.spec)
+        self.last_ids = tuple(str(ex["id"]) for ex in items)
+        return pack_examples(items, self.spec) if self.pack else collate(items, self.spec)
 
     def get_state(self) -> bytes:
         grain_state = self._held[1] if self._held is not None else self._it.get_state()
@@ -486,6 +587,10 @@ def make_loader(
     if worker_count:
         _parse_absl_flags()
     source = JsonlSource(paths)
+    if len(source) < shard_count:
+        raise InputError(
+            f"{len(source)} records for shard_count={shard_count}: every shard needs at least one ({source})"
+        )
     shard = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
     sampler = grain.IndexSampler(
         num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
@@ -512,20 +617,19 @@ def make_batches(
     drop_remainder: bool = False,
     max_length: int | None = None,
     pack: bool = False,
+    skip_log: str | os.PathLike | None = None,
     **loader_kwargs: Any,
 ) -> BatchIterator:
     """JSONL files -> a checkpointable iterator of static-shape batches (see module docstring).
 
     `max_length` defaults to the largest sequence bucket of `spec`; pass the processor's directory (not a
     `Processor`) when `worker_count > 0`. `pack=True` (SFT only) packs several examples per row.
+    `skip_log` names a JSONL file that lists every skipped record once (`SkipCounter`).
     """
-    if kind == "dpo" and spec.batch_size % 2:
-        raise ValueError(f"a DPO batch spec needs an even batch_size (2 x pairs), got {spec.batch_size}")
-    if pack and kind != "sft":
-        raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
+    check_spec(spec, kind, pack)
     max_length = spec.seq_buckets[-1] if max_length is None else min(max_length, spec.seq_buckets[-1])
     loader = make_loader(paths, processor, kind=kind, max_length=max_length, **loader_kwargs)
     return BatchIterator(
-        loader, spec, kind=kind, policy=policy, drop_remainder=drop_remainder, pack=pack,
+        loader, spec, kind=kind, policy=policy, drop_remainder=drop_remainder, pack=pack, skip_log=skip_log,
         num_records=len(loader._data_source) // loader_kwargs.get("shard_count", 1),
     )  # fmt: skip

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import NoReturn
 
 import numpy as np
 
@@ -50,16 +51,7 @@ class BatchSpec:
     rope_rule: str = "5.24"
 
     def __post_init__(self):
-        unit = self.merge_size**2
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
-        if not self.seq_buckets or list(self.seq_buckets) != sorted(set(self.seq_buckets)):
-            raise ValueError(f"seq_buckets must be increasing and non-empty, got {self.seq_buckets}")
-        for name in ("image_patches", "video_patches"):
-            if getattr(self, name) % unit:
-                raise ValueError(f"{name}={getattr(self, name)} must be a multiple of merge_size**2 = {unit}")
+        _check_fields(self)
 
     @classmethod
     def from_dict(cls, values: Mapping, **overrides) -> BatchSpec:
@@ -96,6 +88,63 @@ class BatchSpec:
             if length <= size:
                 return size
         raise InputError(f"{length} tokens exceed the largest sequence bucket {self.seq_buckets[-1]}")
+
+
+def _refuse(name: str, value: object, why: str) -> NoReturn:
+    raise ValueError(f"BatchSpec.{name}={value!r}: {why}")
+
+
+def _check_fields(spec: BatchSpec) -> None:
+    """The checks of one spec on its own (`BatchSpec` runs them when it is built)."""
+    for name in ("batch_size", "merge_size", "patch_size"):
+        if getattr(spec, name) < 1:
+            _refuse(name, getattr(spec, name), "must be >= 1")
+    if spec.padding_side not in ("left", "right"):
+        _refuse("padding_side", spec.padding_side, "must be 'left' or 'right'")
+    buckets = spec.seq_buckets
+    if not buckets or list(buckets) != sorted(set(buckets)):
+        _refuse("seq_buckets", buckets, "must be non-empty and increasing")
+    if buckets[0] < 1:
+        _refuse("seq_buckets", buckets, "every bucket must hold at least one token")
+    unit = spec.merge_size**2
+    for name in ("image_patches", "video_patches"):
+        value = getattr(spec, name)
+        if value < 0 or value % unit:  # collate scatters one merged unit (merge_size**2 rows) per slot
+            _refuse(name, value, f"must be a non-negative multiple of merge_size**2 = {unit}")
+    for name in ("max_images", "max_videos"):
+        if getattr(spec, name) < 0:
+            _refuse(name, getattr(spec, name), "must be >= 0")
+
+
+def check_spec(
+    spec: BatchSpec, kind: str = "sft", pack: bool = False, *, min_pixels: int | None = None
+) -> None:
+    """Refuse up front, with a `ValueError` naming the field and its value, a spec that cannot batch `kind`.
+
+    `kind` is "sft" or "dpo"; a DPO batch is `[chosen x B, rejected x B]`, so its `batch_size` must be
+    even, and `pack` is for SFT only. With the processor's `min_pixels`, a non-zero `image_patches` that
+    holds no image of the smallest size the processor resizes to (per pair for DPO, whose two rows both
+    carry the prompt's images) is refused: only records that override the image size could ever pass.
+    A zero budget or `max_images=0` is allowed, since text-only records still form batches.
+    """
+    _check_fields(spec)
+    if kind not in ("sft", "dpo"):
+        raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+    if kind == "dpo" and spec.batch_size % 2:
+        _refuse("batch_size", spec.batch_size, "a DPO batch needs an even number of rows (2 x pairs)")
+    if pack and kind != "sft":
+        raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
+    if min_pixels is not None and spec.image_patches:
+        side = spec.patch_size * spec.merge_size
+        # smart_resize gives sides that are multiples of `side` with an area of at least min_pixels.
+        smallest = spec.merge_size**2 * max(1, -(-min_pixels // side**2))
+        if kind == "dpo":
+            smallest, per = 2 * smallest, " per DPO pair (both rows hold the images)"
+        else:
+            per = ""
+        if spec.image_patches < smallest:
+            why = f"holds no image: the smallest takes {smallest} patch rows{per} at min_pixels={min_pixels}"
+            _refuse("image_patches", spec.image_patches, why)
 
 
 def _row(example: Mapping, key: str):

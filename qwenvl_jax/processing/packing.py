@@ -19,6 +19,8 @@ Planning is first-fit in the given order into `batch_size` rows, run for every s
 the batch takes the smallest bucket whose first-fit holds every example, so a few short examples do not
 pay for the largest bucket. `Packer` does it online: `add` places one more example or refuses it and
 changes nothing, which is how the data iterator groups a stream greedily (`data/pipeline.py`).
+`Grouper` is the same for unpacked batches (one example or DPO pair per row), so that unpacked batches
+too close before they would overflow a patch budget instead of failing in `collate`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ class ExampleSize:
             counts[f"{kind}s"] = len(grid_n3)
         return cls(tokens=0 if ids is None else int(ids.size), **counts)
 
+    def __add__(self, other: ExampleSize) -> ExampleSize:
+        return ExampleSize(*np.add(dataclasses.astuple(self), dataclasses.astuple(other)).tolist())
+
 
 @dataclasses.dataclass(frozen=True)
 class PackPlan:
@@ -76,7 +81,7 @@ class PackPlan:
         return tuple(i for row in self.rows for i in row)
 
 
-def _alone_error(size: ExampleSize, spec: BatchSpec) -> str | None:
+def unfit_reason(size: ExampleSize, spec: BatchSpec) -> str | None:
     """Why `size` fits in no batch of `spec` even alone, or None when it fits."""
     if size.tokens < 1:
         return "input_ids must be a non-empty 1-D sequence"
@@ -94,6 +99,55 @@ def _alone_error(size: ExampleSize, spec: BatchSpec) -> str | None:
         if items > max_items:
             return f"holds {items} {kind}s, more than max_{kind}s={max_items}"
     return None
+
+
+def _over_budget(total: ExampleSize, spec: BatchSpec) -> bool:
+    """Whether examples of these summed sizes overflow a batch's patch budgets or item limits."""
+    return (
+        total.image_patches > spec.image_patches
+        or total.images > spec.max_images
+        or total.video_patches > spec.video_patches
+        or total.videos > spec.max_videos
+    )
+
+
+class Grouper:
+    """Online grouping of whole examples, one per row, into one `collate` batch: `Packer` unpacked.
+
+    `add(size)` takes the next example and returns True, or returns False and changes nothing when the
+    batch already holds `capacity` examples or the example would overflow its patch budgets or
+    `max_images`/`max_videos` together with those taken. Text length never closes a group: every
+    example has a row of its own, padded to the bucket of the longest. A DPO pair is one item of
+    `capacity = batch_size // 2` whose size is that of its two rows together (`pair_size`).
+    """
+
+    def __init__(self, spec: BatchSpec, capacity: int | None = None):
+        self.spec = spec
+        self.capacity = spec.batch_size if capacity is None else capacity
+        self._total = ExampleSize(tokens=0)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, size: ExampleSize, *, name: object = None) -> bool:
+        """Take one more example; False (nothing changed) when it does not fit with those taken.
+
+        Raises `InputError` naming the example, as `Packer.add` does, when it fits in no batch alone.
+        """
+        reason = unfit_reason(size, self.spec)
+        if reason is not None:
+            raise InputError(f"example {self._count if name is None else name}: {reason}")
+        total = self._total + size
+        if self._count >= self.capacity or _over_budget(total, self.spec):
+            return False
+        self._total, self._count = total, self._count + 1
+        return True
+
+
+def pair_size(chosen: ExampleSize, rejected: ExampleSize) -> ExampleSize:
+    """What a DPO pair takes of a batch: both rows carry the prompt's images, each row its own tokens."""
+    return dataclasses.replace(chosen + rejected, tokens=max(chosen.tokens, rejected.tokens))
 
 
 class Packer:
@@ -123,17 +177,11 @@ class Packer:
         Raises `InputError`, naming the example (`name`, else its index), when it fits in no batch even
         alone, so that no caller mistakes it for the first example of the next batch.
         """
-        reason = _alone_error(size, self.spec)
+        reason = unfit_reason(size, self.spec)
         if reason is not None:
             raise InputError(f"example {self._count if name is None else name}: {reason}")
-        total = ExampleSize(*np.add(dataclasses.astuple(self._total), dataclasses.astuple(size)).tolist())
-        spec = self.spec
-        if (
-            total.image_patches > spec.image_patches
-            or total.images > spec.max_images
-            or total.video_patches > spec.video_patches
-            or total.videos > spec.max_videos
-        ):
+        total = self._total + size
+        if _over_budget(total, self.spec):
             return False
         slots = {}
         for bucket, loads in self._loads.items():

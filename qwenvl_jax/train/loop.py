@@ -106,21 +106,34 @@ def data_paths(config: dict, run_dir: Path) -> list[str]:
     return [str(p) for p in ([paths] if isinstance(paths, str) else paths)]
 
 
-def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
-    from qwenvl_jax.data.pipeline import make_batches
-    from qwenvl_jax.processing import BatchSpec
+def batch_spec(config: dict, processor=None):
+    """`(BatchSpec, pack)` of the config, refused up front (`ConfigError`) when it can never form a batch;
+    with the processor, its token ids are filled in and its smallest image is checked against the budget."""
+    from qwenvl_jax.processing.batch import BatchSpec, check_spec
 
-    kind, data = config["kind"], config["data"]
+    kind = config["kind"]
     batch = dict(config["batch"])
     pack = bool(batch.pop("pack", False))
     if kind == "dpo":
         batch["batch_size"] = 2 * int(batch["batch_size"])  # rows [chosen x pairs, rejected x pairs]
-    spec = BatchSpec.from_dict(
-        batch,
-        pad_token_id=processor.pad_token_id,
-        image_token_id=processor.image_token_id,
-        video_token_id=processor.video_token_id,
-    )
+    ids = {}
+    if processor is not None:
+        ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
+                   video_token_id=processor.video_token_id)  # fmt: skip
+    try:
+        spec = BatchSpec.from_dict(batch, **ids)
+        min_pixels = processor.image_config.min_pixels if processor is not None else None
+        check_spec(spec, kind, pack, min_pixels=min_pixels)
+    except ValueError as err:
+        raise ConfigError(f"batch: {err}") from None
+    return spec, pack
+
+
+def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
+    from qwenvl_jax.data.pipeline import make_batches
+
+    kind, data = config["kind"], config["data"]
+    spec, pack = batch_spec(config, processor)
     options = {"pack": True} if pack else {}
     for key in ("max_length", "mask_vision_tokens"):
         if data.get(key) is not None:
@@ -136,6 +149,7 @@ def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
         shuffle=bool(data.get("shuffle", True)),
         num_epochs=data.get("num_epochs"),
         worker_count=workers,
+        skip_log=run_dir / "skipped.jsonl",
         **options,
     )
 
@@ -231,6 +245,7 @@ def prepare(config: dict) -> dict:
             "batch, so multi-host runs are not supported yet; run one process per host group"
         )
     check_mesh(config, jax.device_count(), jax.default_backend())
+    batch_spec(config)
     return config
 
 
