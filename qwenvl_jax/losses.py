@@ -178,6 +178,17 @@ def _smoothed_sigmoid_loss(x, eps):
     return -(1.0 - eps) * jax.nn.log_sigmoid(x) - eps * jax.nn.log_sigmoid(-x)
 
 
+def _sort_pairs(x, pair_mask):
+    """`sort(x)`, or with a pair mask: the real entries sorted among themselves, placed at the real
+    positions in order, and the dummy entries likewise at the dummy positions."""
+    if pair_mask is None:
+        return jnp.sort(x)
+    dummy = (jnp.asarray(pair_mask) <= 0).astype(jnp.int32)
+    by_value = jnp.lexsort((x, dummy))  # real values ascending, then dummy values ascending
+    by_position = jnp.argsort(dummy, stable=True)  # real positions in order, then dummy positions
+    return x[by_value][jnp.argsort(by_position)]
+
+
 def dpo_loss(
     chosen_logps,
     rejected_logps,
@@ -195,6 +206,7 @@ def dpo_loss(
     discopop_tau=0.05,
     cdpo=False,
     bco_delta=0.0,
+    pair_mask=None,
 ):
     """Per-pair DPO loss of one sequence-level loss type (rl.md 2.4, TRL 1.16 `_compute_loss`).
 
@@ -205,6 +217,11 @@ def dpo_loss(
     Compatibility flags (TRL 0.22.1): `cdpo` makes sigmoid honour ε (cDPO); `reference_free` drops the
     reference from the preference score (rewards still use it); `bco_delta` is bco_pair's running mean δ
     of the batch-mean reward (see `bco_running_mean`; 0 in 1.16).
+
+    `pair_mask` `(B,)` (1 = real pair, 0 = a dummy pair filling a short batch) matters only to the aot
+    losses, which compare batch quantiles: the real pairs are sorted among themselves (dummy ranks stay at
+    the dummy positions), so dummies shift no real rank. Every other loss is per pair; the caller weights
+    the pairs (`dpo_objective`).
     """
     if loss_type not in DPO_LOSS_TYPES or loss_type == "sft":
         raise ValueError(f"dpo_loss does not handle loss_type {loss_type!r}")
@@ -251,10 +268,14 @@ def dpo_loss(
     elif loss_type == "sppo_hard":  # SPPO, arXiv 2405.00675
         losses = (r_w - 1.0 / (2.0 * beta)) ** 2 + (r_l + 1.0 / (2.0 * beta)) ** 2
     elif loss_type == "aot":  # AOT, arXiv 2406.05882: d = sort_B(L_w - L_l) - sort_B(L^ref_w - L^ref_l)
-        d = jnp.sort(chosen_logps - rejected_logps) - jnp.sort(ref_chosen_logps - ref_rejected_logps)
+        d = _sort_pairs(chosen_logps - rejected_logps, pair_mask) - _sort_pairs(
+            ref_chosen_logps - ref_rejected_logps, pair_mask
+        )
         losses = _smoothed_sigmoid_loss(beta * d, eps)
     elif loss_type == "aot_unpaired":  # AOT unpaired (0.22.1 `aot_pair`): d = sort_B(r_w) - sort_B(r_l)
-        losses = _smoothed_sigmoid_loss(beta * (jnp.sort(r_w) - jnp.sort(r_l)), eps)
+        losses = _smoothed_sigmoid_loss(
+            beta * (_sort_pairs(r_w, pair_mask) - _sort_pairs(r_l, pair_mask)), eps
+        )
     elif loss_type == "apo_zero":  # APO, arXiv 2408.06266
         losses = 1.0 - jax.nn.sigmoid(beta * r_w) + jax.nn.sigmoid(beta * r_l)
     elif loss_type == "apo_down":
@@ -320,6 +341,7 @@ def dpo_objective(
     ref_rejected_logps=None,
     token_stats=None,
     attention_mask=None,
+    pair_mask=None,
 ):
     """DPO micro-batch loss and metrics on the concatenated `2B` rows (TRL 1.16 `DPOTrainer._compute_loss`).
 
@@ -335,6 +357,10 @@ def dpo_objective(
 
     token_stats: optional dict with `(2B, T-1)` `mean_logits`, `is_top1`, `entropy` of the policy for
     the logits/*, mean_token_accuracy and entropy metrics; attention_mask `(2B, T)` gives num_tokens.
+
+    pair_mask: `(B,)`, 1 for a real pair and 0 for a dummy pair filling a short batch (default: all real).
+    Dummy pairs carry no weight: every mean over pairs (the loss, rewards/*, logps/*) is over the real
+    pairs, and their rows count in no token metric and get no gradient.
     """
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
@@ -346,14 +372,22 @@ def dpo_objective(
     m = completion_mask
     if m.shape[1] == lp.shape[1] + 1:
         m = m[:, 1:]
-    m = m.astype(lp.dtype)
     half = lp.shape[0] // 2
+    real = jnp.ones((half,), bool) if pair_mask is None else jnp.asarray(pair_mask) > 0
+    pm = real.astype(lp.dtype)
+    m = m.astype(lp.dtype) * jnp.tile(pm, 2)[:, None]
+
+    def pair_mean(x):
+        return _masked_mean(jnp.where(real, x, 0.0), pm)
 
     seq = sequence_logps(lp, m, ld_alpha=ld_alpha)
     chosen_logps, rejected_logps = seq[:half], seq[half:]
     if ref_chosen_logps is None or ref_rejected_logps is None:
         ref_seq = jax.lax.stop_gradient(sequence_logps(ref_token_logps, m, ld_alpha=ld_alpha))
         ref_chosen_logps, ref_rejected_logps = ref_seq[:half], ref_seq[half:]
+    # A dummy pair's precomputed reference is arbitrary: keep its losses finite (0 x NaN is no zero weight).
+    ref_chosen_logps = jnp.where(real, ref_chosen_logps, 0.0)
+    ref_rejected_logps = jnp.where(real, ref_rejected_logps, 0.0)
     n = jnp.sum(m, axis=1)
     pair_weight = 1.0
     if use_weighting:
@@ -383,19 +417,20 @@ def dpo_objective(
                 discopop_tau=discopop_tau,
                 cdpo=cdpo,
                 bco_delta=bco_delta,
+                pair_mask=None if pair_mask is None else pm,
             )
-        loss = loss + lam * jnp.mean(per_pair * pair_weight)
+        loss = loss + lam * pair_mean(per_pair * pair_weight)
 
     sg = jax.lax.stop_gradient
     rw = sg(beta * (chosen_logps - ref_chosen_logps))
     rl = sg(beta * (rejected_logps - ref_rejected_logps))
     metrics = {
-        "rewards/chosen": jnp.mean(rw),
-        "rewards/rejected": jnp.mean(rl),
-        "rewards/accuracies": jnp.mean((rw > rl).astype(jnp.float32)),
-        "rewards/margins": jnp.mean(rw - rl),
-        "logps/chosen": jnp.mean(sg(chosen_logps)),
-        "logps/rejected": jnp.mean(sg(rejected_logps)),
+        "rewards/chosen": pair_mean(rw),
+        "rewards/rejected": pair_mean(rl),
+        "rewards/accuracies": pair_mean((rw > rl).astype(jnp.float32)),
+        "rewards/margins": pair_mean(rw - rl),
+        "logps/chosen": pair_mean(sg(chosen_logps)),
+        "logps/rejected": pair_mean(sg(rejected_logps)),
     }
     if token_stats is not None:
         ts = {k: sg(v) for k, v in token_stats.items()}
@@ -404,7 +439,8 @@ def dpo_objective(
         metrics["mean_token_accuracy"] = _masked_mean(ts["is_top1"][:half], m[:half])
         metrics["entropy"] = _masked_mean(ts["entropy"], m)
     if attention_mask is not None:
-        metrics["num_tokens"] = jnp.sum(attention_mask > 0).astype(jnp.float32)
+        rows = jnp.tile(real, 2)[:, None]
+        metrics["num_tokens"] = jnp.sum((attention_mask > 0) & rows).astype(jnp.float32)
     return loss, metrics
 
 
@@ -413,10 +449,19 @@ def bco_running_mean(mean, count, batch_reward_mean):
 
     bco_pair feeds one scalar per step (the batch mean of `[β r_w, β r_l]`, gathered over ranks), so the
     update is mean += (x - mean) / (count + 1). Start from `mean=0, count=1e-24`; feed the returned mean as
-    `bco_delta` of the same step (0.22.1 updates before computing the loss).
+    `bco_delta` of the same step (0.22.1 updates before computing the loss). Take the batch mean with
+    `bco_batch_reward_mean`, so that the dummy pairs of a short batch do not pull it towards 0.
     """
     new_count = count + 1.0
     return mean + (batch_reward_mean - mean) / new_count, new_count
+
+
+def bco_batch_reward_mean(chosen_rewards, rejected_rewards, pair_mask=None):
+    """The batch mean of `[β r_w, β r_l]` that bco_pair's running mean takes, over the real pairs only
+    (`pair_mask` `(B,)`, 1 = real, as in `dpo_objective`)."""
+    pm = jnp.ones_like(chosen_rewards) if pair_mask is None else jnp.asarray(pair_mask, chosen_rewards.dtype)
+    both = jnp.where(pm > 0, chosen_rewards + rejected_rewards, 0.0)
+    return jnp.sum(both) / jnp.maximum(2.0 * jnp.sum(pm), 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -470,3 +515,4 @@ def preference_batch(examples, *, max_length=None, truncation_mode="keep_start",
         attention_mask[i, : len(ids)] = 1
         completion_mask[i, : len(ids)] = mask
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+

@@ -363,7 +363,7 @@ def test_v0221_dpo(case):
     if "bco_pair" in loss_types:  # first step of RunningMoments: δ = this batch's mean reward
         r_w = seq["chosen_logps"] - seq["ref_chosen_logps"]
         r_l = seq["rejected_logps"] - seq["ref_rejected_logps"]
-        batch_mean = jnp.mean(beta * jnp.concatenate([r_w, r_l]))
+        batch_mean = L.bco_batch_reward_mean(beta * r_w, beta * r_l)
         kw["bco_delta"], _ = L.bco_running_mean(0.0, 1e-24, batch_mean)
 
     # Sequence log-probs from our own pipeline (batch, truncation, fused head on the bigram model).
@@ -405,3 +405,84 @@ def test_v0221_bco_running_mean_is_a_pure_update():
     mean, count = L.bco_running_mean(mean, count, 0.1)
     _close(mean, 0.2)
     _close(count, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dummy pairs of a short batch (pair_mask)
+# ---------------------------------------------------------------------------------------------------------
+
+_PAIR_MASK_CASES = [
+    *[{"loss_type": t} for t in L.DPO_LOSS_TYPES if t not in ("exo_pair",)],
+    {"loss_type": "exo_pair", "label_smoothing": 1e-3},
+    {"loss_type": "robust", "label_smoothing": 0.1},
+    {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0], "bco_delta": 0.3},
+    {"loss_type": "sigmoid", "use_weighting": True},
+    {"loss_type": "sigmoid", "ld_alpha": 0.5},
+    {"loss_type": "sigmoid", "f_divergence_type": "js_divergence"},
+]
+
+
+def _case_id(cfg):
+    return "+".join(np.atleast_1d(cfg["loss_type"])) + "".join(f"-{k}" for k in cfg if k != "loss_type")
+
+
+@pytest.mark.parametrize("cfg", _PAIR_MASK_CASES, ids=_case_id)
+def test_dummy_pairs_carry_no_weight(cfg):
+    """3 real pairs with 2 dummy pairs between them (pair_mask 0) give the loss, metrics and gradients of
+    the 3 real pairs alone, whatever the dummy rows hold; the dummies get no gradient."""
+    rng = np.random.default_rng(3)
+    t, real_b, dummy_at = 7, 3, (1, 4)
+
+    def rows(b):  # chosen then rejected
+        return {
+            "lp": rng.normal(-2.0, 1.0, (2 * b, t)).astype(np.float32),
+            "ref": rng.normal(-2.0, 1.0, (2 * b, t)).astype(np.float32),
+            "lssp": rng.normal(-1.5, 0.3, (2 * b, t)).astype(np.float32),
+            "mask": (rng.random((2 * b, t + 1)) < 0.7).astype(np.int32),
+            "attn": np.ones((2 * b, t + 1), np.int32),
+            "mean_logits": rng.normal(size=(2 * b, t)).astype(np.float32),
+            "is_top1": (rng.random((2 * b, t)) < 0.5).astype(np.float32),
+            "entropy": rng.random((2 * b, t)).astype(np.float32),
+        }
+
+    real, dummy = rows(real_b), rows(len(dummy_at))
+    order = [i for i in range(real_b + len(dummy_at)) if i not in dummy_at]
+    b = real_b + len(dummy_at)
+
+    def interleave(r, d):
+        out = np.zeros((2 * b, *r.shape[1:]), r.dtype)
+        for half in (0, 1):
+            out[half * b + np.asarray(order)] = r[half * real_b : (half + 1) * real_b]
+            out[half * b + np.asarray(dummy_at)] = d[half * len(dummy_at) : (half + 1) * len(dummy_at)]
+        return out
+
+    mixed = {k: interleave(real[k], dummy[k]) for k in real}
+    pair_mask = np.isin(np.arange(b), order).astype(np.int32)
+
+    def objective(lp, data, pm):
+        return L.dpo_objective(
+            lp,
+            jnp.asarray(data["ref"]),
+            jnp.asarray(data["mask"]),
+            policy_log_sum_sq_probs=jnp.asarray(data["lssp"]),
+            token_stats={k: jnp.asarray(data[k]) for k in ("mean_logits", "is_top1", "entropy")},
+            attention_mask=jnp.asarray(data["attn"]),
+            pair_mask=pm,
+            **cfg,
+        )
+
+    (l1, m1), g1 = jax.value_and_grad(objective, has_aux=True)(jnp.asarray(real["lp"]), real, None)
+    (l2, m2), g2 = jax.value_and_grad(objective, has_aux=True)(jnp.asarray(mixed["lp"]), mixed, pair_mask)
+    _close(l2, l1)
+    assert set(m1) == set(m2)
+    for k in m1:
+        _close(m2[k], m1[k], err_msg=k)
+    g2 = np.asarray(g2)
+    _close(interleave(np.asarray(g1), np.zeros_like(dummy["lp"])), g2)
+    assert np.any(np.asarray(g1) != 0)
+
+
+def test_bco_batch_reward_mean_is_over_real_pairs():
+    rw, rl = jnp.asarray([0.2, -0.4, 9.0]), jnp.asarray([0.1, 0.3, 9.0])
+    _close(L.bco_batch_reward_mean(rw, rl, jnp.asarray([1, 1, 0])), (0.2 - 0.4 + 0.1 + 0.3) / 4)
+    _close(L.bco_batch_reward_mean(rw[:2], rl[:2]), jnp.mean(jnp.concatenate([rw[:2], rl[:2]])))

@@ -2,11 +2,14 @@
 
 Tiny random model, float32, one CPU device. Batches are text-only (the vision tower is exercised by the
 frozen_vision test through a batch with an image).
+
+Claims about what a step computes (gradient accumulation, reference modes, dummy pairs) compare losses
+and GRADIENTS (the steps' own loss functions, `accumulate`d), never parameters after an Adam update: Adam
+turns rounding-level differences of near-zero gradients into lr-sized steps (~lr·sign(g)).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import sys
@@ -15,6 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from qwenvl_jax import losses
 from qwenvl_jax.model.qwen2_5_vl import host_inputs
@@ -30,6 +34,8 @@ from qwenvl_jax.train import (
     stack_micro_batches,
 )
 from qwenvl_jax.train.lora import flatten
+from qwenvl_jax.train.optim import decays
+from qwenvl_jax.train.step import accumulate, dpo_loss_fn, sft_loss_fn, token_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from multidevice_checks import random_model, tiny_config
@@ -88,9 +94,22 @@ def flat(tree):
 OPT = OptimConfig(
     learning_rate=1e-2, total_steps=10, schedule="constant", weight_decay=0.0, max_grad_norm=1.0
 )
-# Adam's first update is ~lr·sign(g): a large eps makes it ~lr·g, so reduction-order noise in near-zero
-# gradients cannot flip whole lr-sized steps in the accumulation comparison.
-OPT_SMOOTH = dataclasses.replace(OPT, eps=1.0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def loss_and_grads(make_loss_fn, params, batch, *args):
+    """(loss, metrics, gradients) of a whole step, what the step feeds its optimizer:
+    `accumulate(make_loss_fn(*args), ...)`, with the arrays of `args` as arguments, not constants."""
+    return accumulate(make_loss_fn(*args), params, batch, jax.random.key(0))
+
+
+def assert_same_grads(g1, g2):
+    """fp32 gradients equal up to summation order: rtol 1e-5, atol 1e-6 (the chunked head's gradient
+    tolerance in test_losses; the embedding's scatter-add of repeated tokens differs by ~5e-6 relative)."""
+    g1, g2 = flat(g1), flat(g2)
+    assert set(g1) == set(g2)
+    for k in g1:
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 @functools.cache
@@ -108,23 +127,46 @@ def init(trainable="full", opt=OPT, lora_cfg=None, **kw):
 # ------------------------------------------------------------------------------------ optimizer
 
 
-def test_weight_decay_mask_excludes_biases_and_norms():
-    model = fresh_model()
-    _, state, _, _ = init_train_state(model, OPT)
-    mask = flatten(decay_mask(state.params))
-    assert mask["text/layers/self_attn/q_proj/kernel"] and mask["lm_head/kernel"]
-    assert mask["text/embed_tokens/embedding"] and mask["visual/patch_embed/kernel"]
-    assert not mask["text/layers/self_attn/q_proj/bias"] and not mask["visual/blocks/mlp/up_proj/bias"]
-    assert not mask["text/norm/scale"] and not mask["text/layers/input_layernorm/scale"]
-    assert not mask["visual/merger/ln_q/scale"]
+def test_weight_decay_mask_matches_transformers():
+    """The decayed parameters are exactly those of transformers' `Trainer.get_decay_parameter_names` on
+    the same tiny model (each HF name mapped to our path by the checkpoint key map)."""
+    from transformers import Trainer
+
+    from conversion import tiny_hf
+    from qwenvl_jax.weights import key_map, normalize_hf_key
+
+    _, cfg = _model_and_cfg()
+    hf_model = tiny_hf.build_tiny_model()
+    hf_decayed = set(Trainer.get_decay_parameter_names(None, hf_model))  # uses no Trainer state
+    ours = {hf: e.path for e in key_map(cfg) for hf in e.hf_keys()}
+    hf_names = [n for n, _ in hf_model.named_parameters()]
+    assert {normalize_hf_key(n) for n in hf_names} == set(ours)
+    want: dict[str, bool] = {}
+    for n in hf_names:
+        path = ours[normalize_hf_key(n)]
+        assert want.setdefault(path, n in hf_decayed) == (n in hf_decayed), path  # same for every layer
+    _, state, _, _ = init_train_state(fresh_model(), OPT)
+    assert flatten(decay_mask(state.params)) == want
+    # The cases that matter: transformers decays the vision RMSNorms and ln_q, not the text norms.
+    assert want["visual/blocks/norm1/scale"] and want["visual/blocks/norm2/scale"]
+    assert want["visual/merger/ln_q/scale"] and want["lm_head/kernel"] and want["text/embed_tokens/embedding"]
+    assert not want["text/norm/scale"] and not want["text/layers/input_layernorm/scale"]
+    assert not want["text/layers/self_attn/q_proj/bias"] and not want["visual/blocks/mlp/up_proj/bias"]
+    # LoRA factors decay (PEFT's lora_A/lora_B do under transformers).
+    _, lora_state, _, _ = init_train_state(fresh_model(), OPT, trainable="lora", lora_cfg=LORA)
+    lora_mask = flatten(decay_mask(lora_state.params))
+    assert lora_mask and all(lora_mask.values())
+    assert decays("visual/blocks/attn/qkv/kernel/a") and not decays("visual/blocks/attn/qkv/bias")
     # Numerically: with zero gradients, AdamW shrinks decayed params by lr*wd and leaves the rest.
-    params = {"w": {"kernel": jnp.ones((2, 2))}, "n": {"scale": jnp.ones(2)}, "b": {"bias": jnp.ones(2)}}
+    ones = jnp.ones(2)
+    params = {"w": {"kernel": ones}, "norm": {"scale": ones}, "norm1": {"scale": ones}, "b": {"bias": ones}}
     tx = make_optimizer(
         OptimConfig(learning_rate=0.1, weight_decay=0.5, schedule="constant", max_grad_norm=None)
     )
     upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     np.testing.assert_allclose(upd["w"]["kernel"], -0.05)
-    np.testing.assert_array_equal(upd["n"]["scale"], 0.0)
+    np.testing.assert_allclose(upd["norm1"]["scale"], -0.05)
+    np.testing.assert_array_equal(upd["norm"]["scale"], 0.0)
     np.testing.assert_array_equal(upd["b"]["bias"], 0.0)
 
 
@@ -186,16 +228,19 @@ def test_grad_accumulation_equals_one_big_batch():
     mb1 = {k: (v[:, 2:] if k == "position_ids" else v[2:]) for k, v in big.items()}
     mb1["labels"][:, 4:9] = -100  # uneven token counts per micro-batch: a mean of means would differ
     big["labels"][2:, 4:9] = -100
+    graphdef, state, frozen, _ = init()
     results = []
     for micro in ([big], [mb0, mb1]):
-        _, state, frozen, _ = init(opt=OPT_SMOOTH)
-        state, m = setup_step(opt=OPT_SMOOTH)(state, frozen, stack_micro_batches(micro), n_items(*micro))
-        results.append((flat(state.params), float(m["loss"]), float(m["grad_norm"])))
-    (p1, l1, g1), (p2, l2, g2) = results
-    np.testing.assert_allclose(l1, l2, rtol=1e-6)
-    np.testing.assert_allclose(g1, g2, rtol=1e-5)
-    for k in p1:
-        np.testing.assert_allclose(p1[k], p2[k], atol=1e-6, err_msg=k)
+        make = functools.partial(sft_loss_fn, graphdef)
+        results.append(
+            loss_and_grads(make, state.params, stack_micro_batches(micro), frozen, n_items(*micro))
+        )
+    (l1, aux1, g1), (l2, aux2, g2) = results
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    for k in aux1:
+        np.testing.assert_allclose(float(aux1[k]), float(aux2[k]), rtol=1e-6, err_msg=k)
+    assert_same_grads(g1, g2)
+    assert float(optax.tree.norm(g1)) > 0
 
 
 def test_frozen_vision_split():
@@ -344,21 +389,61 @@ def test_dpo_step_frozen_ref_and_lora_ref():
     np.testing.assert_allclose(float(m["loss"]), math.log(2), rtol=1e-6)
     state, m = step(state, frozen, b)
     assert float(m["loss"]) < math.log(2)
-    # Precomputed reference log-probs give the same numbers as the in-step reference.
+    # Precomputed reference log-probs give the same loss, metrics and gradients as the in-step reference.
+    # They come from a jitted pass of their own, as a precompute pass runs: op-by-op dispatch would round
+    # the sequence sums differently (an ulp of ~60 is 4e-6), which β passes on to the gradients.
     graphdef, s1, frozen, _ = init()
-    model = build_model(graphdef, s1.params, frozen)
-    labels = np.where(b["completion_mask"][0] > 0, b["input_ids"][0], -100)
-    lp = losses.token_logprobs(
-        model.hidden_states(b["input_ids"][0], b["attention_mask"][0], b["position_ids"][0]),
-        model.lm_head_matrix(),
-        labels,
-    )["log_probs"]
-    seq = np.asarray(losses.sequence_logps(lp, b["completion_mask"][0][:, 1:]))
+
+    @jax.jit
+    def reference_logps(params, mb):
+        labels = jnp.where(mb["completion_mask"] > 0, mb["input_ids"], losses.IGNORE_INDEX)
+        lp = token_stats(build_model(graphdef, params, frozen), mb, labels)["log_probs"]
+        return losses.sequence_logps(lp, mb["completion_mask"][:, 1:])
+
+    seq = np.asarray(reference_logps(s1.params, jax.tree.map(lambda x: x[0], b)))
     pre = dict(b, ref_chosen_logps=seq[None, :2], ref_rejected_logps=seq[None, 2:])
-    s2 = jax.tree.map(jnp.copy, s1)
-    ref = jax.tree.map(jnp.copy, s1.params)
-    s1, m1 = step_ref(s1, frozen, b, ref)
-    s2, m2 = setup_step("dpo", beta=0.1)(s2, frozen, pre)
-    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
-    for k, v in flat(s1.params).items():
-        np.testing.assert_allclose(v, flat(s2.params)[k], atol=1e-6, err_msg=k)
+    make = functools.partial(dpo_loss_fn, graphdef, beta=0.1)
+    l1, m1, g1 = loss_and_grads(make, s1.params, b, frozen, s1.params)
+    l2, m2, g2 = loss_and_grads(make, s1.params, pre, frozen)
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    np.testing.assert_allclose(float(l1), math.log(2), rtol=1e-6)
+    for k in m1:
+        np.testing.assert_allclose(float(m1[k]), float(m2[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    assert_same_grads(g1, g2)
+    assert float(optax.tree.norm(g1)) > 0
+    # The step differentiates this same function: its first step reports the same loss and gradient norm.
+    _, m = step_ref(jax.tree.map(jnp.copy, s1), frozen, b, jax.tree.map(jnp.copy, s1.params))
+    np.testing.assert_allclose(float(m["loss"]), float(l1), rtol=1e-6)
+    np.testing.assert_allclose(float(m["grad_norm"]), float(optax.tree.norm(g1)), rtol=1e-5)
+
+
+def test_dpo_dummy_pairs_carry_no_weight():
+    """A short DPO batch is filled with dummy pairs (rows with attention_mask and example_mask 0, as
+    `data.pipeline.collate_pairs` makes them): 2 real pairs + 1 dummy give the loss, metrics and gradients
+    of the 2 real pairs alone."""
+    real = dpo_batch()  # rows [c0, c1, r0, r1]
+    rng = np.random.default_rng(7)
+    ref = rng.normal(-40.0, 3.0, (4,)).astype(np.float32)  # a reference the policy is not: loss != log 2
+
+    def with_dummy(x):
+        pad = np.zeros((1, *x.shape[1:]), x.dtype)
+        return np.concatenate([x[:2], pad, x[2:], pad])
+
+    short = {k: with_dummy(v) for k, v in real.items() if k != "position_ids"}
+    short["input_ids"][[2, 5]] = 320  # <|endoftext|>, the pad id
+    pos, zeros = real["position_ids"], np.zeros((3, 1, S), np.int32)
+    short["position_ids"] = np.concatenate([pos[:, :2], zeros, pos[:, 2:], zeros], 1)
+    short["example_mask"] = np.array([1, 1, 0, 1, 1, 0], np.int32)
+    short["ref_chosen_logps"] = np.array([ref[0], ref[1], np.nan], np.float32)  # never read
+    short["ref_rejected_logps"] = np.array([ref[2], ref[3], np.nan], np.float32)
+    real = dict(real, ref_chosen_logps=ref[:2], ref_rejected_logps=ref[2:])
+    graphdef, state, frozen, _ = init()
+    make = functools.partial(dpo_loss_fn, graphdef, beta=0.1)
+    l1, m1, g1 = loss_and_grads(make, state.params, stack_micro_batches([real]), frozen)
+    l2, m2, g2 = loss_and_grads(make, state.params, stack_micro_batches([short]), frozen)
+    assert abs(float(l1) - math.log(2)) > 0.01
+    np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+    assert set(m1) == set(m2)
+    for k in m1:
+        np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-6, atol=1e-6, err_msg=k)
+    assert_same_grads(g2, g1)

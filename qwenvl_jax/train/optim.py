@@ -3,9 +3,14 @@
 Parameters are plain nested dicts (`nnx.to_pure_dict` of a split model) or the flat LoRA dict
 `{"text/layers/self_attn/q_proj/kernel": {"a": A, "b": B}}`; masks are computed from the key paths.
 
-Weight decay (decoupled, AdamW) follows transformers' `Trainer.get_decay_parameter_names`, so TRL runs
-are reproduced: every parameter decays except biases (path ends in `bias`) and norm scales (path ends in
-`scale`: RMSNorm weights and the merger's `ln_q`). Embeddings, the lm_head and LoRA A/B matrices decay.
+Weight decay (decoupled, AdamW) follows transformers' `Trainer.get_decay_parameter_names` exactly, so TRL
+runs are reproduced. transformers decides by NAME, not by layer kind: a parameter is exempt when its
+lower-cased dotted name matches `bias`, `layernorm`, `rmsnorm`, a whole `norm` component or `_norm`
+(`NO_DECAY_PATTERNS`), or sits inside an `nn.LayerNorm` (Qwen2.5-VL has none: all its norms are RMSNorm).
+Our module names are transformers' (only leaf names differ: kernel/scale/embedding for weight), so the
+patterns apply to our paths with `/` for `.`. Hence the text norms (`input_layernorm`,
+`post_attention_layernorm`, `norm`) and every bias are exempt, while the vision blocks' `norm1`/`norm2`,
+the merger's `ln_q`, embeddings, the lm_head and LoRA A/B matrices decay.
 
 `trainable_mask` (optional): a tree of bools like the params; False leaves get `optax.set_to_zero()`
 updates and no optimizer moments. The train steps of `qwenvl_jax.train.step` do not need it (they
@@ -15,13 +20,16 @@ differentiate only the trainable split of the parameters); it exists for callers
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
 import optax
 
-NO_DECAY_SUFFIXES = ("bias", "scale")
+# transformers 5.24 `Trainer.get_decay_parameter_names`, verbatim (matched on the lower-cased dotted name).
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+_NO_DECAY = tuple(re.compile(p) for p in NO_DECAY_PATTERNS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +68,10 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
 
 
 def decays(path: str) -> bool:
-    """True when the parameter at `path` gets weight decay (see the module docstring)."""
-    parts = path.split("/")
-    if parts[-1] in ("a", "b") and len(parts) >= 2 and parts[-2] == "kernel":  # LoRA factors
-        return True
-    return parts[-1] not in NO_DECAY_SUFFIXES
+    """True when the parameter at `path` gets weight decay (see the module docstring). LoRA factors
+    (`.../kernel/a`, `.../kernel/b`) decay like PEFT's `lora_A`/`lora_B` under transformers."""
+    name = path.replace("/", ".").lower()
+    return not any(p.search(name) for p in _NO_DECAY)
 
 
 def decay_mask(params: Any) -> Any:

@@ -131,6 +131,39 @@ def _next_rng(state: TrainState):
 # ------------------------------------------------------------------------------------------ SFT
 
 
+def sft_loss_fn(
+    graphdef: Any,
+    frozen: Any,
+    num_items_in_batch: jax.Array,
+    *,
+    lora_cfg: lora_lib.LoraConfig | None = None,
+    loss_type: str = "nll",
+    chunk_size: int = 1024,
+) -> Callable:
+    """`sft_step`'s differentiated function `(params, micro_batch, dropout_key) -> (loss, sums)`: the
+    micro-batch loss Σ_tokens -lp / N (nll) or the DFT variant (rl.md 1.3), N = num_items_in_batch, and
+    the token sums of its metrics. `accumulate` it for the loss and gradients of a whole step."""
+
+    def loss_fn(params, mb, key):
+        model = build_model(graphdef, params, frozen, lora_cfg, dropout_key=key)
+        st = token_stats(model, mb, mb["labels"], chunk_size=chunk_size)
+        loss = losses.sft_loss(
+            st["log_probs"], st["label_mask"], num_items_in_batch=num_items_in_batch, loss_type=loss_type
+        )
+        m = st["label_mask"]
+        aux = {
+            "entropy": jnp.sum(st["entropy"] * m),
+            "correct": jnp.sum(st["is_top1"] * m),
+            "label_tokens": jnp.sum(m),
+            "num_tokens": jnp.sum(mb["attention_mask"] > 0).astype(jnp.float32)
+            if "attention_mask" in mb
+            else jnp.asarray(float(mb["input_ids"].size), jnp.float32),
+        }
+        return loss, aux
+
+    return loss_fn
+
+
 def sft_step(
     state: TrainState,
     frozen: Any,
@@ -150,24 +183,9 @@ def sft_step(
     num_tokens (Σ attention_mask), label_tokens (Σ label mask).
     """
     new_rng, step_key = _next_rng(state)
-
-    def loss_fn(params, mb, key):
-        model = build_model(graphdef, params, frozen, lora_cfg, dropout_key=key)
-        st = token_stats(model, mb, mb["labels"], chunk_size=chunk_size)
-        loss = losses.sft_loss(
-            st["log_probs"], st["label_mask"], num_items_in_batch=num_items_in_batch, loss_type=loss_type
-        )
-        m = st["label_mask"]
-        aux = {
-            "entropy": jnp.sum(st["entropy"] * m),
-            "correct": jnp.sum(st["is_top1"] * m),
-            "label_tokens": jnp.sum(m),
-            "num_tokens": jnp.sum(mb["attention_mask"] > 0).astype(jnp.float32)
-            if "attention_mask" in mb
-            else jnp.asarray(float(mb["input_ids"].size), jnp.float32),
-        }
-        return loss, aux
-
+    loss_fn = sft_loss_fn(
+        graphdef, frozen, num_items_in_batch, lora_cfg=lora_cfg, loss_type=loss_type, chunk_size=chunk_size
+    )
     loss, aux, grads = accumulate(loss_fn, state.params, batch, step_key)
     state, upd = apply_update(state, grads, loss, tx, new_rng)
     n = jnp.maximum(aux["label_tokens"], 1.0)
@@ -185,29 +203,26 @@ def sft_step(
 # ------------------------------------------------------------------------------------------ DPO
 
 
-def dpo_step(
-    state: TrainState,
+def dpo_loss_fn(
+    graphdef: Any,
     frozen: Any,
-    batch: Mapping[str, jax.Array],
     ref_params: Any = None,
     *,
-    graphdef: Any,
-    tx: optax.GradientTransformation,
     lora_cfg: lora_lib.LoraConfig | None = None,
     chunk_size: int = 1024,
+    num_micro_batches: int = 1,
     **objective_kw: Any,
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One DPO optimizer step; each micro-batch holds the `2B` rows `[chosen x B, rejected x B]`.
+) -> Callable:
+    """`dpo_step`'s differentiated function `(params, micro_batch, dropout_key) -> (loss, metrics)`:
+    `losses.dpo_objective` of one micro-batch divided by `num_micro_batches` (TRL divides by GA for DPO,
+    rl.md 2.5), so `accumulate` gives the loss, metrics and gradients of a whole step.
 
-    batch: `input_ids`, `attention_mask`, `position_ids`, vision keys, `completion_mask (2B, S)`, and
-    optionally precomputed `ref_chosen_logps`/`ref_rejected_logps (B,)`. Reference, in this order: the
-    precomputed log-probs; with LoRA, the base model (adapters disabled, no second copy of weights);
-    else `ref_params` (a full nested param dict for `graphdef`, e.g. the initial policy). The reference
-    pass runs outside the differentiated function. `objective_kw` goes to `losses.dpo_objective`.
-    Loss = Σ_micro-batches dpo_objective / M (TRL divides by GA for DPO, rl.md 2.5).
+    Reference, in this order: the micro-batch's precomputed `ref_chosen_logps`/`ref_rejected_logps`;
+    with LoRA, the base model (adapters disabled, no second copy of weights); else `ref_params` (a full
+    nested param dict for `graphdef`, e.g. the initial policy). The reference pass is not differentiated.
+    A micro-batch's `example_mask` (its chosen half) marks the real pairs: the dummy pairs that fill a
+    short batch get no weight (`dpo_objective`'s `pair_mask`).
     """
-    new_rng, step_key = _next_rng(state)
-    num = jax.tree.leaves(batch)[0].shape[0]
 
     def labels_of(mb):
         return jnp.where(mb["completion_mask"] > 0, mb["input_ids"], losses.IGNORE_INDEX)
@@ -231,6 +246,8 @@ def dpo_step(
                 raise ValueError("dpo_step needs a reference: ref_params, LoRA, or precomputed ref log-probs")
             ref_st = token_stats(ref_model, mb, labels_of(mb), chunk_size=chunk_size)
             ref_lp = jax.lax.stop_gradient(ref_st["log_probs"])
+        if "example_mask" in mb:
+            ref_kw["pair_mask"] = mb["example_mask"][: mb["example_mask"].shape[0] // 2]
         loss, metrics = losses.dpo_objective(
             st["log_probs"],
             ref_lp if ref_lp is not None else jnp.zeros_like(st["log_probs"]),
@@ -241,8 +258,41 @@ def dpo_step(
             **ref_kw,
             **objective_kw,
         )
-        return loss / num, jax.tree.map(lambda x: x / num, metrics)
+        return loss / num_micro_batches, jax.tree.map(lambda x: x / num_micro_batches, metrics)
 
+    return loss_fn
+
+
+def dpo_step(
+    state: TrainState,
+    frozen: Any,
+    batch: Mapping[str, jax.Array],
+    ref_params: Any = None,
+    *,
+    graphdef: Any,
+    tx: optax.GradientTransformation,
+    lora_cfg: lora_lib.LoraConfig | None = None,
+    chunk_size: int = 1024,
+    **objective_kw: Any,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One DPO optimizer step; each micro-batch holds the `2B` rows `[chosen x B, rejected x B]`.
+
+    batch: `input_ids`, `attention_mask`, `position_ids`, vision keys, `completion_mask (2B, S)`, and
+    optionally `example_mask (2B,)` (0 on the dummy pairs of a short batch) and precomputed
+    `ref_chosen_logps`/`ref_rejected_logps (B,)`; the reference is chosen as `dpo_loss_fn` says.
+    `objective_kw` goes to `losses.dpo_objective`. Loss = Σ_micro-batches dpo_objective / M (rl.md 2.5).
+    """
+    new_rng, step_key = _next_rng(state)
+    num = jax.tree.leaves(batch)[0].shape[0]
+    loss_fn = dpo_loss_fn(
+        graphdef,
+        frozen,
+        ref_params,
+        lora_cfg=lora_cfg,
+        chunk_size=chunk_size,
+        num_micro_batches=num,
+        **objective_kw,
+    )
     loss, metrics, grads = accumulate(loss_fn, state.params, batch, step_key)
     state, upd = apply_update(state, grads, loss, tx, new_rng)
     return state, {"loss": loss, **metrics, **upd}
