@@ -205,8 +205,11 @@ def builtin_inputs_for(
 
     tiny = Qwen25VLConfig.preset("tiny")
     offset = config.bos_token_id - tiny.bos_token_id
-    moved = {n: getattr(tiny, n) + offset for n in (*names, "vision_token_id", "eos_token_id")}
-    wrong = {n: (v, getattr(config, n)) for n, v in moved.items() if v != getattr(config, n)}
+    moved = {n: getattr(tiny, n) + offset for n in (*names, "vision_token_id")}
+    # config.json's own stop id (the first); generation_config.json may add others, e.g. <|endoftext|>.
+    moved["eos_token_id"] = tiny.eos_token_id[0] + offset
+    actual = {n: getattr(config, n) for n in moved} | {"eos_token_id": config.eos_token_id[0]}
+    wrong = {n: (v, actual[n]) for n, v in moved.items() if v != actual[n]}
     if wrong or moved["video_token_id"] >= config.text.vocab_size:
         raise ValueError(
             f"the model's special token ids are not Qwen2.5's layout ({wrong or 'vocabulary too small'}): "

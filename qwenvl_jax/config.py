@@ -10,13 +10,16 @@ HF hazards handled here (spec 1.2):
   top level or inside them.
 - `tie_word_embeddings` may sit in `text_config` (old v4 saves) or at the top level.
 - Legacy vision keys `in_chans` and `spatial_patch_size` are ignored, as transformers ignores them.
+- `eos_token_id` may be one id or a list (and Qwen checkpoints list more stop ids in
+  `generation_config.json`): all of them are kept, as a tuple; a single id is written back as an int.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import operator
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +109,7 @@ class Qwen25VLConfig:
     vision_end_token_id: int = 151653
     vision_token_id: int = 151654
     bos_token_id: int = 151643
-    eos_token_id: int = 151645
+    eos_token_id: tuple[int, ...] = (151645,)  # every id generation stops on (an int is taken as one)
     # Numerics and execution policy.
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters (cast to `dtype` at use)
@@ -115,6 +118,7 @@ class Qwen25VLConfig:
     scan_layers: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "eos_token_id", _token_ids(self.eos_token_id, "eos_token_id"))
         if self.attention_backend not in ("xla", "cudnn"):
             raise ValueError(f"attention_backend must be 'xla' or 'cudnn', got {self.attention_backend!r}")
         if self.remat not in ("none", "full", "dots"):
@@ -127,6 +131,11 @@ class Qwen25VLConfig:
 
     def replace(self, **changes: Any) -> Qwen25VLConfig:
         return dataclasses.replace(self, **changes)
+
+    def with_eos_token_ids(self, ids: int | Sequence[int] | None) -> Qwen25VLConfig:
+        """This config with `ids` added to its stop ids: ours first, then the new ones, in order."""
+        new = [i for i in dict.fromkeys(_token_ids(ids, "eos_token_id")) if i not in self.eos_token_id]
+        return self.replace(eos_token_id=(*self.eos_token_id, *new)) if new else self
 
     # ------------------------------------------------------------------------------------ HF I/O
     @classmethod
@@ -156,8 +165,6 @@ class Qwen25VLConfig:
         for key in ("bos_token_id", "eos_token_id"):
             if key not in top and text_src.get(key) is not None:
                 top[key] = text_src[key]
-        if isinstance(top.get("eos_token_id"), list):
-            top["eos_token_id"] = top["eos_token_id"][0]
         return cls(vision=vision, text=text, **top, **policy)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -168,7 +175,9 @@ class Qwen25VLConfig:
         text["rope_parameters"] = {"rope_type": "default", "mrope_section": list(self.text.mrope_section),
                                    "rope_theta": self.text.rope_theta}  # fmt: skip
         text["model_type"] = "qwen2_5_vl_text"
-        text["bos_token_id"], text["eos_token_id"] = self.bos_token_id, self.eos_token_id
+        # One id is written as transformers writes it (an int), any other number as a list.
+        eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+        text["bos_token_id"], text["eos_token_id"] = self.bos_token_id, eos
         vision = {f.name: getattr(self.vision, f.name) for f in dataclasses.fields(VisionConfig)}
         for key in ("rms_norm_eps", "rope_theta"):  # not HF config keys
             vision.pop(key)
@@ -186,7 +195,7 @@ class Qwen25VLConfig:
             "vision_end_token_id": self.vision_end_token_id,
             "vision_token_id": self.vision_token_id,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": eos,
         }
 
     @classmethod
@@ -207,6 +216,33 @@ class Qwen25VLConfig:
             return PRESETS[name].replace(**policy)
         except KeyError:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None
+
+
+def _token_ids(value: Any, name: str) -> tuple[int, ...]:
+    """An HF token-id field (one id, a list of ids, or None) as a tuple of ints."""
+    if value is None:
+        return ()
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    try:
+        if any(isinstance(v, bool) for v in values):
+            raise TypeError
+        return tuple(operator.index(v) for v in values)
+    except TypeError:
+        raise ValueError(f"{name} must be a token id or a list of token ids, got {value!r}") from None
+
+
+def generation_eos_token_ids(directory: str | Path) -> tuple[int, ...]:
+    """The `eos_token_id` (one id or a list) of `generation_config.json` in `directory`; () when absent.
+
+    transformers' `generate` stops on these ids, which may go beyond config.json's (Qwen2.5-VL: config.json
+    says `<|im_end|>`, generation_config.json adds `<|endoftext|>`)."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        return _token_ids(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"), "eos_token_id")
+    except (UnicodeDecodeError, AttributeError, ValueError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path}: not a generation config with usable eos_token_id ({err})") from None
 
 
 def _build(kind, src: Mapping[str, Any]):
@@ -266,6 +302,6 @@ PRESETS: dict[str, Qwen25VLConfig] = {
         vision_end_token_id=330,
         vision_token_id=331,
         bos_token_id=320,
-        eos_token_id=322,
+        eos_token_id=(322,),
     ),
 }

@@ -8,7 +8,7 @@ import warnings
 import pytest
 from transformers import Qwen2_5_VLConfig
 
-from qwenvl_jax.config import PRESETS, Qwen25VLConfig
+from qwenvl_jax.config import PRESETS, Qwen25VLConfig, generation_eos_token_ids
 
 # The Hub's flat 7B config.json (text keys at the top level), as published.
 HUB_7B_FLAT = {
@@ -153,6 +153,7 @@ def test_presets_round_trip_through_transformers(name, tmp_path):
     loaded = Qwen25VLConfig.from_pretrained(tmp_path)
     assert loaded.text == preset.text and loaded.vision == preset.vision
     assert loaded.image_token_id == preset.image_token_id
+    assert loaded.eos_token_id == preset.eos_token_id == (ref.text_config.eos_token_id,)
 
 
 def test_rope_parameters_form_and_policy_overrides():
@@ -182,3 +183,44 @@ def test_policy_values_are_checked():
         PRESETS["tiny"].replace(attention_backend="flash")
     with pytest.raises(ValueError, match="unknown preset"):
         Qwen25VLConfig.preset("13B")
+
+
+def test_eos_token_id_list_round_trips(tmp_path):
+    """Every stop id is kept (Qwen lists `<|im_end|>` and `<|endoftext|>`); transformers agrees both ways."""
+    hf = {**HUB_7B_FLAT, "eos_token_id": [151645, 151643]}
+    ours = Qwen25VLConfig.from_hf_dict(hf)
+    assert ours.eos_token_id == (151645, 151643)
+    ref = _hf(hf)
+    assert list(ref.text_config.eos_token_id) == [151645, 151643]
+    assert Qwen25VLConfig.from_hf_dict(ref.to_dict()).eos_token_id == (151645, 151643)  # nested form
+    assert _hf(ours.to_hf_dict()).text_config.eos_token_id == [151645, 151643]
+    ours.save_pretrained(tmp_path)
+    assert Qwen25VLConfig.from_pretrained(tmp_path).eos_token_id == (151645, 151643)
+    # A single id is written back as an int, where the checkpoint had an int.
+    single = Qwen25VLConfig.from_hf_dict(HUB_7B_FLAT)
+    assert single.eos_token_id == (151645,)
+    out = single.to_hf_dict()
+    assert type(out["eos_token_id"]) is int and type(out["text_config"]["eos_token_id"]) is int
+    assert out["eos_token_id"] == out["text_config"]["eos_token_id"] == 151645
+    assert _hf(out).text_config.eos_token_id == 151645
+
+
+def test_eos_token_ids_accept_int_and_merge_in_order(tmp_path):
+    tiny = PRESETS["tiny"]
+    assert tiny.replace(eos_token_id=5).eos_token_id == (5,)
+    assert tiny.replace(eos_token_id=[7, 8]).eos_token_id == (7, 8)
+    for bad in ("7", 7.0, True, [7, None]):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            tiny.replace(eos_token_id=bad)
+    cfg = Qwen25VLConfig.from_hf_dict(HUB_7B_FLAT)
+    assert cfg.with_eos_token_ids([151643, 151645, 151643]).eos_token_id == (151645, 151643)
+    assert cfg.with_eos_token_ids(None) is cfg and cfg.with_eos_token_ids(151645) is cfg
+    # generation_config.json's eos_token_id: an int, a list, null or absent.
+    assert generation_eos_token_ids(tmp_path) == ()
+    for value, want in ((151645, (151645,)), ([151645, 151643], (151645, 151643)), (None, ())):
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+        assert generation_eos_token_ids(tmp_path) == want
+    for text in ("{not json", '{"eos_token_id": "x"}', "[]"):
+        (tmp_path / "generation_config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"generation_config\.json"):
+            generation_eos_token_ids(tmp_path)

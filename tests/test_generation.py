@@ -80,7 +80,7 @@ def test_greedy_ids_equal_transformers_generate(tiny_model_dir):
                 max_new_tokens=MAX_NEW,
                 do_sample=False,
                 suppress_tokens=suppress,
-                eos_token_id=cfg.eos_token_id,
+                eos_token_id=list(cfg.eos_token_id),
                 pad_token_id=processor.pad_token_id,
             )
         ref = ref[:, batch["input_ids"].shape[1] :].numpy()
@@ -88,10 +88,8 @@ def test_greedy_ids_equal_transformers_generate(tiny_model_dir):
         np.testing.assert_array_equal(out.tokens, ref)
         # Not a degenerate comparison: the completions differ between rows and are not one repeated token.
         assert all(len(set(row.tolist())) > 1 for row in out.tokens)
-        stops = [
-            int(np.argmax(row == cfg.eos_token_id)) + 1 if (row == cfg.eos_token_id).any() else MAX_NEW
-            for row in ref
-        ]
+        hit = np.isin(ref, cfg.eos_token_id)
+        stops = [int(np.argmax(h)) + 1 if h.any() else MAX_NEW for h in hit]
         assert out.lengths.tolist() == stops
 
 
@@ -232,6 +230,51 @@ def test_stop_token_ends_a_row(setup):
     if stop not in other:
         assert out.finish_reasons[1] == "length" and out.lengths[1] == MAX_NEW
         assert out.tokens[1].tolist() == other
+
+
+def test_generation_config_stop_ids_end_rows(setup, untied_dir, tmp_path):
+    """A checkpoint whose generation_config.json lists a second eos id stops on it too (Qwen: `<|im_end|>`
+    in config.json, `<|im_end|>` and `<|endoftext|>` in generation_config.json), loaded from the HF dir,
+    from an Orbax checkpoint of it, and from a CheckpointManager-style step dir."""
+    import shutil
+
+    from flax import nnx
+
+    from qwenvl_jax.checkpoint import save_params
+
+    model, processor, cases = setup
+    _, batch = cases[0]
+    eos = model.config.eos_token_id
+    assert eos == (322,)
+    free = generate(model, batch, max_new_tokens=MAX_NEW, temperature=0.0, stop_token_ids=())
+    row = free.tokens[0].tolist()
+    before_eos = next((i for i, tok in enumerate(row) if tok in eos), MAX_NEW)
+    j = next(i for i in range(1, before_eos) if row[i] not in row[:i])  # a new token before any eos
+    second = row[j]
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(untied_dir, hf_dir)
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == eos[0]
+    (hf_dir / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [eos[0], second]}))
+
+    loaded = qwenvl_jax.load(hf_dir, dtype="float32")
+    assert loaded.config.eos_token_id == (*eos, second)
+    out = generate(loaded, batch, max_new_tokens=MAX_NEW, temperature=0.0)
+    assert out.finish_reasons[0] == "stop" and out.lengths[0] == j + 1
+    assert out.tokens[0, : j + 1].tolist() == row[: j + 1]
+    assert (out.tokens[0, j + 1 :] == processor.pad_token_id).all()
+
+    # Orbax: generation_config.json is kept beside config.json, which carries the whole list.
+    params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+    ckpt = save_params(params, tmp_path / "orbax", loaded.config, assets_from=hf_dir)
+    assert json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"] == [eos[0], second]
+    assert json.loads((ckpt / "config.json").read_text())["eos_token_id"] == [eos[0], second]
+    assert qwenvl_jax.load(ckpt, dtype="float32").config.eos_token_id == (*eos, second)
+    # A config with the single id still gets the second from generation_config.json, in a step dir too.
+    single = save_params(params, tmp_path / "manager" / "7", model.config, assets_from=hf_dir)
+    assert json.loads((single / "config.json").read_text())["eos_token_id"] == eos[0]
+    for path in (single, single.parent):
+        assert qwenvl_jax.load(path, dtype="float32").config.eos_token_id == (*eos, second)
 
 
 # ------------------------------------------------------------------------------------------ errors

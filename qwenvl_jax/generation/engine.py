@@ -531,7 +531,8 @@ _GENERATE_DOC = """
 
     Sampling: `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are off. `n` completions per prompt
     share one prefill. `seed` fixes the draws. A row stops after emitting any of `stop_token_ids`
-    (default: `model.config.eos_token_id`; a given list replaces it, `()` disables stopping) or after
+    (default: every id of `model.config.eos_token_id`, which `load` takes from config.json and
+    generation_config.json; a given list replaces it, `()` disables stopping) or after
     `max_new_tokens`; later positions hold `pad_token_id` (default: the config's `<|endoftext|>`, Qwen's
     pad). `suppress_token_ids` are never emitted (default: the image and video placeholders; `()`: none).
 
