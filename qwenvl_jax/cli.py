@@ -466,12 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qwenvl_jax.processing.errors import InputError
+    from qwenvl_jax.safetensors_io import CheckpointError
     from qwenvl_jax.train.config import ConfigError
     from qwenvl_jax.weights import CheckpointMismatchError
 
     try:
         return args.func(args)
-    except (InputError, CheckpointMismatchError, ConfigError, FileExistsError,
+    except (InputError, CheckpointMismatchError, CheckpointError, ConfigError, FileExistsError,
             FileNotFoundError, NotADirectoryError) as err:  # fmt: skip
         hint = " (on the command line: --overwrite)" if isinstance(err, FileExistsError) else ""
         print(f"error: {err}{hint}", file=sys.stderr)

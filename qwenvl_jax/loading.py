@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.config import Qwen25VLConfig, generation_eos_token_ids
 from qwenvl_jax.model import Qwen25VL
 from qwenvl_jax.weights import (
     CheckpointMismatchError,
@@ -33,6 +33,15 @@ def _is_orbax(path: Path) -> bool:
         return params_dir(path).is_dir()
     except FileNotFoundError:
         return False
+
+
+def _config_dir(path: Path) -> Path:
+    """Where `load` found config.json: `path`, or the step dir of an Orbax CheckpointManager dir."""
+    if (path / "config.json").is_file() or not _is_orbax(path):
+        return path
+    from qwenvl_jax.checkpoint import params_dir
+
+    return params_dir(path).parent
 
 
 def abstract_model(config: Qwen25VLConfig) -> Qwen25VL:
@@ -94,7 +103,7 @@ def load(
     inference wants; training keeps float32 master weights with `param_dtype="float32"`). Other keyword
     arguments set the config's execution policy (`attention_backend`, `remat`, `scan_layers`).
     """
-    path = Path(path)
+    path = Path(path).expanduser().absolute()  # Orbax refuses relative paths
     policy = dict(policy, dtype=dtype, param_dtype=param_dtype or dtype)
     if _is_orbax(path):
         from qwenvl_jax.checkpoint import load_params
@@ -102,12 +111,16 @@ def load(
         flat, config = load_params(path)
         config = config.replace(**policy)
     elif (path / "config.json").exists() and checkpoint_files(path):
-        config = Qwen25VLConfig.from_pretrained(path, **policy)
+        from qwenvl_jax.checkpoint import read_config  # a damaged config.json: CheckpointError
+
+        config = read_config(path, **policy)
         flat = hf_to_params(path, config)
     else:
         raise FileNotFoundError(
             f"{path}: neither an HF checkpoint (config.json + safetensors) nor an Orbax checkpoint"
         )
+    # transformers' generate also stops on generation_config.json's eos ids: so do we.
+    config = config.with_eos_token_ids(generation_eos_token_ids(_config_dir(path)))
     return model_from_params(config, flat)
 
 

@@ -18,6 +18,15 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or written as asked: a missing, truncated or corrupt file, or an
+    output dir that overlaps its source. The message names the file or dir (one line per problem).
+
+    (A checkpoint that is readable but does not match its config is `weights.CheckpointMismatchError`.)
+    """
+
+
 # ------------------------------------------------------------------------------------------- dtypes
 
 # safetensors dtype names <-> numpy dtypes (little endian, as the format requires).
@@ -83,30 +92,47 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse the 8-byte little-endian header length and the JSON header; validate offsets against the file."""
+    """Parse the 8-byte little-endian header length and the JSON header; validate offsets against the file.
+
+    A missing, truncated or garbled file raises `CheckpointError` naming it.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
-            raise ValueError(f"{path}: header length {n} is impossible for a file of {size} bytes")
-        header = json.loads(f.read(n).decode("utf-8"))
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise CheckpointError(
+                    f"{path}: truncated or not a safetensors file (header length {n} in a file of {size} bytes)"
+                )
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
     base = 8 + n
     infos = {}
     for key, raw in header.items():
-        if raw["dtype"] not in _ST_DTYPES:
-            raise ValueError(f"{path}: tensor {key!r} has dtype {raw['dtype']}, which numpy cannot represent")
-        dtype = _ST_DTYPES[raw["dtype"]]
-        shape = tuple(int(s) for s in raw["shape"])
-        begin, end = (int(o) for o in raw["data_offsets"])
+        try:
+            name, shape = raw["dtype"], tuple(int(s) for s in raw["shape"])
+            begin, end = (int(o) for o in raw["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header entry {key!r}: {repr(raw)[:200]}"
+            ) from None
+        if name not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {name}, which numpy cannot represent")
+        dtype = _ST_DTYPES[name]
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if end - begin != nbytes or begin < 0 or base + end > size:
-            raise ValueError(f"{path}: tensor {key!r} has offsets {begin}..{end} for {nbytes} bytes "
-                             f"in a file of {size} bytes")  # fmt: skip
+            raise CheckpointError(f"{path}: truncated or corrupt: tensor {key!r} has offsets {begin}..{end} "
+                                  f"for {nbytes} bytes in a file of {size} bytes")  # fmt: skip
         infos[key] = TensorInfo(dtype, shape, base + begin, base + end)
     return infos, metadata
 
@@ -151,13 +177,16 @@ def checkpoint_files(directory: str | Path) -> dict[Path, list[str] | None]:
         return {single: None}
     index = directory / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files: dict[Path, list[str]] = {}
-        for key, name in weight_map.items():
-            files.setdefault(directory / name, []).append(key)
-        missing = [str(p) for p in files if not p.is_file()]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files: dict[Path, list[str]] = {}
+            for key, name in weight_map.items():
+                files.setdefault(directory / name, []).append(key)
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: corrupt index ({type(err).__name__}: {err})") from None
+        missing = [p.name for p in files if not p.is_file()]
         if missing:
-            raise FileNotFoundError(f"{index} names shard files that do not exist: {missing}")
+            raise CheckpointError(f"{index} lists shard files that are missing: {', '.join(missing)}")
         return dict(sorted(files.items()))
     present = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
     has_bin = any(n.endswith(".bin") for n in present)
@@ -174,9 +203,9 @@ def hf_tensor_infos(directory: str | Path) -> dict[str, TensorInfo]:
         header, _ = read_safetensors_header(path)
         for key in header if keys is None else keys:
             if key not in header:
-                raise ValueError(f"{path}: the index maps {key!r} to this file, but the file lacks it")
+                raise CheckpointError(f"{path}: the index maps {key!r} to this file, but the file lacks it")
             if key in infos:
-                raise ValueError(f"{directory}: tensor {key!r} appears in more than one shard")
+                raise CheckpointError(f"{directory}: tensor {key!r} appears in more than one shard")
             infos[key] = header[key]
     return infos
 

@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -442,15 +441,26 @@ def copy_hf_assets(src: str | Path, dst: str | Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of `target` to fill; it is renamed into place only if the block finishes.
+def atomic_directory(
+    target: str | Path, *, overwrite: bool = False, replaces: Iterable[str] = ()
+) -> Iterator[Path]:
+    """Yield a temporary sibling of `target` to fill; its entries are published in `target` only if the
+    block finishes.
 
     An exception removes the temporary dir; a hard crash leaves only a `.NAME.tmp-*` sibling, never a
-    partial `target`. `rename` within one directory is atomic on POSIX. With `overwrite`, an existing
-    target is first moved aside and deleted after the new one is in place.
+    partial `target`. A new (or empty) `target` appears by one rename, atomic on POSIX. An existing
+    non-empty `target` is refused (`FileExistsError`) unless `overwrite`, which replaces only what this
+    write owns, keeping every other file: the entries the block wrote, and existing entries that match a
+    glob pattern of `replaces` (outputs of an earlier write that this one supersedes, such as shards of
+    another count). A file is replaced by one rename; a directory is first moved aside; stale entries
+    go first and `config.json` last. The old entries wait in a `.NAME.old-*` sibling until the end.
     """
-    target = Path(target).absolute()
-    if target.exists() and not (target.is_dir() and not any(target.iterdir())) and not overwrite:
+    target = Path(target).expanduser().absolute()
+    if target.is_symlink():  # publish into the linked dir, not over the link
+        target = target.resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -460,13 +470,30 @@ def atomic_directory(target: str | Path, *, overwrite: bool = False) -> Iterator
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-    os.rename(tmp, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not target.exists() or not any(target.iterdir()):
+        os.rename(tmp, target)  # rename(2) replaces an empty directory
+        return
+    _publish_entries(tmp, target, replaces)
+
+
+def _publish_entries(tmp: Path, target: Path, replaces: Iterable[str]) -> None:
+    """Move the entries of `tmp` into `target` (see `atomic_directory`), then remove `tmp`."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    new = sorted(tmp.iterdir(), key=lambda p: (p.name == "config.json", p.name))
+    names = {p.name for p in new}
+    stale = {p.name for pattern in replaces for p in target.glob(pattern)} - names
+    for name in sorted(stale):
+        os.rename(target / name, trash / name)
+    for entry in new:
+        dest = target / entry.name
+        if entry.is_dir() or (dest.is_dir() and not dest.is_symlink()):
+            if os.path.lexists(dest):
+                os.rename(dest, trash / entry.name)
+            os.rename(entry, dest)
+        else:
+            os.replace(entry, dest)
+    os.rmdir(tmp)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_hf_checkpoint(

@@ -274,7 +274,12 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     from qwenvl_jax.train.logger import RunLogger
     from qwenvl_jax.train.lora import LoraConfig, flatten, unflatten
     from qwenvl_jax.train.optim import OptimConfig
-    from qwenvl_jax.train.state import init_train_state, param_logical_axes
+    from qwenvl_jax.train.state import (
+        abstract_train_state,
+        init_train_state,
+        param_logical_axes,
+        split_model,
+    )
     from qwenvl_jax.train.step import stack_micro_batches
 
     kind, steps, seed = config["kind"], int(config["steps"]), int(config["seed"])
@@ -299,26 +304,10 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         lora.update({k: tuple(lora[k]) for k in ("targets", "scopes") if k in lora})
         lora_cfg = LoraConfig(**lora)
     optim_cfg = OptimConfig(**{"total_steps": steps, **config["optim"]})
-    graphdef, state, frozen, tx = init_train_state(
-        model, optim_cfg, config["trainable"], lora_cfg, seed, train_merger=bool(config["train_merger"])
+    trainable, train_merger = config["trainable"], bool(config["train_merger"])
+    graphdef, abstract, frozen, tx = abstract_train_state(
+        model, optim_cfg, trainable, lora_cfg, seed, train_merger=train_merger
     )
-    del model
-
-    extra: tuple = ()
-    if kind == "dpo":
-        step_kw = {"chunk_size": int(config["chunk_size"]), **config["dpo"]}
-        if lora_cfg is None and not config["dpo"].get("reference_free"):
-            # The initial policy, frozen: a copy of the trainable params (the step donates the state);
-            # the frozen params are shared.
-            ref = {**flatten(frozen), **flatten(jax.tree.map(lambda x: x.copy(), state.params))}
-            extra = (unflatten(ref),)
-    else:
-        step_kw = {"loss_type": config["loss_type"], "chunk_size": int(config["chunk_size"])}
-    step_fn = _Steps(
-        kind, graphdef, tx, mesh=mesh, logical_axes=logical_axes, lora_cfg=lora_cfg,
-        with_ref=bool(extra), step_kw=step_kw,
-    )  # fmt: skip
-
     ck = config["checkpoint"]
     ckpt = TrainCheckpointer(
         run_dir / "checkpoints",
@@ -326,11 +315,36 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         keep=int(ck.get("keep", 3)),
         async_save=bool(ck.get("async", True)),
     )
-    restored = ckpt.restore_latest(state)
-    start = 0
-    if restored is not None:
-        start, state, data_state, _ = restored
-        batches.set_state(data_state)
+    frozen_ref = kind == "dpo" and lora_cfg is None and not config["dpo"].get("reference_free")
+    # The initial policy (DPO's frozen reference): the model's own trainable arrays.
+    initial = split_model(model, trainable, train_merger=train_merger)[1] if frozen_ref else None
+    restored = None
+    if ckpt.latest_step() is None:
+        state = init_train_state(model, optim_cfg, trainable, lora_cfg, seed, train_merger=train_merger)[1]
+        del model
+    else:
+        # Dropped before the restore, so that the restored state is the only copy of the trainable params
+        # (besides the DPO reference); Orbax allocates it straight into the shardings of `abstract`.
+        del model
+        restored = ckpt.restore_latest(abstract)  # CheckpointError when no step loads
+        state = restored.state
+        batches.set_state(restored.data_state)
+    start = restored.step if restored is not None else 0
+
+    extra: tuple = ()
+    if kind == "dpo":
+        step_kw = {"chunk_size": int(config["chunk_size"]), **config["dpo"]}
+        if frozen_ref:
+            # A fresh state holds `initial` itself and the step donates it: copy. A restored one does not.
+            ref = initial if restored is not None else jax.tree.map(lambda x: x.copy(), initial)
+            extra = (unflatten({**flatten(frozen), **flatten(ref)}),)
+            del initial
+    else:
+        step_kw = {"loss_type": config["loss_type"], "chunk_size": int(config["chunk_size"])}
+    step_fn = _Steps(
+        kind, graphdef, tx, mesh=mesh, logical_axes=logical_axes, lora_cfg=lora_cfg,
+        with_ref=bool(extra), step_kw=step_kw,
+    )  # fmt: skip
 
     stop: dict[str, Any] = {"signal": None}
 
@@ -349,6 +363,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         progress=bool(logging.get("progress", True)),
         plot=bool(logging.get("plot", True)),
     )
+    for skipped_step, reason in restored.skipped if restored is not None else ():
+        logger.message(f"checkpoint step {skipped_step} is damaged, resuming from an earlier one: {reason}")
     if start:
         logger.message(f"resumed from step {start} ({ckpt.directory})")
     for change in changes:

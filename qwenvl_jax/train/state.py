@@ -13,6 +13,9 @@ argument that is never donated or copied. Modes (`trainable=`):
 - "frozen_vision": the vision tower is frozen; the merger (`visual/merger`) trains unless
   `train_merger=False` (QwenLM's `tune_mm_vision=False, tune_mm_mlp=True` default).
 - "lora": every base Param is frozen; `params` is the LoRA tree of `qwenvl_jax.train.lora`.
+
+A resumed run does not initialise a state only to overwrite it: `abstract_train_state` gives its structure,
+dtypes and shardings without allocating it, and the checkpoint is restored straight into that.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, SingleDeviceSharding
 
 from qwenvl_jax.train import lora as lora_lib
 from qwenvl_jax.train.optim import OptimConfig, make_optimizer
@@ -86,18 +90,70 @@ def init_train_state(
     The parameters are taken as they are (dtype, placement); for a sharded run place the model first
     (`sharding.shard_model`) or let the jitted step reshard on its first call.
     """
+    graphdef, params, frozen, tx = _split(model, optim_cfg, trainable, lora_cfg, train_merger)
+    return graphdef, _new_state(params, frozen, tx, lora_cfg, seed), frozen, tx
+
+
+def abstract_train_state(
+    model: nnx.Module,
+    optim_cfg: OptimConfig,
+    trainable: str = "full",
+    lora_cfg: lora_lib.LoraConfig | None = None,
+    seed: int = 0,
+    *,
+    train_merger: bool = True,
+    rules: Any = None,
+) -> tuple[Any, TrainState, dict, optax.GradientTransformation]:
+    """`init_train_state` without allocating the state: `(graphdef, abstract state, frozen, tx)`, the state's
+    leaves `jax.ShapeDtypeStruct`s with shardings, to restore a checkpoint into (one copy of the state).
+
+    The initialisation is traced by `jax.eval_shape` (LoRA needs the frozen params for their shapes only).
+    Shardings: on a sharded model (Params on a mesh, `sharding.shard_model`), those the train step uses
+    (`step.state_shardings` with `rules`, default `sharding.DEFAULT_RULES`): params by their logical axes,
+    Adam moments like their params, scalars replicated; otherwise the device of the model's params.
+    `frozen` holds the model's arrays, as in `init_train_state`: nothing here copies a parameter.
+    """
+    graphdef, params, frozen, tx = _split(model, optim_cfg, trainable, lora_cfg, train_merger)
+    shapes = jax.eval_shape(lambda p, f: _new_state(p, f, tx, lora_cfg, seed), params, frozen)
+    shardings = _state_shardings(shapes, model, params, frozen, tx, lora_cfg, rules)
+    state = jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes, shardings
+    )
+    return graphdef, state, frozen, tx
+
+
+def _split(model, optim_cfg, trainable, lora_cfg, train_merger):
     if (trainable == "lora") != (lora_cfg is not None):
         raise ValueError("lora_cfg is required with trainable='lora' and only then")
     graphdef, params, frozen = split_model(model, trainable, train_merger=train_merger)
+    return graphdef, params, frozen, make_optimizer(optim_cfg)
+
+
+def _new_state(params, frozen, tx, lora_cfg, seed) -> TrainState:
     key = jax.random.key(seed)
     key, init_key = jax.random.split(key)
-    if trainable == "lora":
+    if lora_cfg is not None:
         params = lora_lib.init_lora(frozen, lora_cfg, init_key)
-    tx = make_optimizer(optim_cfg)
-    state = TrainState(
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(key),
     )
-    return graphdef, state, frozen, tx
+
+
+def _state_shardings(shapes: TrainState, model, params, frozen, tx, lora_cfg, rules) -> TrainState:
+    """The shardings of a state of `shapes` (see `abstract_train_state`)."""
+    placed = [getattr(x, "sharding", None) for x in jax.tree.leaves((params, frozen))]
+    mesh = next((s.mesh for s in placed if isinstance(s, NamedSharding)), None)
+    if mesh is not None:
+        from qwenvl_jax import sharding as shd
+        from qwenvl_jax.train.step import state_shardings  # step imports this module
+
+        rules = shd.DEFAULT_RULES if rules is None else rules
+        return state_shardings(shapes, tx, param_logical_axes(model), mesh, rules, lora=lora_cfg is not None)
+    devices = next((s.device_set for s in placed if s is not None), {jax.devices()[0]})
+    if len(devices) != 1:
+        raise ValueError(f"the model's params are spread over {len(devices)} devices without a mesh")
+    single = SingleDeviceSharding(next(iter(devices)))
+    return jax.tree.map(lambda _: single, shapes)
