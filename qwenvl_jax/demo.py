@@ -251,6 +251,14 @@ def _prepare(out: Path) -> None:
     (out / MARKER).write_text("written by `qwenvl-jax demo`; rerunning it clears this directory's runs\n")
 
 
+def _run_phase(config: dict) -> None:
+    """One training run of the demo; a run that did not finish cleanly (stopped, or mostly skipped steps)
+    ends the demo with the run's exit code rather than evaluating a model that is not there."""
+    code = train(config)
+    if code:
+        raise SystemExit(code)
+
+
 def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: TextIO | None = None) -> dict:
     """Run the demo into `out_dir` (see the module docstring), print its report and return it as a dict."""
     stream = sys.stdout if stream is None else stream
@@ -296,7 +304,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
 
     say()
     say(f"[2/3] SFT: {s.sft_steps} steps of {s.batch_size} records, lr {s.sft_lr:g} (cosine)")
-    train(sft_cfg)
+    _run_phase(sft_cfg)
     sft_rows = read_metrics(out / "sft" / "metrics.jsonl")
     sft_loss = _window_means(sft_rows, "loss")
     say(f"  SFT loss {sft_loss[0]:.3f} -> {sft_loss[1]:.3f} ({sft_loss[2]})")
@@ -305,7 +313,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
     say()
     say(f"[3/3] DPO from the SFT model: {s.dpo_steps} steps of {s.batch_size} pairs (true answer vs a wrong "
         f"shape), beta {s.dpo_beta:g}, lr {s.dpo_lr:g}, loss {' + '.join(s.dpo_loss)}")  # fmt: skip
-    train(dpo_cfg)
+    _run_phase(dpo_cfg)
     dpo_rows = read_metrics(out / "dpo" / "metrics.jsonl")
     dpo_loss = _window_means(dpo_rows, "loss")
     reward_acc = _window_means(dpo_rows, "rewards/accuracies")
