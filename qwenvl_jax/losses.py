@@ -516,3 +516,10 @@ def preference_batch(examples, *, max_length=None, truncation_mode="keep_start",
         completion_mask[i, : len(ids)] = mask
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
+
+from qwenvl_jax.losses_rl import (  # noqa: E402, F401  (re-exported: every objective from one module)
+    grpo_advantages,
+    grpo_loss,
+    grpo_reward_metrics,
+    sampling_importance_ratio,
+)
