@@ -1,4 +1,5 @@
-"""Data sets for training: JSONL records -> grain pipeline -> static-shape numpy batches.
+"""Data sets for training: JSONL / Parquet records -> grain pipeline -> static-shape numpy batches (SFT,
+DPO) or lists of encoded prompts (GRPO).
 
 Our code here never imports jax. grain itself imports `jax.profiler` when jax is installed, so the
 pipeline names (which need grain) are loaded lazily: the record parsers stay free of it.
@@ -6,7 +7,15 @@ pipeline names (which need grain) are loaded lazily: the record parsers stay fre
 
 import importlib
 
-from qwenvl_jax.data.records import REASONS, BadRecord, DPORecord, SFTRecord, parse_line, read_jsonl
+from qwenvl_jax.data.records import (
+    REASONS,
+    BadRecord,
+    DPORecord,
+    PromptRecord,
+    SFTRecord,
+    parse_line,
+    read_jsonl,
+)
 
 _PIPELINE = (
     "BatchIterator",
@@ -19,11 +28,25 @@ _PIPELINE = (
     "make_batches",
     "make_loader",
 )
+_LAZY = {name: "qwenvl_jax.data.pipeline" for name in _PIPELINE} | {
+    "make_prompt_batches": "qwenvl_jax.data.prompts",
+    "encode_prompt": "qwenvl_jax.data.prompts",
+    "ParquetSource": "qwenvl_jax.data.parquet",
+}
 
-__all__ = [*_PIPELINE, "REASONS", "BadRecord", "DPORecord", "SFTRecord", "parse_line", "read_jsonl"]
+__all__ = [
+    *_LAZY,
+    "REASONS",
+    "BadRecord",
+    "DPORecord",
+    "PromptRecord",
+    "SFTRecord",
+    "parse_line",
+    "read_jsonl",
+]
 
 
 def __getattr__(name):
-    if name in _PIPELINE:
-        return getattr(importlib.import_module("qwenvl_jax.data.pipeline"), name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,13 @@
-"""grain pipeline: JSONL lines -> records -> encoded examples -> static-shape numpy batches.
+"""grain pipeline: JSONL lines / Parquet rows -> records -> encoded examples -> static-shape numpy batches.
 
-    JsonlSource (line offsets, indexed once)  -- IndexSampler (seeded shuffle, ShardOptions, epochs)
-      -> EncodeRecords (workers: JSON parse, image decode/resize/patchify, tokenise; never raises)
+    JsonlSource (line offsets, indexed once) / ParquetSource (row groups on demand, `parquet.py`)
+      -- IndexSampler (seeded shuffle, ShardOptions, epochs)
+      -> EncodeRecords (workers: parse, image decode/resize/patchify, tokenise; never raises)
       -> BatchIterator (main process: skip policy, grouping, `collate` with the BatchSpec)
+
+GRPO/PPO prompts (`kind="grpo"` or `"ppo"`, `prompts.py`) go the same way, except that a "batch" is a
+list of encoded prompts, grouped within the vision budget but not collated: the loop generates the
+completions and collates prompt + completion rows itself.
 
 The encode transform turns every failure into a skip marker instead of raising, so that skips are a
 deterministic function of the record and happen inside the pipeline: the same seed gives the same
@@ -49,8 +54,10 @@ import numpy as np
 from qwenvl_jax.data.records import (
     BadRecord,
     DPORecord,
+    PromptRecord,
     Record,
     SFTRecord,
+    check_columns,
     local_path,
     parse_line,
     record_images,
@@ -81,6 +88,8 @@ _EXAMPLE_KEYS = (
     "second_per_grid_ts",
 )  # fmt: skip
 POLICIES = ("skip", "strict")
+KINDS = ("sft", "dpo", "grpo", "ppo")
+PROMPT_KINDS = ("grpo", "ppo")  # prompts to complete; PPO reads the same data as GRPO
 
 
 # ------------------------------------------------------------------------------------------- source
@@ -133,6 +142,54 @@ class JsonlSource(grain.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"JsonlSource({len(self)} lines in {len(self._paths)} files)"
+
+
+class ConcatSource(grain.RandomAccessDataSource):
+    """Several sources one after another (JSONL and Parquet files in the order given)."""
+
+    def __init__(self, sources: Sequence[grain.RandomAccessDataSource]):
+        self._sources = list(sources)
+        self._start = np.concatenate([[0], np.cumsum([len(s) for s in self._sources])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self._start[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        i = int(np.searchsorted(self._start, index, side="right")) - 1
+        return self._sources[i][index - int(self._start[i])]
+
+    def __repr__(self) -> str:
+        return f"ConcatSource({', '.join(map(repr, self._sources))})"
+
+
+def open_source(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], *, columns: dict[str, str] | None = None
+) -> grain.RandomAccessDataSource:
+    """The records of JSONL and Parquet (`*.parquet`) files, in the order given.
+
+    Consecutive files of one kind share a source; `columns` (a `data.columns` mapping) is checked against
+    the Parquet schemas here, and against each JSONL line when it is parsed.
+    """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise InputError("no data files given")
+    runs: list[tuple[bool, list]] = []
+    for path in paths:
+        parquet = os.fspath(path).lower().endswith(".parquet")
+        if runs and runs[-1][0] == parquet:
+            runs[-1][1].append(path)
+        else:
+            runs.append((parquet, [path]))
+    sources = []
+    for parquet, group in runs:
+        if parquet:
+            from qwenvl_jax.data.parquet import ParquetSource  # pyarrow only for Parquet input
+
+            sources.append(ParquetSource(group, columns=columns))
+        else:
+            sources.append(JsonlSource(group))
+    return sources[0] if len(sources) == 1 else ConcatSource(sources)
 
 
 # ----------------------------------------------------------------------------------------- encoding
@@ -250,12 +307,13 @@ def encode_dpo(
 
 
 class EncodeRecords(grain.MapTransform):
-    """Source item -> `{"example": ...}` (SFT) or `{"pair": (chosen, rejected)}` (DPO), with the record's
-    `"location"`, or `{"skip": ...}`.
+    """Source item -> `{"example": ...}` (SFT, GRPO/PPO prompt: `prompts.encode_prompt`) or
+    `{"pair": (chosen, rejected)}` (DPO), with the record's `"location"`, or `{"skip": ...}`.
 
     Never raises on a bad record: the skip marker carries reason, id, location and detail to the main
     process, where the policy is applied. The processor is loaded lazily from its directory in each
-    worker process (jinja templates do not pickle).
+    worker process (jinja templates do not pickle). `max_length` is the prompt's for GRPO/PPO. `columns`
+    is a `data.columns` mapping (`records.rename_columns`).
     """
 
     def __init__(
@@ -265,12 +323,14 @@ class EncodeRecords(grain.MapTransform):
         kind: str = "sft",
         max_length: int | None = None,
         mask_vision_tokens: bool = False,
+        columns: dict[str, str] | None = None,
     ):
-        if kind not in ("sft", "dpo"):
-            raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self._dir = None if isinstance(processor, Processor) else os.fspath(processor)
         self._processor = processor if isinstance(processor, Processor) else None
         self.kind, self.max_length, self.mask_vision_tokens = kind, max_length, mask_vision_tokens
+        self.columns = check_columns(columns)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -285,19 +345,33 @@ class EncodeRecords(grain.MapTransform):
         return self._processor
 
     def encode(self, record: Record):
+        expected = {"sft": SFTRecord, "dpo": DPORecord}.get(self.kind, PromptRecord)
+        if not isinstance(record, expected):
+            names = {SFTRecord: "an SFT record", DPORecord: "a DPO record", PromptRecord: "a prompt record"}
+            data = {"sft": "an SFT", "dpo": "a DPO", "grpo": "a GRPO", "ppo": "a PPO"}[self.kind]
+            raise BadRecord(
+                "invalid", record.id, record.location, f"{names[type(record)]} in {data} data set"
+            )
         if self.kind == "sft":
-            if not isinstance(record, SFTRecord):
-                raise BadRecord("invalid", record.id, record.location, "a DPO record in an SFT data set")
             return {"example": encode_sft(
                 self.processor, record, max_length=self.max_length, mask_vision_tokens=self.mask_vision_tokens
             )}  # fmt: skip
-        if not isinstance(record, DPORecord):
-            raise BadRecord("invalid", record.id, record.location, "an SFT record in a DPO data set")
-        return {"pair": encode_dpo(self.processor, record, max_length=self.max_length)}
+        if self.kind == "dpo":
+            return {"pair": encode_dpo(self.processor, record, max_length=self.max_length)}
+        from qwenvl_jax.data.prompts import encode_prompt  # prompts.py imports this module
+
+        return {"example": encode_prompt(self.processor, record, max_prompt_length=self.max_length)}
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         try:
-            record = parse_line(element["text"], path=element["path"], line=element["line"])
+            if "text" in element:  # a JSONL line
+                record = parse_line(
+                    element["text"], path=element["path"], line=element["line"], columns=self.columns
+                )
+            else:  # a Parquet row
+                from qwenvl_jax.data.parquet import parse_row
+
+                record = parse_row(element, columns=self.columns)
             return {**self.encode(record), "location": record.location}
         except BadRecord as err:
             return {"skip": (err.reason, err.record_id, err.location, err.detail)}
@@ -431,6 +505,8 @@ class BatchIterator:
 
     `get_state()` returns bytes (JSON: grain's DataLoader iterator state and the skip state) and
     `set_state(bytes)` restores them; the batches after a restore are bitwise those that followed the save.
+    For `kind="grpo"`/`"ppo"` a batch is the list of up to `spec.batch_size` encoded prompts whose vision
+    inputs fit the spec's budgets together, not collated (`prompts.make_prompt_batches`).
     `last_ids` holds the record ids of the last batch (chosen-row order for DPO, stream order when packed).
     With `pack=True` (SFT) each batch is `pack_examples` of the examples that fit (module docstring).
     `drop_remainder` drops the last batch, the one the end of the data closed (a batch closed early by a
@@ -448,10 +524,13 @@ class BatchIterator:
         pack: bool = False,
         num_records: int | None = None,
         skip_log: str | os.PathLike | None = None,
+        alone_spec: BatchSpec | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        check_spec(spec, kind, pack)
+        if kind in PROMPT_KINDS and pack:
+            raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
+        check_spec(spec, "sft" if kind in PROMPT_KINDS else kind, pack)
         self.spec, self.kind, self.policy, self.drop_remainder = spec, kind, policy, drop_remainder
         self.pack = pack
         # (element, grain state from before it was pulled): the good element that did not fit in the
@@ -461,6 +540,9 @@ class BatchIterator:
         self.skipped = SkipCounter(log=skip_log)
         self.last_ids: tuple[str, ...] = ()
         self._it = iter(loader)
+        # The budget one element must fit by itself (default: the batch's). GRPO gives each prompt a
+        # row's share, so that any micro-batch of its completions fits the training budget.
+        self.alone_spec = alone_spec
         # Records per epoch of this shard (set by `make_batches`); with it, a stream in which every record
         # is skipped fails instead of looping forever under `num_epochs=None`.
         self.num_records: int | None = num_records
@@ -470,7 +552,7 @@ class BatchIterator:
         return self
 
     def _size(self, element: dict[str, Any]) -> ExampleSize:
-        if self.kind == "sft":
+        if self.kind != "dpo":
             return ExampleSize.of(element["example"])
         chosen, rejected = element["pair"]
         return pair_size(ExampleSize.of(chosen), ExampleSize.of(rejected))
@@ -479,12 +561,12 @@ class BatchIterator:
         """Why an element is skipped: its skip marker, or `too_long` when it fits in no batch even alone."""
         if "skip" in element:
             return BadRecord(*element["skip"])
-        reason = unfit_reason(self._size(element), self.spec)
+        reason = unfit_reason(self._size(element), self.alone_spec or self.spec)
         if reason is None:
             return None
         if self.kind == "dpo":
             reason = f"chosen and rejected rows together: {reason}"
-        first = element["example"] if self.kind == "sft" else element["pair"][0]
+        first = element["pair"][0] if self.kind == "dpo" else element["example"]
         return BadRecord("too_long", str(first["id"]), element.get("location", "?"), reason)
 
     def _good(self, element: dict[str, Any]) -> bool:
@@ -518,7 +600,7 @@ class BatchIterator:
             if self._good(element):
                 return element, before
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> dict[str, np.ndarray] | list[dict[str, Any]]:
         self.skipped.sync_log()
         former = Packer(self.spec) if self.pack else Grouper(self.spec, self.group)
         items, ended = [], False
@@ -531,9 +613,12 @@ class BatchIterator:
             if not former.add(self._size(element)):
                 self._held = (element, before)
                 break
-            items.append(element["example"] if self.kind == "sft" else element["pair"])
+            items.append(element["pair"] if self.kind == "dpo" else element["example"])
         if not items or (self.drop_remainder and ended):
             raise StopIteration
+        if self.kind in PROMPT_KINDS:
+            self.last_ids = tuple(str(ex["id"]) for ex in items)
+            return items
         if self.kind == "dpo":
             self.last_ids = tuple(str(c["id"]) for c, _ in items)
             return collate_pairs(items, self.spec)
@@ -574,6 +659,7 @@ def make_loader(
     read_options: grain.ReadOptions | None = None,
     max_length: int | None = None,
     mask_vision_tokens: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> grain.DataLoader:
     """A grain `DataLoader` of per-record elements (see `EncodeRecords`), sharded and seeded.
 
@@ -583,10 +669,12 @@ def make_loader(
     `drop_remainder=False` anyway). Each epoch of a shard is shuffled with `seed` and the epoch number;
     `num_epochs=None` repeats forever. `read_options` defaults to 2 threads prefetching 64 lines (grain's
     default of 16 threads and 500 lines costs seconds at start-up for nothing: a line read is cheap).
+    `paths` may mix JSONL and Parquet files (`open_source`); `columns` is a `data.columns` mapping.
     """
     if worker_count:
         _parse_absl_flags()
-    source = JsonlSource(paths)
+    columns = check_columns(columns)
+    source = open_source(paths, columns=columns)
     if len(source) < shard_count:
         raise InputError(
             f"{len(source)} records for shard_count={shard_count}: every shard needs at least one ({source})"
@@ -595,7 +683,9 @@ def make_loader(
     sampler = grain.IndexSampler(
         num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
     )
-    encode = EncodeRecords(processor, kind=kind, max_length=max_length, mask_vision_tokens=mask_vision_tokens)
+    encode = EncodeRecords(
+        processor, kind=kind, max_length=max_length, mask_vision_tokens=mask_vision_tokens, columns=columns
+    )
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
@@ -618,18 +708,25 @@ def make_batches(
     max_length: int | None = None,
     pack: bool = False,
     skip_log: str | os.PathLike | None = None,
+    alone_spec: BatchSpec | None = None,
     **loader_kwargs: Any,
 ) -> BatchIterator:
-    """JSONL files -> a checkpointable iterator of static-shape batches (see module docstring).
+    """JSONL / Parquet files -> a checkpointable iterator of static-shape batches (see module docstring).
 
     `max_length` defaults to the largest sequence bucket of `spec`; pass the processor's directory (not a
     `Processor`) when `worker_count > 0`. `pack=True` (SFT only) packs several examples per row.
-    `skip_log` names a JSONL file that lists every skipped record once (`SkipCounter`).
+    `skip_log` names a JSONL file that lists every skipped record once (`SkipCounter`). `alone_spec`: the
+    budget one record must fit by itself (default `spec`); a record over it is `too_long`. For
+    `kind="grpo"`/`"ppo"` the batches are lists of encoded prompts (`prompts.make_prompt_batches`, which
+    states the budgets without a `BatchSpec`): `spec.batch_size` prompts at most, their images within
+    `image_patches`/`max_images` (videos likewise), `max_length` the longest prompt.
     """
-    check_spec(spec, kind, pack)
+    if kind in PROMPT_KINDS and pack:
+        raise ValueError(f"packing is for SFT batches only, not kind={kind!r}")
+    check_spec(spec, "sft" if kind in PROMPT_KINDS else kind, pack)
     max_length = spec.seq_buckets[-1] if max_length is None else min(max_length, spec.seq_buckets[-1])
     loader = make_loader(paths, processor, kind=kind, max_length=max_length, **loader_kwargs)
     return BatchIterator(
         loader, spec, kind=kind, policy=policy, drop_remainder=drop_remainder, pack=pack, skip_log=skip_log,
-        num_records=len(loader._data_source) // loader_kwargs.get("shard_count", 1),
+        num_records=len(loader._data_source) // loader_kwargs.get("shard_count", 1), alone_spec=alone_spec,
     )  # fmt: skip
