@@ -96,6 +96,41 @@ def test_bad_values_name_key_value_and_choices(tmp_path, over, match):
         resolve(config(tmp_path, **over))
 
 
+GRPO = {"kind": "grpo", "rewards": ["accuracy_reward"], "batch": {**BATCH, "batch_size": 4},
+        "grpo": {"num_generations": 4}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        ({"rewards": None}, "kind: grpo needs rewards"),
+        (
+            {"grpo": {"num_generations": 3}},
+            r"4 completions per step is not a multiple of grpo\.num_generations=3",
+        ),
+        (
+            {"grpo": {"num_generations": 1}},
+            r"config grpo\.num_generations=1: input should be greater than or equal to 2",
+        ),
+        ({"grpo": {"loss_type": "ppo"}}, r"config grpo\.loss_type='ppo'"),
+        ({"grpo": {"scale_rewards": "std"}}, r"config grpo\.scale_rewards='std'"),
+        ({"grpo": {"num_generations": 4, "reward_weights": [1.0, 2.0]}}, "2 weights for 1 rewards"),
+        ({"kind": "sft"}, "a grpo section needs kind: grpo"),
+        ({"batch": {**BATCH, "batch_size": 4, "pack": True}}, "packing applies to SFT only"),
+    ],
+)
+def test_grpo_config_errors(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve(config(tmp_path, **{**GRPO, **over}))
+
+
+def test_grpo_config_accepted(tmp_path):
+    cfg = resolve(config(tmp_path, **GRPO))
+    assert cfg["kind"] == "grpo" and cfg["grpo"] == {"num_generations": 4}
+    assert load_config(ROOT / "configs" / "grpo_tiny_cpu.yaml")["kind"] == "grpo"
+    resolve(load_config(ROOT / "configs" / "grpo_tiny_cpu.yaml"))
+
+
 def test_run_dir_is_required(tmp_path):
     with pytest.raises(ConfigError, match=r"config needs run_dir \(e\.g\. --set run_dir="):
         resolve({**config(tmp_path), "run_dir": ""})
@@ -134,6 +169,7 @@ def test_schema_sections_match_what_they_configure():
     assert names(cfglib.LoraSection) == {f.name for f in dataclasses.fields(LoraConfig)}
     assert names(cfglib.OptimSection) == {f.name for f in dataclasses.fields(OptimConfig)}
     assert names(cfglib.DpoSection) == set(cfglib.dpo_keys())
+    assert names(cfglib.GrpoSection) == set(cfglib.grpo_loss_keys()) | set(cfglib.GRPO_HOST_KEYS)
     assert names(cfglib.RunConfig) == set(cfglib.DEFAULTS)
 
 

@@ -103,6 +103,8 @@ class ShapeTask:
     dpo: Path  # training split, preference pairs
     heldout_sft: Path  # held-out split, SFT records (the reference answers)
     heldout_dpo: Path  # held-out split, preference pairs
+    grpo: Path  # training split, prompts with their `solution` (GRPO)
+    heldout_grpo: Path  # held-out split, prompts with their `solution`
     train: tuple[ShapeExample, ...]
     heldout: tuple[ShapeExample, ...]
 
@@ -190,7 +192,14 @@ def write_shape_task(
             for e in split
         ]
 
+    def grpo_rows(split):
+        return [
+            {"id": e.id, "images": [e.image.name], "prompt": QUESTION, "solution": e.answer} for e in split
+        ]
+
     return ShapeTask(
+        grpo=_write_jsonl(out_dir / "grpo.jsonl", grpo_rows(train)),
+        heldout_grpo=_write_jsonl(out_dir / "heldout_grpo.jsonl", grpo_rows(heldout)),
         sft=_write_jsonl(out_dir / "sft.jsonl", sft_rows(train)),
         dpo=_write_jsonl(out_dir / "dpo.jsonl", dpo_rows(train)),
         heldout_sft=_write_jsonl(out_dir / "heldout_sft.jsonl", sft_rows(heldout)),
@@ -198,3 +207,19 @@ def write_shape_task(
         train=train,
         heldout=heldout,
     )
+
+
+def shape_reward(completions, solution, **kwargs) -> list[float]:
+    """The shape task's verifiable reward (TRL's reward-function signature): 0.5 for the right colour word
+    and 0.5 for the right shape word, minus 0.5 for each wrong one named; 1.0 exactly for the whole answer
+    and no other colour or shape. A dense signal a tiny model can climb by reward alone."""
+    out = []
+    for completion, gold in zip(completions, solution, strict=True):
+        text = completion if isinstance(completion, str) else completion[-1]["content"]
+        words = set(text.lower().replace(".", " ").split())
+        color = next(c for c in COLORS if c in gold.lower())
+        shape = next(s for s in SHAPES if s in gold.lower())
+        score = 0.5 * (color in words) + 0.5 * (shape in words)
+        score -= 0.5 * len(words & (set(COLORS) - {color})) + 0.5 * len(words & (set(SHAPES) - {shape}))
+        out.append(float(score))
+    return out

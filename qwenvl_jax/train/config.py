@@ -3,7 +3,7 @@
 The whole config is checked before anything is built or written, so a typo or a wrong value fails in a
 second with the key, the value and what is allowed, instead of a traceback after minutes of loading:
 
-    kind: sft | dpo
+    kind: sft | dpo | grpo
     target: 1xh100                 # hardware of the memory plan (`train.plan`, `--dry-run`): NxH100,
                                    # NxH200, v5p-CORES; not used by the run itself
     run_dir: DIR                   # metrics.jsonl, tensorboard/, loss_curves.png, checkpoints/, final/
@@ -14,7 +14,7 @@ second with the key, the value and what is allowed, instead of a traceback after
     processor: DIR                 # default: model.path, or the tiny processor written into run_dir
     data: {paths: [a.jsonl, ...]}  # or {synthetic: N}: N shape-drawing records written into run_dir/data
           shuffle, num_epochs (null = repeat), worker_count, policy: skip|strict, max_length,
-          mask_vision_tokens
+          mask_vision_tokens, columns: {prompt: problem} (rename a data set's columns)
     batch: {batch_size, seq_buckets, image_patches, max_images, ..., pack}   # `BatchSpec` fields + pack;
                                    # for DPO batch_size counts PAIRS (a batch holds 2 x pairs rows)
     grad_accum: 1                  # micro-batches per optimizer step (padded to one length)
@@ -23,6 +23,9 @@ second with the key, the value and what is allowed, instead of a traceback after
     optim: {learning_rate, warmup_steps, schedule, ...}              # `OptimConfig` fields
     mesh: {data: 1, fsdp: 1, tensor: 1}                              # omitted: one device, no mesh
     dpo: {loss_type, beta, label_smoothing, reference_free, ...}     # `losses.dpo_objective` keywords
+    grpo: {num_generations, max_prompt_length, max_completion_length, temperature, top_p, top_k,
+           loss_type, beta, epsilon, scale_rewards, ...}             # sampling + `losses.grpo_loss` keywords
+    rewards: [accuracy_reward, {name: pkg.mod:fn, weight: 0.5}, ...]   # GRPO reward functions
     checkpoint: {every: 50, keep: 3, async: true}
     max_bad_steps: 10              # stop after this many non-finite (skipped) steps in a row
     max_skipped_fraction: 0.1      # a finished run with more skipped steps than this exits 4
@@ -64,6 +67,8 @@ DEFAULTS: dict[str, Any] = {
     "optim": {},
     "mesh": None,
     "dpo": {},
+    "grpo": {},
+    "rewards": None,
     "checkpoint": {"every": 50, "keep": 3, "async": True},
     "max_bad_steps": 10,
     "max_skipped_fraction": 0.1,
@@ -123,6 +128,7 @@ class DataSection(_Section):
     policy: Literal["skip", "strict"] = "skip"
     max_length: PosInt | None = None
     mask_vision_tokens: Bool | None = None
+    columns: dict[str, str] | None = None  # rename columns at read time, e.g. {prompt: problem}
 
 
 class BatchSection(_Section):
@@ -205,6 +211,52 @@ class DpoSection(_Section):
         return value
 
 
+class GrpoSection(_Section):
+    """Sampling, batch geometry and `losses.grpo_loss` / `losses.grpo_advantages` keywords (TRL 1.16's
+    names and defaults)."""
+
+    num_generations: Annotated[int, Strict(), Field(ge=2)] = 8
+    max_prompt_length: PosInt = 512
+    max_completion_length: PosInt = 256
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: NonNegInt = 0
+    mask_truncated_completions: Bool = False
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    beta: Annotated[float, Field(ge=0)] = 0.0
+    epsilon: Annotated[float, Field(gt=0)] = 0.2
+    epsilon_high: Annotated[float, Field(gt=0)] | None = None
+    delta: Annotated[float, Field(gt=1)] | None = None
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    use_bias_correction_kl: Bool = True
+    top_entropy_quantile: Annotated[float, Field(gt=0, le=1)] = 1.0
+    off_policy_mask_threshold: Annotated[float, Field(ge=0)] | None = None
+    entropy_coef: Annotated[float, Field(ge=0)] = 0.0
+    sapo_temperature_pos: Annotated[float, Field(gt=0)] = 1.0
+    sapo_temperature_neg: Annotated[float, Field(gt=0)] = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    vllm_importance_sampling_mode: (
+        Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] | None
+    ) = None
+    vllm_importance_sampling_clip_min: Annotated[float, Field(ge=0)] | None = None
+    vllm_importance_sampling_clip_max: Annotated[float, Field(gt=0)] = 3.0
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    reward_weights: list[float] | None = None
+    reward_policy: Literal["strict", "skip"] = "strict"
+    log_completions_every: NonNegInt = 10
+    log_completions_count: PosInt = 4
+
+
+# Keys of the grpo section that are not `losses.grpo_loss` keywords.
+GRPO_HOST_KEYS = ("num_generations", "max_prompt_length", "temperature", "top_p", "top_k",
+                  "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation",
+                  "reward_weights", "reward_policy", "log_completions_every", "log_completions_count")  # fmt: skip
+
+
 class MeshSection(_Section):
     data: PosInt = 1
     fsdp: PosInt = 1
@@ -224,7 +276,7 @@ class LoggingSection(_Section):
 
 
 class RunConfig(_Section):
-    kind: Literal["sft", "dpo"] = "sft"
+    kind: Literal["sft", "dpo", "grpo"] = "sft"
     target: str | None = None
     run_dir: str
     steps: PosInt = 20
@@ -240,6 +292,8 @@ class RunConfig(_Section):
     optim: OptimSection
     mesh: MeshSection | None = None
     dpo: DpoSection
+    grpo: GrpoSection
+    rewards: list[str | dict[str, Any]] | None = None
     checkpoint: CheckpointSection
     max_bad_steps: PosInt = 10
     max_skipped_fraction: Fraction = 0.1
@@ -270,8 +324,27 @@ def _cross_checks(config: dict, given: dict) -> None:
         raise ConfigError(f"a lora section needs trainable: lora (trainable is {trainable!r})")
     if given.get("dpo") and kind != "dpo":
         raise ConfigError(f"a dpo section needs kind: dpo (kind is {kind!r})")
-    if kind == "dpo" and config["batch"].get("pack"):
-        raise ConfigError("batch.pack=true: packing applies to SFT only, not kind: dpo")
+    if kind != "sft" and config["batch"].get("pack"):
+        raise ConfigError(f"batch.pack=true: packing applies to SFT only, not kind: {kind}")
+    if given.get("grpo") and kind != "grpo":
+        raise ConfigError(f"a grpo section needs kind: grpo (kind is {kind!r})")
+    if given.get("rewards") and kind != "grpo":
+        raise ConfigError(f"rewards apply to kind: grpo (kind is {kind!r})")
+    if kind == "grpo":
+        g = RunConfig.model_fields["grpo"].annotation.model_validate(config["grpo"])
+        if not config.get("rewards"):
+            raise ConfigError("kind: grpo needs rewards: [a reward function, ...] (e.g. accuracy_reward)")
+        rows = config["batch"]["batch_size"] * config["grad_accum"]
+        if rows % g.num_generations:
+            raise ConfigError(
+                f"batch.batch_size x grad_accum = {rows} completions per step is not a multiple of "
+                f"grpo.num_generations={g.num_generations}: a step must hold whole groups"
+            )
+        weights = config["grpo"].get("reward_weights")
+        if weights is not None and len(weights) != len(config["rewards"]):
+            raise ConfigError(
+                f"grpo.reward_weights has {len(weights)} weights for {len(config['rewards'])} rewards"
+            )
     data = config["data"]
     if data.get("paths") and data.get("synthetic"):
         raise ConfigError("data: give paths or synthetic, not both")
@@ -397,6 +470,19 @@ def _message(err: ValidationError) -> str:
     return f"config {key}={first['input']!r}: {msg}"
 
 
+def grpo_loss_keys() -> tuple[str, ...]:
+    """The `losses.grpo_loss` keywords a config sets (the rest are computed by the loop)."""
+    import inspect
+
+    from qwenvl_jax.losses import grpo_loss
+
+    internal = ("old_per_token_logps", "ref_per_token_logps", "entropies", "num_items_in_batch",
+                "gradient_accumulation_steps", "steps_per_generation", "num_processes",
+                "sampling_per_token_logps", "importance_sampling_ratio", "compat")  # fmt: skip
+    params = list(inspect.signature(grpo_loss).parameters)[3:]
+    return tuple(k for k in params if k not in internal)
+
+
 def dpo_keys() -> tuple[str, ...]:
     import inspect
 
@@ -411,7 +497,7 @@ def resolve(config: dict) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"a config is a mapping, got {type(config).__name__}")
     merged = merge(DEFAULTS, config)
-    for section in ("lora", "optim", "dpo"):  # `lora: null` means an empty section
+    for section in ("lora", "optim", "dpo", "grpo"):  # `lora: null` means an empty section
         if merged.get(section) is None:
             merged[section] = {}
     try:
@@ -420,7 +506,7 @@ def resolve(config: dict) -> dict:
         raise ConfigError(_message(err)) from None
     # The merged dict with each value as the schema coerced it (e.g. "1e-5" -> 1e-05), nothing added.
     out = checked.model_dump(by_alias=True, exclude_unset=True)
-    for section in ("lora", "optim", "dpo"):
+    for section in ("lora", "optim", "dpo", "grpo"):
         out[section] = checked.__getattribute__(section).model_dump(exclude_unset=True)
     _cross_checks(out, config)
     return out

@@ -96,9 +96,9 @@ def data_paths(config: dict, run_dir: Path) -> list[str]:
         from qwenvl_jax.data import synthetic
 
         num, seed = int(data["synthetic"]), int(config["seed"])
-        if config["kind"] == "dpo":
+        if config["kind"] in ("dpo", "grpo"):
             task = synthetic.write_shape_task(run_dir / "data", num_train=num, num_heldout=1, seed=seed)
-            return [str(task.dpo)]
+            return [str(task.dpo if config["kind"] == "dpo" else task.grpo)]
         return [str(synthetic.write_synthetic_data(run_dir / "data", num, seed=seed))]
     paths = data.get("paths")
     if not paths:
@@ -123,7 +123,8 @@ def batch_spec(config: dict, processor=None):
     try:
         spec = BatchSpec.from_dict(batch, **ids)
         min_pixels = processor.image_config.min_pixels if processor is not None else None
-        check_spec(spec, kind, pack, min_pixels=min_pixels)
+        # GRPO's training rows are prompt + completion rows, batched like SFT rows.
+        check_spec(spec, "dpo" if kind == "dpo" else "sft", pack, min_pixels=min_pixels)
     except ValueError as err:
         raise ConfigError(f"batch: {err}") from None
     return spec, pack
@@ -150,7 +151,34 @@ def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
         num_epochs=data.get("num_epochs"),
         worker_count=workers,
         skip_log=run_dir / "skipped.jsonl",
+        columns=data.get("columns"),
         **options,
+    )
+
+
+def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
+    """GRPO's prompt iterator: P prompts per step within the generation batch's vision budget, each
+    within a row's share of the training micro-batch's (`train.grpo.prompt_budgets`)."""
+    from qwenvl_jax.data.prompts import make_prompt_batches
+    from qwenvl_jax.train.grpo import grpo_settings, prompt_budgets
+
+    data = config["data"]
+    prompts, budget, per_prompt = prompt_budgets(config)
+    workers = int(data.get("worker_count", 0))
+    return make_prompt_batches(
+        data_paths(config, run_dir),
+        proc_dir if workers else processor,
+        prompts_per_batch=prompts,
+        max_prompt_length=int(grpo_settings(config)["max_prompt_length"]),
+        policy=data.get("policy", "skip"),
+        seed=int(config["seed"]),
+        shuffle=bool(data.get("shuffle", True)),
+        num_epochs=data.get("num_epochs"),
+        worker_count=workers,
+        skip_log=run_dir / "skipped.jsonl",
+        columns=data.get("columns"),
+        per_prompt=per_prompt,
+        **budget,
     )
 
 
@@ -169,7 +197,7 @@ class _Steps:
     def __init__(self, kind, graphdef, tx, *, mesh, logical_axes, lora_cfg, with_ref, step_kw):
         self.args = dict(kind=kind, graphdef=graphdef, tx=tx)
         self.kw = dict(mesh=mesh, logical_axes=logical_axes, lora_cfg=lora_cfg, **step_kw)
-        if kind == "dpo":
+        if kind != "sft":
             self.kw["with_ref_params"] = with_ref
         self.cache: dict = {}
         self.seen: set = set()  # batch signatures compiled so far (jit compiles once per signature)
@@ -292,7 +320,13 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     model_config = model.config
     proc_dir = processor_dir(config, run_dir)
     processor = Processor.from_pretrained(proc_dir)
-    batches = _make_batches(config, run_dir, processor, proc_dir)
+    if kind == "grpo":
+        from qwenvl_jax.train.grpo import GrpoSource
+
+        batches = GrpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir),
+                             run_dir=run_dir, mesh=None)  # fmt: skip
+    else:
+        batches = _make_batches(config, run_dir, processor, proc_dir)
 
     mesh = shd.make_mesh(**config["mesh"]) if config["mesh"] is not None else None
     logical_axes = param_logical_axes(model) if mesh is not None else None
@@ -315,7 +349,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         keep=int(ck.get("keep", 3)),
         async_save=bool(ck.get("async", True)),
     )
-    frozen_ref = kind == "dpo" and lora_cfg is None and not config["dpo"].get("reference_free")
+    needs_ref = {"dpo": not config["dpo"].get("reference_free"), "grpo": bool(config["grpo"].get("beta"))}
+    frozen_ref = lora_cfg is None and needs_ref.get(kind, False)
     # The initial policy (DPO's frozen reference): the model's own trainable arrays.
     initial = split_model(model, trainable, train_merger=train_merger)[1] if frozen_ref else None
     restored = None
@@ -331,14 +366,21 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         batches.set_state(restored.data_state)
     start = restored.step if restored is not None else 0
 
+    if mesh is not None and kind == "grpo":
+        batches.mesh = mesh
     extra: tuple = ()
+    if frozen_ref:
+        # A fresh state holds `initial` itself and the step donates it: copy. A restored one does not.
+        ref = initial if restored is not None else jax.tree.map(lambda x: x.copy(), initial)
+        extra = (unflatten({**flatten(frozen), **flatten(ref)}),)
+        del initial
     if kind == "dpo":
         step_kw = {"chunk_size": int(config["chunk_size"]), **config["dpo"]}
-        if frozen_ref:
-            # A fresh state holds `initial` itself and the step donates it: copy. A restored one does not.
-            ref = initial if restored is not None else jax.tree.map(lambda x: x.copy(), initial)
-            extra = (unflatten({**flatten(frozen), **flatten(ref)}),)
-            del initial
+    elif kind == "grpo":
+        from qwenvl_jax.train.grpo import grpo_step_kw
+
+        step_kw = grpo_step_kw(config)
+        batches.truncate_log(start)
     else:
         step_kw = {"loss_type": config["loss_type"], "chunk_size": int(config["chunk_size"])}
     step_fn = _Steps(
@@ -372,7 +414,17 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     step, bad_streak, finished = start, 0, False
     try:
         while step < steps and stop["signal"] is None:
-            micro = _next_micro_batches(batches, accum, processor.pad_token_id)
+            host: dict[str, Any] = {}
+            if kind == "grpo":
+                from qwenvl_jax.train.step import build_model as step_model
+
+                # The current policy generates: the model is assembled from the state's params (the
+                # frozen ones shared; LoRA applied) and dropped before the step donates them.
+                got = batches.next_step(step_model(graphdef, state.params, frozen, lora_cfg), step + 1)
+                micro = None if got is None else got["micro"]
+                host = {} if got is None else got
+            else:
+                micro = _next_micro_batches(batches, accum, processor.pad_token_id)
             if micro is None:
                 logger.message(f"data exhausted after step {step} of {steps}")
                 break
@@ -392,11 +444,17 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
             if kind == "sft":
                 num_items = losses.sft_num_items_in_batch([mb["labels"] for mb in micro])
                 state, metrics = step_fn(state, frozen, stacked, np.float32(num_items))
+            elif kind == "grpo":
+                state, metrics = step_fn(state, frozen, stacked, np.float32(host["num_items"]), *extra)
             else:
                 state, metrics = step_fn(state, frozen, stacked, *extra)
             metrics = jax.device_get(metrics)
             step += 1
             row = _row(kind, step, metrics, micro, time.perf_counter() - t0, batches.skipped.total)
+            if host:
+                row.update(host["metrics"])
+                row["time/train_s"] = row["time_s"]
+                row["time_s"] += row["time/rollout_s"] + row["time/reward_s"]
             logger.log(row)
             if not row.get("params_finite", 1):
                 last = ckpt.latest_step()

@@ -356,8 +356,9 @@ def make_train_step(
     with_ref_params: bool = False,
     **step_kw: Any,
 ) -> Callable:
-    """`sft_step` (`kind="sft"`: `(state, frozen, batch, num_items_in_batch)`) or `dpo_step` (`"dpo"`:
-    `(state, frozen, batch[, ref_params])`) jitted once, with the state donated.
+    """`sft_step` (`kind="sft"`: `(state, frozen, batch, num_items_in_batch)`), `dpo_step` (`"dpo"`:
+    `(state, frozen, batch[, ref_params])`) or `grpo_step` (`"grpo"`: `(state, frozen, batch,
+    num_items_in_batch[, ref_params])`) jitted once, with the state donated.
 
     With `mesh`, `state`, `frozen`, `batch` (arrays or ShapeDtypeStructs of the real shapes) and
     `logical_axes` (`state.param_logical_axes(model)`) are needed for the explicit shardings:
@@ -371,8 +372,12 @@ def make_train_step(
         fn = functools.partial(sft_step, graphdef=graphdef, tx=tx, lora_cfg=lora_cfg, **step_kw)
     elif kind == "dpo":
         fn = functools.partial(dpo_step, graphdef=graphdef, tx=tx, lora_cfg=lora_cfg, **step_kw)
+    elif kind == "grpo":
+        from qwenvl_jax.train.grpo_step import grpo_step
+
+        fn = functools.partial(grpo_step, graphdef=graphdef, tx=tx, lora_cfg=lora_cfg, **step_kw)
     else:
-        raise ValueError(f"kind must be 'sft' or 'dpo', got {kind!r}")
+        raise ValueError(f"kind must be 'sft', 'dpo' or 'grpo', got {kind!r}")
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     if state is None or frozen is None or batch is None or logical_axes is None:
@@ -388,15 +393,15 @@ def make_train_step(
     state_sh = state_shardings(state, tx, logical_axes, mesh, rules, lora=lora_cfg is not None)
     frozen_sh = _param_sharding_tree(frozen, logical_axes, mesh, rules, False)
     batch_sh = batch_shardings(batch, mesh, rules)
-    if kind == "sft":
-        in_sh = (state_sh, frozen_sh, batch_sh, rep)
-    else:
+    if kind == "dpo":
         in_sh = (state_sh, frozen_sh, batch_sh)
-        if with_ref_params:
-            ref_sh = _param_sharding_tree(
-                nnx_full_params_like(frozen, state, lora_cfg), logical_axes, mesh, rules, False
-            )
-            in_sh = (*in_sh, ref_sh)
+    else:  # sft and grpo take the host's token count (num_items_in_batch)
+        in_sh = (state_sh, frozen_sh, batch_sh, rep)
+    if kind != "sft" and with_ref_params:
+        ref_sh = _param_sharding_tree(
+            nnx_full_params_like(frozen, state, lora_cfg), logical_axes, mesh, rules, False
+        )
+        in_sh = (*in_sh, ref_sh)
     return jax.jit(fn, in_shardings=in_sh, out_shardings=(state_sh, rep), donate_argnums=0)
 
 

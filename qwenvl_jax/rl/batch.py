@@ -1,0 +1,142 @@
+"""Rollouts -> static-shape training micro-batches for GRPO (host side: numpy only, never jax).
+
+Row `r` of a generation batch is completion `r % G` of prompt `r // G` (the engine's order). Its training
+example is the prompt's ids followed by the completion's tokens (cut after the first stop token, which is
+kept, as TRL's completion mask keeps the EOS), labels on the completion tokens only, and the prompt's
+vision inputs; `collate` pads the rows and computes positions exactly as for SFT.
+
+Per-row arrays that `collate` does not know are aligned with the SHIFTED training log-probs (index `j`
+holds the log-prob of the token at position `j + 1`): the sampler's log-prob of completion token `k` of a
+prompt of `Lp` tokens goes to index `Lp - 1 + k`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from qwenvl_jax.processing.batch import IGNORE_INDEX, BatchSpec, collate
+
+_VISION_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+    "second_per_grid_ts",
+)
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """The completions of one generation batch; rows `i*G .. i*G+G-1` belong to prompt `i`."""
+
+    tokens: np.ndarray  # (R, N) int32, padding after `lengths`
+    lengths: np.ndarray  # (R,) tokens kept, the stop token included
+    logprobs: np.ndarray  # (R, N) float32 sampler log-probs of `tokens` (0 after the end)
+    stopped: np.ndarray  # (R,) bool: ended on a stop token (False: cut at max_completion_length)
+    num_generations: int
+
+    @property
+    def prompt_index(self) -> np.ndarray:
+        return np.arange(len(self.lengths)) // self.num_generations
+
+    def completion(self, row: int) -> np.ndarray:
+        return self.tokens[row, : self.lengths[row]]
+
+
+def training_examples(
+    prompts: Sequence[Mapping[str, Any]], rollouts: Rollouts, *, mask_truncated_completions: bool = False
+) -> list[dict[str, Any]]:
+    """One SFT-like example per row: `input_ids` = prompt + completion, `labels` = the completion (all
+    -100 for a truncated completion under `mask_truncated_completions`), the prompt's vision inputs."""
+    out = []
+    for row, p in enumerate(rollouts.prompt_index.tolist()):
+        prompt = prompts[p]
+        prompt_ids = np.asarray(prompt["input_ids"]).reshape(-1)
+        completion = rollouts.completion(row).astype(prompt_ids.dtype)
+        masked = mask_truncated_completions and not rollouts.stopped[row]
+        ignored = np.full(prompt_ids.size, IGNORE_INDEX, prompt_ids.dtype)
+        trained = np.full(completion.size, IGNORE_INDEX, prompt_ids.dtype) if masked else completion
+        example = {
+            "id": f"{prompt.get('id', p)}#{row % rollouts.num_generations}",
+            "input_ids": np.concatenate([prompt_ids, completion]),
+            "labels": np.concatenate([ignored, trained]),
+        }
+        example.update({k: prompt[k] for k in _VISION_KEYS if prompt.get(k) is not None})
+        out.append(example)
+    return out
+
+
+def micro_batches(
+    prompts: Sequence[Mapping[str, Any]],
+    rollouts: Rollouts,
+    advantages: np.ndarray,
+    spec: BatchSpec,
+    *,
+    num_micro_batches: int,
+    mask_truncated_completions: bool = False,
+) -> list[dict[str, np.ndarray]]:
+    """The generation batch as `num_micro_batches` collated micro-batches of `spec.batch_size` rows, in
+    row order, padded to one sequence length (one compiled shape per step), each with `advantages (B,)`
+    and `sampling_per_token_logps (B, S-1)`; padding rows have labels -100 and advantage 0."""
+    rows = len(rollouts.lengths)
+    if rows > num_micro_batches * spec.batch_size:
+        raise ValueError(
+            f"{rows} completions do not fit {num_micro_batches} micro-batches of {spec.batch_size} rows"
+        )
+    examples = training_examples(prompts, rollouts, mask_truncated_completions=mask_truncated_completions)
+    seq = spec.bucket(max(ex["input_ids"].size for ex in examples))
+    out = []
+    for m in range(num_micro_batches):
+        chunk = range(m * spec.batch_size, min((m + 1) * spec.batch_size, rows))
+        if not chunk:  # a short last generation batch: a micro-batch of padding rows only
+            chunk = range(0)
+        part = [examples[r] for r in chunk] or [_filler(spec)]
+        batch = collate(part, dataclasses.replace(spec, seq_buckets=(seq,)))
+        adv = np.zeros(spec.batch_size, np.float32)
+        sampled = np.zeros((spec.batch_size, seq - 1), np.float32)
+        for i, r in enumerate(chunk):
+            adv[i] = advantages[r]
+            start = np.asarray(prompts[rollouts.prompt_index[r]]["input_ids"]).size - 1
+            n = int(rollouts.lengths[r])
+            sampled[i, start : start + n] = rollouts.logprobs[r, :n]
+        if not chunk:
+            batch["labels"][:] = IGNORE_INDEX
+            batch["example_mask"][:] = 0
+        batch["advantages"], batch["sampling_per_token_logps"] = adv, sampled
+        out.append(batch)
+    return out
+
+
+def _filler(spec: BatchSpec) -> dict[str, Any]:
+    return {
+        "id": "<filler>",
+        "input_ids": np.asarray([spec.pad_token_id]),
+        "labels": np.asarray([IGNORE_INDEX]),
+    }
+
+
+def completion_stats(rollouts: Rollouts) -> dict[str, float]:
+    """TRL's `completions/*` metrics of a generation batch."""
+    lengths = rollouts.lengths.astype(np.float64)
+    term = lengths[rollouts.stopped]
+    stats = {
+        "completions/mean_length": float(lengths.mean()),
+        "completions/min_length": float(lengths.min()),
+        "completions/max_length": float(lengths.max()),
+        "completions/clipped_ratio": float(1.0 - rollouts.stopped.mean()),
+    }
+    if term.size:
+        stats.update({
+            "completions/mean_terminated_length": float(term.mean()),
+            "completions/min_terminated_length": float(term.min()),
+            "completions/max_terminated_length": float(term.max()),
+        })  # fmt: skip
+    else:
+        stats.update(dict.fromkeys(
+            ("completions/mean_terminated_length", "completions/min_terminated_length",
+             "completions/max_terminated_length"), 0.0))  # fmt: skip
+    return stats

@@ -1,0 +1,226 @@
+"""GRPO's side of the training loop: prompts -> rollouts -> rewards -> advantages -> micro-batches.
+
+One optimizer step consumes one generation batch (TRL's `steps_per_generation = gradient_accumulation_steps`,
+`num_iterations = 1`): `batch.batch_size x grad_accum` completions, i.e. `P = batch_size x grad_accum / G`
+prompts with G completions each. The policy that generates is the current one, so the ratio of the loss
+is exactly 1 (on-policy; TRL passes no old log-probs then either) and no generation buffer outlives a step:
+a checkpoint needs only the prompt iterator's position, and the sampling seed of step `s` is derived from
+the run seed and `s`, so a resumed run draws the same completions.
+
+Per step (times logged as `time/rollout_s`, `time/reward_s`, `time/train_s`):
+1. the next P prompts (`data.prompts`: encoded once, images within the budget);
+2. `rl.rollout`: G completions per prompt from one prefill each, vision tokens never sampled, cut after
+   the first stop id of the checkpoint;
+3. `rl.rewards.score`: every reward function on the decoded completions with the records' other columns
+   (`None` -> NaN), then `losses.grpo_advantages` over each group of G;
+4. `rl.batch.micro_batches`: prompt + completion rows, collated like SFT rows, with advantages and the
+   sampler's log-probs; `num_items_in_batch` = completion tokens of the whole generation batch (dapo).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwenvl_jax.train.config import GRPO_HOST_KEYS, GrpoSection, grpo_loss_keys
+
+_RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def grpo_settings(config: dict) -> dict[str, Any]:
+    """The grpo section with every default filled in."""
+    return GrpoSection.model_validate(config.get("grpo") or {}).model_dump()
+
+
+def grpo_step_kw(config: dict) -> dict[str, Any]:
+    """Keywords of `train.grpo_step.grpo_step`: the sampling temperature and `losses.grpo_loss`'s."""
+    g = grpo_settings(config)
+    keys = set(grpo_loss_keys())
+    return {"chunk_size": int(config["chunk_size"]), "temperature": float(g["temperature"]),
+            **{k: v for k, v in g.items() if k in keys and k not in GRPO_HOST_KEYS}}  # fmt: skip
+
+
+def prompt_budgets(config: dict) -> tuple[int, dict[str, int], dict[str, int]]:
+    """`(prompts per step, generation-batch budget, per-prompt budget)`.
+
+    A training micro-batch of `B` rows may hold the completions of a single prompt B times over, so a
+    prompt may hold at most a row's share of the micro-batch's vision budget (`image_patches / B`, in whole
+    merge blocks; `max_images / B`); the P prompts of a generation batch then fit P such shares.
+    """
+    g = grpo_settings(config)
+    batch = config["batch"]
+    rows = int(batch["batch_size"])
+    prompts = rows * int(config["grad_accum"]) // int(g["num_generations"])
+    unit = int(batch.get("merge_size") or 2) ** 2
+    per_prompt = {
+        "image_patches": int(batch.get("image_patches") or 0) // rows // unit * unit,
+        "video_patches": int(batch.get("video_patches") or 0) // rows // unit * unit,
+        "max_images": int(batch.get("max_images", 16)) // rows,
+        "max_videos": int(batch.get("max_videos", 4)) // rows,
+    }
+    return prompts, {k: v * prompts for k, v in per_prompt.items()}, per_prompt
+
+
+def _seed(run_seed: int, step: int) -> int:
+    return int(np.random.SeedSequence([run_seed, step]).generate_state(1)[0])
+
+
+class GrpoSource:
+    """Generation batches for the loop, checkpointable like the SFT/DPO batch iterators."""
+
+    def __init__(self, config: dict, processor, prompts, *, run_dir: Path, mesh=None):
+        from qwenvl_jax.processing.batch import BatchSpec
+        from qwenvl_jax.rl.rewards import load_rewards
+        from qwenvl_jax.rl.rollout import SamplingConfig
+
+        g = self.settings = grpo_settings(config)
+        self.processor, self.prompts, self.mesh = processor, prompts, mesh
+        self.run_seed = int(config["seed"])
+        self.accum = int(config["grad_accum"])
+        batch = {k: v for k, v in config["batch"].items() if k != "pack"}
+        self.G = int(g["num_generations"])
+        self.num_prompts, budget, _ = prompt_budgets(config)
+        ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
+                   video_token_id=processor.video_token_id)  # fmt: skip
+        if "seq_buckets" not in batch:
+            batch["seq_buckets"] = (int(g["max_prompt_length"]) + int(g["max_completion_length"]),)
+        self.train_spec = BatchSpec.from_dict(batch, **ids)
+        self.prompt_spec = BatchSpec(
+            batch_size=self.num_prompts, seq_buckets=(int(g["max_prompt_length"]),), padding_side="left",
+            **budget, **ids,
+        )  # fmt: skip
+        self.sampling = SamplingConfig(
+            num_generations=self.G,
+            max_completion_length=int(g["max_completion_length"]),
+            temperature=float(g["temperature"]),
+            top_p=float(g["top_p"]),
+            top_k=int(g["top_k"]),
+        )
+        self.rewards = load_rewards(config["rewards"], base_dir=Path.cwd())
+        weights = g.get("reward_weights")
+        self.weights = (
+            np.asarray(weights, np.float32)
+            if weights is not None
+            else np.asarray([r.weight for r in self.rewards])
+        )
+        self.completions_path = Path(run_dir) / "completions.jsonl"
+
+    # The iterator interface the loop checkpoints.
+    @property
+    def skipped(self):
+        return self.prompts.skipped
+
+    def get_state(self) -> bytes:
+        return self.prompts.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self.prompts.set_state(state)
+
+    def next_step(self, model, step: int) -> dict[str, Any] | None:
+        """The micro-batches of optimizer step `step` (1-based) and their host metrics; None when the
+        prompts are exhausted."""
+        import jax.numpy as jnp
+
+        from qwenvl_jax import losses
+        from qwenvl_jax.rl.batch import completion_stats, micro_batches
+        from qwenvl_jax.rl.rewards import score
+        from qwenvl_jax.rl.rollout import rollout
+
+        try:
+            prompts = next(self.prompts)
+        except StopIteration:
+            return None
+        t0 = time.perf_counter()
+        rollouts, timing = rollout(
+            model, prompts, self.prompt_spec, self.sampling, seed=_seed(self.run_seed, step), mesh=self.mesh
+        )
+        t1 = time.perf_counter()
+        G = self.G
+        decode = self.processor.tokenizer.decode
+        texts = [
+            decode(rollouts.completion(r).tolist(), skip_special_tokens=True)
+            for r in range(len(rollouts.lengths))
+        ]
+        conversational = [not isinstance(p["prompt"], str) for p in prompts]
+        completions = [
+            [{"role": "assistant", "content": t}] if conversational[r // G] else t
+            for r, t in enumerate(texts)
+        ]
+        names = sorted({k for p in prompts for k in p.get("columns", {})} - set(_RESERVED))
+        columns = {k: [p.get("columns", {}).get(k) for p in prompts for _ in range(G)] for k in names}
+        ids = [f"{p['id']}#{g}" for p in prompts for g in range(G)]
+        scores = score(
+            self.rewards,
+            [p["prompt"] for p in prompts for _ in range(G)],
+            completions,
+            [rollouts.completion(r).tolist() for r in range(len(texts))],
+            columns,
+            ids=ids,
+            weights=self.weights,
+            policy=self.settings["reward_policy"],
+            trainer_state={"global_step": step - 1},
+        )
+        rewards = jnp.asarray(scores.rewards_per_func)
+        kw = dict(num_generations=G, reward_weights=jnp.asarray(scores.weights),
+                  scale_rewards=self.settings["scale_rewards"],
+                  multi_objective_aggregation=self.settings["multi_objective_aggregation"])  # fmt: skip
+        advantages = np.asarray(losses.grpo_advantages(rewards, **kw), np.float32)
+        metrics = {
+            k: float(v) for k, v in losses.grpo_reward_metrics(rewards, names=scores.labels, **kw).items()
+        }
+        metrics.update(completion_stats(rollouts))
+        metrics.update({f"rewards/{label}/failures": float(n) for label, n in scores.failures.items() if n})
+        micro = micro_batches(
+            prompts, rollouts, advantages, self.train_spec, num_micro_batches=self.accum,
+            mask_truncated_completions=bool(self.settings["mask_truncated_completions"]),
+        )  # fmt: skip
+        num_items = sum(int((mb["labels"] != losses.IGNORE_INDEX).sum()) for mb in micro)
+        t2 = time.perf_counter()
+        metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/prefill_s": timing["prefill_s"],
+                        "time/decode_s": timing["decode_s"]})  # fmt: skip
+        every = int(self.settings["log_completions_every"])
+        if every and (step % every == 0 or step == 1):
+            self._log_samples(step, prompts, texts, scores, advantages)
+        return {"micro": micro, "num_items": max(num_items, 1), "metrics": metrics}
+
+    def _log_samples(self, step, prompts, texts, scores, advantages) -> None:
+        """A few prompts with all their completions, rewards and advantages, appended to completions.jsonl."""
+        count = min(int(self.settings["log_completions_count"]), len(prompts))
+        with self.completions_path.open("a", encoding="utf-8") as f:
+            for p in range(count):
+                for g in range(self.G):
+                    r = p * self.G + g
+                    rewards = {
+                        label: (None if np.isnan(v) else float(v))
+                        for label, v in zip(scores.labels, scores.rewards_per_func[r].tolist(), strict=True)
+                    }
+                    prompt = p_text(prompts[p]["prompt"])
+                    f.write(json.dumps({"step": step, "id": f"{prompts[p]['id']}#{g}", "prompt": prompt,
+                                        "completion": texts[r], "rewards": rewards,
+                                        "advantage": float(advantages[r])}) + "\n")  # fmt: skip
+
+    def truncate_log(self, step: int) -> None:
+        """Drop logged samples past `step` (a resumed run logs them again)."""
+        if not self.completions_path.exists():
+            return
+        keep = [line for line in self.completions_path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]  # fmt: skip
+        self.completions_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def p_text(prompt) -> str:
+    """A prompt as one line of text for the samples log (the text parts of its last user turn)."""
+    if isinstance(prompt, str):
+        return prompt
+    parts = []
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, str):
+            parts.append(content)
+        else:
+            parts.extend(b.get("text", "<image>" if b.get("type") == "image" else "") for b in content or [])
+    return " ".join(p for p in parts if p)
