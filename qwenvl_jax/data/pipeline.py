@@ -324,9 +324,14 @@ class EncodeRecords(grain.MapTransform):
         max_length: int | None = None,
         mask_vision_tokens: bool = False,
         columns: dict[str, str] | None = None,
+        image_options: dict[str, int] | None = None,
+        prompt_suffix: str = "",
     ):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        # `Processor.from_pretrained` overrides (min_pixels, max_pixels) for the processor a worker loads.
+        self.image_options = dict(image_options or {})
+        self.prompt_suffix = prompt_suffix  # GRPO/PPO: appended to each prompt's last user turn
         self._dir = None if isinstance(processor, Processor) else os.fspath(processor)
         self._processor = processor if isinstance(processor, Processor) else None
         self.kind, self.max_length, self.mask_vision_tokens = kind, max_length, mask_vision_tokens
@@ -341,7 +346,7 @@ class EncodeRecords(grain.MapTransform):
     @property
     def processor(self) -> Processor:
         if self._processor is None:
-            self._processor = Processor.from_pretrained(self._dir)
+            self._processor = Processor.from_pretrained(self._dir, **self.image_options)
         return self._processor
 
     def encode(self, record: Record):
@@ -360,7 +365,9 @@ class EncodeRecords(grain.MapTransform):
             return {"pair": encode_dpo(self.processor, record, max_length=self.max_length)}
         from qwenvl_jax.data.prompts import encode_prompt  # prompts.py imports this module
 
-        return {"example": encode_prompt(self.processor, record, max_prompt_length=self.max_length)}
+        return {"example": encode_prompt(
+            self.processor, record, max_prompt_length=self.max_length, suffix=self.prompt_suffix
+        )}  # fmt: skip
 
     def map(self, element: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -660,6 +667,8 @@ def make_loader(
     max_length: int | None = None,
     mask_vision_tokens: bool = False,
     columns: dict[str, str] | None = None,
+    image_options: dict[str, int] | None = None,
+    prompt_suffix: str = "",
 ) -> grain.DataLoader:
     """A grain `DataLoader` of per-record elements (see `EncodeRecords`), sharded and seeded.
 
@@ -669,7 +678,9 @@ def make_loader(
     `drop_remainder=False` anyway). Each epoch of a shard is shuffled with `seed` and the epoch number;
     `num_epochs=None` repeats forever. `read_options` defaults to 2 threads prefetching 64 lines (grain's
     default of 16 threads and 500 lines costs seconds at start-up for nothing: a line read is cheap).
-    `paths` may mix JSONL and Parquet files (`open_source`); `columns` is a `data.columns` mapping.
+    `paths` may mix JSONL and Parquet files (`open_source`); `columns` is a `data.columns` mapping;
+    `image_options` (min_pixels, max_pixels) override the processor's image config in worker processes;
+    `prompt_suffix` is appended to every GRPO/PPO prompt's last user turn (`prompts.with_suffix`).
     """
     if worker_count:
         _parse_absl_flags()
@@ -684,7 +695,13 @@ def make_loader(
         num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
     )
     encode = EncodeRecords(
-        processor, kind=kind, max_length=max_length, mask_vision_tokens=mask_vision_tokens, columns=columns
+        processor,
+        kind=kind,
+        max_length=max_length,
+        mask_vision_tokens=mask_vision_tokens,
+        columns=columns,
+        image_options=image_options,
+        prompt_suffix=prompt_suffix,
     )
     return grain.DataLoader(
         data_source=source,

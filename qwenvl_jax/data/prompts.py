@@ -34,8 +34,28 @@ from qwenvl_jax.processing.processor import Processor
 _NO_LIMIT = 2**31 - 1
 
 
+def with_suffix(messages: list[dict], suffix: str) -> list[dict]:
+    """`messages` with `suffix` appended to the text of the last user turn (a task's format instructions,
+    as EasyR1's `format_prompt` appends them); a new text block when the turn ends with an image."""
+    out = [dict(m) for m in messages]
+    turn = next((m for m in reversed(out) if m.get("role") == "user"), None)
+    if turn is None:
+        return out
+    content = turn.get("content")
+    if isinstance(content, str):
+        turn["content"] = content + suffix
+        return out
+    blocks = [dict(b) for b in content or []]
+    if blocks and blocks[-1].get("type") == "text":
+        blocks[-1]["text"] = blocks[-1].get("text", "") + suffix
+    else:
+        blocks.append({"type": "text", "text": suffix.lstrip()})
+    turn["content"] = blocks
+    return out
+
+
 def encode_prompt(
-    processor: Processor, record: PromptRecord, *, max_prompt_length: int | None = None
+    processor: Processor, record: PromptRecord, *, max_prompt_length: int | None = None, suffix: str = ""
 ) -> dict[str, Any]:
     """One prompt record -> `{"id", "location", "input_ids" (1-D int64), vision arrays, "columns", "prompt"}`.
 
@@ -43,12 +63,13 @@ def encode_prompt(
     placeholders expanded; the vision arrays are those of `Processor.encode_chat` (`pixel_values`,
     `image_grid_thw`; `pixel_values_videos`, `video_grid_thw`, `second_per_grid_ts`), present when the
     prompt holds images or videos. `columns` are the record's other columns; `prompt` is the prompt as
-    TRL passes it to reward functions (`PromptRecord.reward_prompt`). Longer than `max_prompt_length`
-    tokens: `BadRecord("too_long")`.
+    TRL passes it to reward functions (`PromptRecord.reward_prompt`, with `suffix`). Longer than `max_prompt_length`
+    tokens: `BadRecord("too_long")`. `suffix` is appended to the last user turn (`with_suffix`).
     """
     _check_images(record)
+    messages = with_suffix(record.prompt, suffix) if suffix else record.prompt
     try:
-        out = processor.encode_chat([record.prompt], add_generation_prompt=True, padding=False)
+        out = processor.encode_chat([messages], add_generation_prompt=True, padding=False)
     except InputError as err:
         raise _classify(err, record) from None
     n = int(out["input_ids"].shape[1])
@@ -64,7 +85,11 @@ def encode_prompt(
         if key in out:
             example[key] = out[key][0] if key == "input_ids" else out[key]
     example["columns"] = dict(record.columns)
-    example["prompt"] = record.reward_prompt
+    # The prompt as the model saw it, suffix included (as if the data set had been formatted with it).
+    prompt = record.reward_prompt
+    if suffix:
+        prompt = prompt + suffix if isinstance(prompt, str) else with_suffix(prompt, suffix)
+    example["prompt"] = prompt
     return example
 
 

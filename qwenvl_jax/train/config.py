@@ -14,7 +14,8 @@ second with the key, the value and what is allowed, instead of a traceback after
     processor: DIR                 # default: model.path, or the tiny processor written into run_dir
     data: {paths: [a.jsonl, ...]}  # or {synthetic: N}: N shape-drawing records written into run_dir/data
           shuffle, num_epochs (null = repeat), worker_count, policy: skip|strict, max_length,
-          mask_vision_tokens, columns: {prompt: problem} (rename a data set's columns)
+          mask_vision_tokens, columns: {prompt: problem} (rename a data set's columns),
+          min_pixels, max_pixels (the processor's image resize bounds), prompt_suffix (GRPO)
     batch: {batch_size, seq_buckets, image_patches, max_images, ..., pack}   # `BatchSpec` fields + pack;
                                    # for DPO batch_size counts PAIRS (a batch holds 2 x pairs rows)
     grad_accum: 1                  # micro-batches per optimizer step (padded to one length)
@@ -129,6 +130,9 @@ class DataSection(_Section):
     max_length: PosInt | None = None
     mask_vision_tokens: Bool | None = None
     columns: dict[str, str] | None = None  # rename columns at read time, e.g. {prompt: problem}
+    prompt_suffix: str | None = None  # GRPO: appended to each prompt (a task's format instructions)
+    min_pixels: PosInt | None = None  # override the processor's image resize bounds
+    max_pixels: PosInt | None = None
 
 
 class BatchSection(_Section):
@@ -350,6 +354,10 @@ def _cross_checks(config: dict, given: dict) -> None:
         raise ConfigError("data: give paths or synthetic, not both")
     if not data.get("paths") and not data.get("synthetic"):
         raise ConfigError("data needs paths: [a.jsonl, ...] or synthetic: N")
+    if data.get("min_pixels") and data.get("max_pixels") and data["min_pixels"] > data["max_pixels"]:
+        raise ConfigError(
+            f"data.min_pixels={data['min_pixels']} is above data.max_pixels={data['max_pixels']}"
+        )
     model = config["model"]
     if not model.get("path") and not model.get("preset"):
         raise ConfigError("model needs path: DIR (HF or Orbax checkpoint) or preset: NAME (random weights)")

@@ -90,6 +90,11 @@ def processor_dir(config: dict, run_dir: Path) -> Path:
     return out
 
 
+def image_options(config: dict) -> dict[str, int]:
+    """`data.min_pixels` / `data.max_pixels`: the processor's image resize bounds, when the config sets them."""
+    return {k: int(config["data"][k]) for k in ("min_pixels", "max_pixels") if config["data"].get(k)}
+
+
 def data_paths(config: dict, run_dir: Path) -> list[str]:
     data = config["data"]
     if data.get("synthetic"):
@@ -152,6 +157,7 @@ def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
         worker_count=workers,
         skip_log=run_dir / "skipped.jsonl",
         columns=data.get("columns"),
+        image_options=image_options(config),
         **options,
     )
 
@@ -177,6 +183,8 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
         worker_count=workers,
         skip_log=run_dir / "skipped.jsonl",
         columns=data.get("columns"),
+        image_options=image_options(config),
+        prompt_suffix=data.get("prompt_suffix") or "",
         per_prompt=per_prompt,
         **budget,
     )
@@ -319,7 +327,7 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     model = build_model(config["model"])
     model_config = model.config
     proc_dir = processor_dir(config, run_dir)
-    processor = Processor.from_pretrained(proc_dir)
+    processor = Processor.from_pretrained(proc_dir, **image_options(config))
     if kind == "grpo":
         from qwenvl_jax.train.grpo import GrpoSource
 
