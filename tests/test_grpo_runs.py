@@ -200,3 +200,16 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     for key in ("loss", "reward", "grad_norm", "completions/mean_length", "entropy"):
         assert [r[key] for r in rb] == [r[key] for r in ra], key  # float equality
     assert (b / "completions.jsonl").read_text() == (a / "completions.jsonl").read_text()
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_kl_to_the_reference(tmp_path, trainable):
+    """beta > 0: the reference is a frozen copy of the initial policy (full) or the adapter-free base
+    (LoRA, no second copy). At step 1 the policy IS the reference, so the KL is exactly 0; then it grows."""
+    sets = {"grpo.beta": 0.04, "trainable": trainable}
+    if trainable == "lora":
+        sets["lora.rank"] = 4
+    run, rows = _run(tmp_path, steps=4, **sets)
+    assert rows[0]["kl"] == 0.0
+    assert rows[-1]["kl"] > 0.0 and all(np.isfinite(r["loss"]) for r in rows)
+    assert (run / "final").is_dir()
