@@ -131,6 +131,7 @@ def test_vision_tokens_are_never_sampled(setup, monkeypatch):
 def _run(tmp_path, steps=12, **sets):
     from qwenvl_jax.train.loop import load_config, train
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "rew.py").write_text(LETTER_E)
     over = [f"run_dir={tmp_path / 'run'}", f"steps={steps}", f"rewards=[{tmp_path / 'rew.py'}:letter_e]",
             "optim.learning_rate=1e-2", "logging.progress=false", "logging.tensorboard=false",
@@ -213,3 +214,25 @@ def test_kl_to_the_reference(tmp_path, trainable):
     assert rows[0]["kl"] == 0.0
     assert rows[-1]["kl"] > 0.0 and all(np.isfinite(r["loss"]) for r in rows)
     assert (run / "final").is_dir()
+
+
+def test_generation_buffer_is_reused_and_restored_exactly(tmp_path):
+    """steps_per_generation 2 with grad_accum 1: one generation feeds two optimizer steps, the second
+    off-policy (old log-probs from before the first update, so the ratio moves and clipping can act).
+    Stopping after step 1 (its checkpoint holds the half-used buffer) and resuming gives the same steps."""
+    sets = {"grad_accum": 1, "grpo.steps_per_generation": 2, "optim.learning_rate": 3e-2}
+    _, rows = _run(tmp_path / "a", steps=4, **sets)
+    generated = ["reward" in r for r in rows]
+    assert generated == [True, False, True, False]
+    assert all(r["time/old_logps_s"] > 0 for r in rows if "reward" in r)
+    # On-policy steps have ratio 1 exactly; the reused half of a generation does not.
+    assert rows[0]["clip_ratio/region_mean"] == 0.0
+    _run(tmp_path / "b", steps=1, **sets)
+    _, resumed = _run(tmp_path / "b", steps=4, **sets)
+    for key in ("loss", "grad_norm", "entropy", "clip_ratio/region_mean"):
+        assert [r[key] for r in resumed] == [r[key] for r in rows], key
+
+
+def test_num_iterations_replays_the_generation(tmp_path):
+    _, rows = _run(tmp_path, steps=4, **{"grpo.num_iterations": 2, "optim.learning_rate": 3e-2})
+    assert ["reward" in r for r in rows] == [True, False, True, False]

@@ -106,7 +106,7 @@ GRPO = {"kind": "grpo", "rewards": ["accuracy_reward"], "batch": {**BATCH, "batc
         ({"rewards": None}, "kind: grpo needs rewards"),
         (
             {"grpo": {"num_generations": 3}},
-            r"4 completions per step is not a multiple of grpo\.num_generations=3",
+            r"4 completions per generation is not a multiple of grpo\.num_generations=3",
         ),
         (
             {"grpo": {"num_generations": 1}},

@@ -220,6 +220,8 @@ class GrpoSection(_Section):
     names and defaults)."""
 
     num_generations: Annotated[int, Strict(), Field(ge=2)] = 8
+    steps_per_generation: PosInt | None = None  # micro-batches per generation batch (default: grad_accum)
+    num_iterations: PosInt = 1  # passes over each generation batch
     max_prompt_length: PosInt = 512
     max_completion_length: PosInt = 256
     temperature: Annotated[float, Field(gt=0)] = 1.0
@@ -256,7 +258,7 @@ class GrpoSection(_Section):
 
 
 # Keys of the grpo section that are not `losses.grpo_loss` keywords.
-GRPO_HOST_KEYS = ("num_generations", "max_prompt_length", "temperature", "top_p", "top_k",
+GRPO_HOST_KEYS = ("num_generations", "steps_per_generation", "num_iterations", "max_prompt_length", "temperature", "top_p", "top_k",
                   "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation",
                   "reward_weights", "reward_policy", "log_completions_every", "log_completions_count")  # fmt: skip
 
@@ -338,11 +340,18 @@ def _cross_checks(config: dict, given: dict) -> None:
         g = RunConfig.model_fields["grpo"].annotation.model_validate(config["grpo"])
         if not config.get("rewards"):
             raise ConfigError("kind: grpo needs rewards: [a reward function, ...] (e.g. accuracy_reward)")
-        rows = config["batch"]["batch_size"] * config["grad_accum"]
+        spg = g.steps_per_generation or config["grad_accum"]
+        rows = config["batch"]["batch_size"] * spg
         if rows % g.num_generations:
             raise ConfigError(
-                f"batch.batch_size x grad_accum = {rows} completions per step is not a multiple of "
-                f"grpo.num_generations={g.num_generations}: a step must hold whole groups"
+                f"batch.batch_size x steps_per_generation = {rows} completions per generation is not a "
+                f"multiple of grpo.num_generations={g.num_generations}: a generation must hold whole groups"
+            )
+        if (spg * g.num_iterations) % config["grad_accum"]:
+            raise ConfigError(
+                f"grpo.steps_per_generation x num_iterations = {spg * g.num_iterations} micro-batches per "
+                f"generation is not a multiple of grad_accum={config['grad_accum']}: an optimizer step "
+                "would straddle two generations"
             )
         weights = config["grpo"].get("reward_weights")
         if weights is not None and len(weights) != len(config["rewards"]):

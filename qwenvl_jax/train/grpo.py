@@ -1,11 +1,18 @@
 """GRPO's side of the training loop: prompts -> rollouts -> rewards -> advantages -> micro-batches.
 
-One optimizer step consumes one generation batch (TRL's `steps_per_generation = gradient_accumulation_steps`,
-`num_iterations = 1`): `batch.batch_size x grad_accum` completions, i.e. `P = batch_size x grad_accum / G`
-prompts with G completions each. The policy that generates is the current one, so the ratio of the loss
-is exactly 1 (on-policy; TRL passes no old log-probs then either) and no generation buffer outlives a step:
-a checkpoint needs only the prompt iterator's position, and the sampling seed of step `s` is derived from
-the run seed and `s`, so a resumed run draws the same completions.
+Batch geometry (TRL 1.16): a generation batch holds `batch.batch_size x steps_per_generation` completions
+(`P = that / G` prompts with G completions each; `steps_per_generation` defaults to `grad_accum`). It is cut
+into `steps_per_generation` micro-batches, buffered and served `num_iterations` times; each optimizer step
+takes `grad_accum` of them. `steps_per_generation x num_iterations` must be a multiple of `grad_accum`, so
+an optimizer step never straddles two generations. When the policy changes while a buffer is still in use
+(`grad_accum` not a multiple of `steps_per_generation x num_iterations`), the old log-probs are computed
+once, with the weights from before the first update on that batch (TRL's condition); otherwise the ratio
+is exactly 1 (on-policy) and none are computed.
+
+Exact resume: the sampling seed of a generation is derived from the run seed and the step that made it,
+and a checkpoint taken while a buffer is in use stores what cannot be recomputed (the completions, their
+sampler log-probs, advantages and old log-probs, a few MB) with the prompt iterator's position from
+before its prompts were pulled; the restored buffer re-encodes those prompts and is bitwise the same.
 
 Per step (times logged as `time/rollout_s`, `time/reward_s`, `time/train_s`):
 1. the next P prompts (`data.prompts`: encoded once, images within the budget);
@@ -19,6 +26,8 @@ Per step (times logged as `time/rollout_s`, `time/reward_s`, `time/train_s`):
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import time
 from pathlib import Path
@@ -36,11 +45,19 @@ def grpo_settings(config: dict) -> dict[str, Any]:
     return GrpoSection.model_validate(config.get("grpo") or {}).model_dump()
 
 
+def steps_per_generation(config: dict) -> int:
+    g = grpo_settings(config)
+    return int(g["steps_per_generation"] or config["grad_accum"])
+
+
 def grpo_step_kw(config: dict) -> dict[str, Any]:
-    """Keywords of `train.grpo_step.grpo_step`: the sampling temperature and `losses.grpo_loss`'s."""
+    """Keywords of `train.grpo_step.grpo_step`: the sampling temperature, the accumulation factors and
+    `losses.grpo_loss`'s."""
     g = grpo_settings(config)
     keys = set(grpo_loss_keys())
     return {"chunk_size": int(config["chunk_size"]), "temperature": float(g["temperature"]),
+            "steps_per_generation": steps_per_generation(config),
+            "gradient_accumulation_steps": int(config["grad_accum"]),
             **{k: v for k, v in g.items() if k in keys and k not in GRPO_HOST_KEYS}}  # fmt: skip
 
 
@@ -54,7 +71,7 @@ def prompt_budgets(config: dict) -> tuple[int, dict[str, int], dict[str, int]]:
     g = grpo_settings(config)
     batch = config["batch"]
     rows = int(batch["batch_size"])
-    prompts = rows * int(config["grad_accum"]) // int(g["num_generations"])
+    prompts = rows * steps_per_generation(config) // int(g["num_generations"])
     unit = int(batch.get("merge_size") or 2) ** 2
     per_prompt = {
         "image_patches": int(batch.get("image_patches") or 0) // rows // unit * unit,
@@ -81,6 +98,10 @@ class GrpoSource:
         self.processor, self.prompts, self.mesh = processor, prompts, mesh
         self.run_seed = int(config["seed"])
         self.accum = int(config["grad_accum"])
+        self.spg, self.iterations = steps_per_generation(config), int(g["num_iterations"])
+        # TRL computes old log-probs only when the policy moves while a buffer is still served.
+        self.needs_old = self.accum % (self.spg * self.iterations) != 0
+        self.buffer: dict[str, Any] | None = None  # the generation being served, and its position
         batch = {k: v for k, v in config["batch"].items() if k != "pack"}
         self.G = int(g["num_generations"])
         self.num_prompts, budget, _ = prompt_budgets(config)
@@ -114,30 +135,104 @@ class GrpoSource:
     def skipped(self):
         return self.prompts.skipped
 
+    def _in_use(self) -> bool:
+        return self.buffer is not None and self.buffer["position"] < self.spg * self.iterations
+
     def get_state(self) -> bytes:
-        return self.prompts.get_state()
+        if not self._in_use():
+            return json.dumps({"prompts": self.prompts.get_state().decode("utf-8")}).encode()
+        b = self.buffer
+        arrays = {"tokens": b["rollouts"].tokens, "lengths": b["rollouts"].lengths,
+                  "logprobs": b["rollouts"].logprobs, "stopped": b["rollouts"].stopped,
+                  "advantages": b["advantages"]}  # fmt: skip
+        if b["old"] is not None:
+            arrays["old"] = np.stack(b["old"])
+        packed = io.BytesIO()
+        np.savez(packed, **arrays)
+        return json.dumps({
+            "prompts": b["prompts_state"].decode("utf-8"), "position": b["position"], "step": b["step"],
+            "buffer": base64.b64encode(packed.getvalue()).decode("ascii"),
+        }).encode()  # fmt: skip
 
     def set_state(self, state: bytes) -> None:
-        self.prompts.set_state(state)
+        from qwenvl_jax.rl.batch import Rollouts
 
-    def next_step(self, model, step: int) -> dict[str, Any] | None:
-        """The micro-batches of optimizer step `step` (1-based) and their host metrics; None when the
-        prompts are exhausted."""
+        value = json.loads(state)
+        if "prompts" not in value:  # a state written before the generation buffer existed
+            self.prompts.set_state(state)
+            self.buffer = None
+            return
+        self.prompts.set_state(value["prompts"].encode("utf-8"))
+        self.buffer = None
+        if "buffer" not in value:
+            return
+        with np.load(io.BytesIO(base64.b64decode(value["buffer"]))) as f:
+            arrays = {k: f[k] for k in f.files}
+        before = self.prompts.get_state()
+        prompts = next(self.prompts)  # the same prompts, pulled again from the same position
+        rollouts = Rollouts(
+            arrays["tokens"], arrays["lengths"], arrays["logprobs"], arrays["stopped"], self.G
+        )
+        micro = self._micro_batches(prompts, rollouts, arrays["advantages"])
+        old = list(arrays["old"]) if "old" in arrays else None
+        self.buffer = self._buffer(prompts, rollouts, arrays["advantages"], micro, old, before, value["step"])
+        self.buffer["position"] = int(value["position"])
+
+    def _micro_batches(self, prompts, rollouts, advantages):
+        from qwenvl_jax.rl.batch import micro_batches
+
+        return micro_batches(
+            prompts, rollouts, advantages, self.train_spec, num_micro_batches=self.spg,
+            mask_truncated_completions=bool(self.settings["mask_truncated_completions"]),
+        )  # fmt: skip
+
+    def _buffer(self, prompts, rollouts, advantages, micro, old, prompts_state, step) -> dict[str, Any]:
+        from qwenvl_jax import losses
+
+        if old is not None:
+            micro = [{**mb, "old_per_token_logps": o} for mb, o in zip(micro, old, strict=True)]
+        num_items = sum(int((mb["labels"] != losses.IGNORE_INDEX).sum()) for mb in micro)
+        return {"prompts": prompts, "rollouts": rollouts, "advantages": advantages, "micro": micro, "old": old,
+                "prompts_state": prompts_state, "step": step, "position": 0,
+                "num_items": max(num_items, 1)}  # fmt: skip
+
+    def next_step(self, model_fn, step: int, old_logps=None) -> dict[str, Any] | None:
+        """The micro-batches of optimizer step `step` (1-based), the generation's completion-token count
+        and, on a step that generated, its host metrics; None when the prompts are exhausted.
+
+        `model_fn()` builds the current policy (called only when a generation is due); `old_logps(mb)`
+        scores a micro-batch with the current weights (called only when old log-probs are needed)."""
+        metrics: dict[str, Any] = {}
+        if not self._in_use():
+            metrics = self._generate(model_fn, step, old_logps)
+            if metrics is None:
+                return None
+        b = self.buffer
+        micro = []
+        for _ in range(self.accum):
+            micro.append(b["micro"][b["position"] % self.spg])
+            b["position"] += 1
+        return {"micro": micro, "num_items": b["num_items"], "metrics": metrics}
+
+    def _generate(self, model_fn, step: int, old_logps) -> dict[str, Any] | None:
         import jax.numpy as jnp
 
         from qwenvl_jax import losses
-        from qwenvl_jax.rl.batch import completion_stats, micro_batches
+        from qwenvl_jax.rl.batch import completion_stats
         from qwenvl_jax.rl.rewards import score
         from qwenvl_jax.rl.rollout import rollout
 
+        before = self.prompts.get_state()
         try:
             prompts = next(self.prompts)
         except StopIteration:
             return None
+        model = model_fn()
         t0 = time.perf_counter()
         rollouts, timing = rollout(
             model, prompts, self.prompt_spec, self.sampling, seed=_seed(self.run_seed, step), mesh=self.mesh
         )
+        del model
         t1 = time.perf_counter()
         G = self.G
         decode = self.processor.tokenizer.decode
@@ -174,18 +269,17 @@ class GrpoSource:
         }
         metrics.update(completion_stats(rollouts))
         metrics.update({f"rewards/{label}/failures": float(n) for label, n in scores.failures.items() if n})
-        micro = micro_batches(
-            prompts, rollouts, advantages, self.train_spec, num_micro_batches=self.accum,
-            mask_truncated_completions=bool(self.settings["mask_truncated_completions"]),
-        )  # fmt: skip
-        num_items = sum(int((mb["labels"] != losses.IGNORE_INDEX).sum()) for mb in micro)
+        micro = self._micro_batches(prompts, rollouts, advantages)
         t2 = time.perf_counter()
-        metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/prefill_s": timing["prefill_s"],
-                        "time/decode_s": timing["decode_s"]})  # fmt: skip
+        old = [np.asarray(old_logps(mb), np.float32) for mb in micro] if self.needs_old else None
+        t3 = time.perf_counter()
+        self.buffer = self._buffer(prompts, rollouts, advantages, micro, old, before, step)
+        metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/old_logps_s": t3 - t2,
+                        "time/prefill_s": timing["prefill_s"], "time/decode_s": timing["decode_s"]})  # fmt: skip
         every = int(self.settings["log_completions_every"])
         if every and (step % every == 0 or step == 1):
             self._log_samples(step, prompts, texts, scores, advantages)
-        return {"micro": micro, "num_items": max(num_items, 1), "metrics": metrics}
+        return metrics
 
     def _log_samples(self, step, prompts, texts, scores, advantages) -> None:
         """A few prompts with all their completions, rewards and advantages, appended to completions.jsonl."""

@@ -134,6 +134,7 @@ def score_fn(graphdef, frozen, *, lora_cfg=None, chunk_size=1024, temperature=1.
     the old log-probs of a generation batch before its first update (num_iterations > 1)."""
 
     def score(params, mb):
+        mb = {k: v for k, v in mb.items() if k not in ("advantages", "sampling_per_token_logps")}
         model = build_model(graphdef, params, frozen, lora_cfg)
         st = token_stats(model, mb, mb["labels"], chunk_size=chunk_size, temperature=temperature)
         return jnp.where(st["label_mask"] > 0, st["log_probs"], 0.0)

@@ -386,9 +386,13 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         step_kw = {"chunk_size": int(config["chunk_size"]), **config["dpo"]}
     elif kind == "grpo":
         from qwenvl_jax.train.grpo import grpo_step_kw
+        from qwenvl_jax.train.grpo_step import score_fn
 
         step_kw = grpo_step_kw(config)
         batches.truncate_log(start)
+        # Old log-probs (num_iterations > 1 or steps_per_generation > grad_accum): jitted once.
+        score = jax.jit(score_fn(graphdef, frozen, lora_cfg=lora_cfg, chunk_size=step_kw["chunk_size"],
+                                 temperature=step_kw["temperature"]))  # fmt: skip
     else:
         step_kw = {"loss_type": config["loss_type"], "chunk_size": int(config["chunk_size"])}
     step_fn = _Steps(
@@ -428,7 +432,11 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
 
                 # The current policy generates: the model is assembled from the state's params (the
                 # frozen ones shared; LoRA applied) and dropped before the step donates them.
-                got = batches.next_step(step_model(graphdef, state.params, frozen, lora_cfg), step + 1)
+                got = batches.next_step(
+                    lambda params=state.params: step_model(graphdef, params, frozen, lora_cfg),
+                    step + 1,
+                    old_logps=lambda mb, params=state.params: score(params, mb),
+                )
                 micro = None if got is None else got["micro"]
                 host = {} if got is None else got
             else:
@@ -462,7 +470,7 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
             if host:
                 row.update(host["metrics"])
                 row["time/train_s"] = row["time_s"]
-                row["time_s"] += row["time/rollout_s"] + row["time/reward_s"]
+                row["time_s"] += sum(row.get(f"time/{k}_s", 0.0) for k in ("rollout", "reward", "old_logps"))
             logger.log(row)
             if not row.get("params_finite", 1):
                 last = ckpt.latest_step()

@@ -4,8 +4,8 @@
 `train.state.init_train_state`, so the trainable/frozen split, the LoRA tree and the optimizer state are
 exactly the ones a run makes), shards every leaf by `sharding.DEFAULT_RULES` on an `AbstractMesh` of the
 config's `mesh` shape, and adds up bytes per device. `format_plan` prints it (`qwenvl-jax train
---dry-run`). `check_step_shapes(config)` traces the real SFT/DPO step on abstract inputs of the config's
-static batch shapes (`jax.eval_shape`: full-size 3B/7B steps without allocating).
+--dry-run`). `check_step_shapes(config)` traces the real SFT/DPO/GRPO step on abstract inputs of the
+config's static batch shapes (`jax.eval_shape`: full-size 3B/7B steps without allocating).
 
 The hardware is the top-level `target` key: `"<n>xh100"`, `"<n>xh200"` (n GPUs) or `"v5p-<cores>"` (a TPU
 v5p slice; Cloud TPU names count TensorCores, two per chip, so v5p-8 is 4 chips = 4 JAX devices). The
@@ -14,15 +14,24 @@ fit is not judged).
 
 Per device, each row of `Plan.rows` in one phase:
 - "state", exact (from shapes, dtypes and shardings), live the whole step: trainable params, frozen
-  params, the DPO reference copy (non-LoRA DPO: a full param tree at the storage dtype, what
-  `step.nnx_full_params_like` describes), optimizer state, the gradients, and the step's batch (`collate`'s
-  arrays for the largest bucket, x grad_accum). `Plan.state_bytes`.
+  params, the reference copy (non-LoRA DPO, and non-LoRA GRPO with `grpo.beta > 0`: a full param tree at
+  the storage dtype, what `step.nnx_full_params_like` describes), optimizer state, the gradients, and the
+  step's batch (`collate`'s arrays for the largest bucket, x grad_accum). `Plan.state_bytes`.
 - "backward", live during forward and backward only: the micro-batch gradient being added to the running
   sum (`grad_accum > 1`, exact), and the ESTIMATES of one micro-batch's activations
   (`activation_estimate`) and of LoRA's merged kernels (`_lora_merged_bytes`).
 - "update", live during the optimizer update only: its temporaries (an ESTIMATE, `UPDATE_TEMP_COPIES`).
+- "rollout" (GRPO only), live while the step's completions are generated, before the forward/backward:
+  the KV cache of `P x G` rows (exact: `generation.cache`'s layout, k/v split like the engine splits
+  them), the prefill's own keys/values of the P prompts (exact), the prefill's activations (ESTIMATE,
+  `prefill_estimate`), the decode logits and sampler (ESTIMATE, `DECODE_LOGIT_COPIES` rows x vocab
+  float32 buffers)
+  and, with LoRA, the merged copy of the adapted kernels the generating model reads (`_lora_rollout_bytes`).
+  A full fine-tune generates from the float32 master params themselves (cast at use): no copy. The
+  state's gradients and batch do not exist yet while generating, so counting them under the rollout is
+  conservative by their size.
 
-`peak = state + max(backward, update)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the other
+`peak = state + max(backward, update, rollout)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the other
 10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces, XLA's scheduling
 choices) and for the estimates' error. On GPU, JAX preallocates only 75% of HBM by default: run with
 `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the budget to be available.
@@ -43,6 +52,12 @@ USABLE_FRACTION = 0.90
 # `step.apply_update` runs the update under `lax.cond` into the donated buffers: the update itself is the
 # one trainable-sized temporary (XLA:CPU's buffer assignment of the real 3B step agrees, docs/training.md).
 UPDATE_TEMP_COPIES = 1
+# Rows x vocab float32 buffers live in a decode step: the prefill's repeated last logits (an input of the
+# decode loop, held to its end), the step's logits and the sampler's working set (processed logits, the
+# top-k/top-p sort and its indices, softmax, cumsum, log-softmax, the presence mask). XLA:CPU's buffer
+# assignment of the real decode loop at grpo_3b_lora_1xh100's shape (128 rows, float32 compute so that no
+# bf16 upcast muddles it) holds 1.05 GiB of temporaries besides the in-place cache: 14.5 such buffers.
+DECODE_LOGIT_COPIES = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +96,7 @@ def parse_target(value: str | None) -> Target | None:
     raise ValueError(f"target {value!r} is not one of '<n>xh100', '<n>xh200', 'v5p-<even cores>'")
 
 
-PHASES = ("state", "backward", "update")
+PHASES = ("state", "backward", "update", "rollout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +106,23 @@ class Row:
     phase: str  # one of PHASES
     exact: bool
     note: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """GRPO's generation batch: P prompts x G completions, decoded into a `cache_slots`-slot KV cache."""
+
+    completions: int  # batch_size x steps_per_generation (default grad_accum)
+    prompts: int  # P = completions // G
+    num_generations: int  # G
+    prompt_len: int  # the prompt bucket: grpo.max_prompt_length
+    max_completion_length: int
+    cache_slots: int  # round_up(prompt_len + max_completion_length, cache_multiple)
+    vision_patches: int  # the P prompts' vision budget, encoded once in prefill; replicated
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.num_generations
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +142,8 @@ class Plan:
     rows: tuple[Row, ...]
     activation_formula: str
     notes: tuple[str, ...] = ()
+    rollout: Rollout | None = None  # GRPO
+    prefill_formula: str = ""
 
     @property
     def num_devices(self) -> int:
@@ -133,7 +167,12 @@ class Plan:
 
     @property
     def peak_bytes(self) -> int:
-        return self.state_bytes + max(self.phase_bytes("backward"), self.phase_bytes("update"))
+        return self.state_bytes + max(self.phase_bytes(phase) for phase in PHASES[1:])
+
+    @property
+    def binding_phase(self) -> str:
+        """The phase that sets the peak (on a tie, the first of `PHASES`)."""
+        return max(PHASES[1:], key=self.phase_bytes)
 
     @property
     def usable_bytes(self) -> int | None:
@@ -155,6 +194,16 @@ class Plan:
             out.append(
                 f"{self.rows_per_micro_batch} rows per micro-batch do not divide over data x fsdp = "
                 f"{self.batch_shards}"
+            )
+        if self.rollout is not None and self.rollout.completions % self.rollout.num_generations:
+            out.append(
+                f"{self.rollout.completions} completions per generation batch are not a multiple of "
+                f"num_generations {self.rollout.num_generations}: a generation must hold whole groups"
+            )
+        if self.rollout is not None and self.rollout.prompts % self.batch_shards:
+            out.append(
+                f"{self.rollout.prompts} prompts per generation batch do not divide over data x fsdp = "
+                f"{self.batch_shards} (generation shards the prompts like the rows)"
             )
         if self.fits is False:
             out.append(
@@ -218,6 +267,59 @@ def batch_rows(config: dict) -> int:
     """Rows of one collated micro-batch: `batch_size`, or for DPO 2 x `batch_size` pairs."""
     size = int((config.get("batch") or {}).get("batch_size", 2))
     return 2 * size if config.get("kind", "sft") == "dpo" else size
+
+
+def batch_section(config: dict) -> dict:
+    """The config's batch section; GRPO without `seq_buckets` trains on one bucket of
+    `max_prompt_length + max_completion_length`, as `train.grpo.GrpoSource` does."""
+    batch = dict(config.get("batch") or {})
+    if config.get("kind", "sft") == "grpo" and not batch.get("seq_buckets"):
+        g = grpo_settings(config)
+        batch["seq_buckets"] = [int(g["max_prompt_length"]) + int(g["max_completion_length"])]
+    return batch
+
+
+def grpo_settings(config: dict) -> dict:
+    from qwenvl_jax.train.grpo import grpo_settings as settings
+
+    return settings(config)
+
+
+def rollout_shape(config: dict, model_cfg) -> Rollout:
+    """A GRPO generation batch, as `train.grpo.GrpoSource` and `generation.generate` make it:
+    `batch_size x steps_per_generation` completions (default `grad_accum`: one generation per step)."""
+    import inspect
+
+    from qwenvl_jax.generation import generate
+    from qwenvl_jax.train.grpo import prompt_budgets
+
+    g = grpo_settings(config)
+    batch = {**batch_section(config), "merge_size": model_cfg.vision.spatial_merge_size}
+    full = {**_grpo_config(config), "batch": batch}
+    spg = int(g.get("steps_per_generation") or full["grad_accum"])
+    prompts, budget, _ = prompt_budgets(full)
+    prompt_len, completion = int(g["max_prompt_length"]), int(g["max_completion_length"])
+    multiple = inspect.signature(generate).parameters["cache_multiple"].default  # rollout keeps the default
+    slots = -(-(prompt_len + completion) // multiple) * multiple
+    patches = budget["image_patches"] + budget["video_patches"]
+    return Rollout(
+        int(batch.get("batch_size", 2)) * spg,
+        prompts,
+        int(g["num_generations"]),
+        prompt_len,
+        completion,
+        slots,
+        patches,
+    )
+
+
+def _grpo_config(config: dict) -> dict:
+    """`config` with the keys `train.grpo`'s helpers read filled with the run's defaults."""
+    return {
+        **config,
+        "grad_accum": int(config.get("grad_accum", 1)),
+        "chunk_size": int(config.get("chunk_size", 1024)),
+    }
 
 
 # ------------------------------------------------------------------------------------ abstract state
@@ -364,12 +466,7 @@ def activation_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int
     r, s, p = rows / (mesh["data"] * mesh["fsdp"]), seq, patches
     t = mesh["tensor"]
     d, i, kv = tc.hidden_size, tc.intermediate_size / t, tc.num_key_value_heads * tc.head_dim / t
-    xla = model_cfg.attention_backend == "xla"
-    text_layer = r * s * (7 * d + 3 * i) * a
-    text_layer += r * tc.num_attention_heads / t * s * s * (4 + a) if xla else 0
-    vision_layer = p * (7 * vc.hidden_size + 3 * vc.intermediate_size) * a
-    vision_layer += (vc.num_heads * p * p * (4 + a) + p * p) if xla else p * p * (1 + a)
-    vision_layer = vision_layer if p else 0
+    text_layer, vision_layer = _layer_working_sets(model_cfg, r, s, p, t)
     loss = 2 * min(chunk, r * s) * tc.vocab_size / t * 4
     lt, lv = tc.num_hidden_layers, vc.depth
     if model_cfg.remat == "none":
@@ -387,6 +484,104 @@ def activation_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int
         f"(r={r:g}, S={s}, P={p}, attention {model_cfg.attention_backend}; see activation_estimate)"
     )
     return round(saved + transient), formula
+
+
+def _layer_working_sets(model_cfg, r: float, s: int, p: int, t: int) -> tuple[float, float]:
+    """`(T, Vb)` of `activation_estimate`: one text layer's and one vision block's tensors, bytes."""
+    tc, vc = model_cfg.text, model_cfg.vision
+    a = np.dtype(model_cfg.dtype).itemsize
+    xla = model_cfg.attention_backend == "xla"
+    text_layer = r * s * (7 * tc.hidden_size + 3 * tc.intermediate_size / t) * a
+    text_layer += r * tc.num_attention_heads / t * s * s * (4 + a) if xla else 0
+    vision_layer = p * (7 * vc.hidden_size + 3 * vc.intermediate_size) * a
+    vision_layer += (vc.num_heads * p * p * (4 + a) + p * p) if xla else p * p * (1 + a)
+    return text_layer, (vision_layer if p else 0)
+
+
+def prefill_estimate(model_cfg, prompts: int, seq: int, patches: int, mesh: dict[str, int]):
+    """`(bytes, formula)`: an ESTIMATE of the generation prefill's activations on one device.
+
+    The prefill is a forward pass without gradients (`text.prefill` runs its layer scan with remat
+    "none", nothing saved but the keys and values, counted apart), one layer at a time: the residual
+    stream r S D a plus the larger of one text layer's and one vision block's working set
+    (`activation_estimate`'s T and Vb), r = prompts / (data x fsdp) prompt rows of S = max_prompt_length
+    tokens, and P = the prompts' whole vision budget, encoded on every device (vision inputs are
+    replicated). XLA:CPU's buffer assignment of the real prefill (`generation.engine._prefill`) at
+    grpo_3b_lora_1xh100's shape (16 prompts x 2048, 16384 patches; float32, XLA attention) agrees where
+    the vision block binds (temporaries 34.7 GiB; this estimate plus the prefill's keys/values, 35.9) and
+    is far below it where the text layer does (no images: 4.0 GiB against 16.3; XLA:CPU never holds a
+    layer's whole fp32 attention logits, which T counts).
+    """
+    r = prompts / (mesh["data"] * mesh["fsdp"])
+    text_layer, vision_layer = _layer_working_sets(model_cfg, r, seq, patches, mesh["tensor"])
+    residual = r * seq * model_cfg.text.hidden_size * np.dtype(model_cfg.dtype).itemsize
+    total = residual + max(text_layer, vision_layer)
+    formula = (
+        f"residual {_size(residual).strip()} + max(text layer {_size(text_layer).strip()}, vision "
+        f"block {_size(vision_layer).strip()}) (r={r:g}, S={seq}, P={patches}, attention "
+        f"{model_cfg.attention_backend}; see prefill_estimate)"
+    )
+    return round(total), formula
+
+
+def _cache_rows(rollout: Rollout, model_cfg, mesh) -> list[Row]:
+    """The KV cache and the prefill's keys/values per device, exact: k and v split as `generate` splits
+    them (`CACHE_AXES` under `DEFAULT_RULES` with `indivisible="replicate"`: kv heads that the tensor axis
+    does not divide stay whole), the int32 mask and the decode loop's token and log-prob buffers counted
+    whole on every device."""
+    import dataclasses as dc
+
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.generation.cache import CACHE_AXES, cache_shape
+
+    rules = dc.replace(shd.as_rules(shd.DEFAULT_RULES), indivisible="replicate")
+    sizes = dict(mesh.shape)
+    a = np.dtype(model_cfg.dtype).itemsize
+
+    def per_device(shape) -> float:
+        ways = 1
+        for entry in rules.resolve(CACHE_AXES, shape, mesh).spec:
+            for axis in (entry,) if isinstance(entry, str) else entry or ():
+                ways *= sizes[axis]
+        return 2 * math.prod(shape) * a / ways  # k and v
+
+    rows, slots = rollout.rows, rollout.cache_slots
+    kv = per_device(cache_shape(model_cfg, rows, slots))
+    free = slots - rollout.prompt_len
+    side = rows * slots * 4 + rows * free * (4 + 4)  # mask; sampled tokens and their log-probs
+    prefill_kv = per_device(cache_shape(model_cfg, rollout.prompts, rollout.prompt_len))
+    return [
+        Row(
+            "KV cache",
+            round(kv + side),
+            "rollout",
+            True,
+            f"{rows} rows x {slots} slots, k+v {_size(kv).strip()} ({np.dtype(model_cfg.dtype).name}) "
+            f"+ mask and token buffers",
+        ),
+        Row(
+            "prefill keys/values",
+            round(prefill_kv),
+            "rollout",
+            True,
+            f"{rollout.prompts} prompts x {rollout.prompt_len}, beside the cache while it is filled",
+        ),
+    ]
+
+
+def _lora_rollout_bytes(setup: AbstractSetup, frozen_fractions) -> tuple[int, str]:
+    """The generating model of a LoRA run (`step.build_model` outside jit: `lora.apply_lora`): a merged
+    copy `W + delta` of every adapted kernel at the base dtype, plus two fp32 `(layers, in, out)` buffers
+    of the widest target while it is merged (its `delta`, and the base cast to fp32)."""
+    from qwenvl_jax.train import lora as lora_lib
+
+    flat = lora_lib.flatten(setup.frozen)
+    fractions = lora_lib.flatten(frozen_fractions)
+    targets = list(setup.state.params)
+    merged = sum(_bytes(flat[t], fractions[t]) for t in targets)
+    widest32 = round(4 * max(int(np.prod(flat[t].shape)) * fractions[t] for t in targets))
+    note = f"{_size(merged).strip()} adapted kernels + 2 x {_size(widest32).strip()} fp32 while merging"
+    return merged + 2 * widest32, note
 
 
 def _lora_merged_bytes(setup: AbstractSetup, frozen_fractions) -> tuple[int, str]:
@@ -410,7 +605,7 @@ def _batch_bytes(config: dict, model_cfg, shape: dict[str, int]) -> int:
     inputs replicated (`sharding.batch_axes`)."""
     from qwenvl_jax.sharding import batch_axes
 
-    unpacked = {**config, "batch": {k: v for k, v in (config.get("batch") or {}).items() if k != "pack"}}
+    unpacked = {**config, "batch": {k: v for k, v in batch_section(config).items() if k != "pack"}}
     shards = shape["data"] * shape["fsdp"]
     total = 0
     for key, x in abstract_batch(unpacked, model_cfg).items():
@@ -430,8 +625,8 @@ def plan(config: dict) -> Plan:
     from qwenvl_jax.sharding import MESH_AXES
 
     kind = config.get("kind", "sft")
-    if kind not in ("sft", "dpo"):
-        raise ValueError(f"kind must be sft or dpo, got {kind!r}")
+    if kind not in ("sft", "dpo", "grpo"):
+        raise ValueError(f"kind must be sft, dpo or grpo, got {kind!r}")
     setup = abstract_setup(config)
     shape = mesh_shape(config)
     mesh = AbstractMesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -447,10 +642,9 @@ def plan(config: dict) -> Plan:
         Row("trainable params", trainable_bytes, "state", True, "/".join(dtypes)),
         Row("frozen params", _bytes(setup.frozen, frozen_fr), "state", True),
     ]
-    if kind == "dpo" and not lora:
-        rows.append(
-            Row("reference params", trainable_bytes + rows[1].bytes, "state", True, "DPO without LoRA")
-        )
+    if _holds_reference(config, lora):
+        note = "DPO without LoRA" if kind == "dpo" else "GRPO beta > 0 without LoRA"
+        rows.append(Row("reference params", trainable_bytes + rows[1].bytes, "state", True, note))
     rows.append(Row("optimizer state", _opt_state_bytes(setup, param_fr), "state", True, "AdamW mu, nu"))
     rows.append(Row("gradients", trainable_bytes, "state", True))
     rows.append(
@@ -459,7 +653,7 @@ def plan(config: dict) -> Plan:
     if accum > 1:
         rows.append(Row("micro-batch gradient", trainable_bytes, "backward", True, f"grad_accum {accum}"))
 
-    batch = config.get("batch") or {}
+    batch = batch_section(config)
     rows_mb = batch_rows(config)
     seq = max(batch.get("seq_buckets") or [1024])
     patches = int(batch.get("image_patches", 0)) + int(batch.get("video_patches", 0))
@@ -479,6 +673,29 @@ def plan(config: dict) -> Plan:
             f"{UPDATE_TEMP_COPIES} trainable-sized buffer (the update; moments are written in place)",
         )
     )
+    rollout, prefill_formula = None, ""
+    if kind == "grpo":
+        rollout = rollout_shape(config, setup.model_cfg)
+        rows += _cache_rows(rollout, setup.model_cfg, mesh)
+        pre, prefill_formula = prefill_estimate(
+            setup.model_cfg, rollout.prompts, rollout.prompt_len, rollout.vision_patches, shape
+        )
+        rows.append(Row("prefill activations", pre, "rollout", False, f"{rollout.prompts} prompts"))
+        rows_dev = rollout.rows / shape["data"] / shape["fsdp"]
+        rows_dev = rows_dev if rows_dev.is_integer() else rollout.rows
+        logits = DECODE_LOGIT_COPIES * rows_dev * setup.model_cfg.text.vocab_size * 4
+        rows.append(
+            Row(
+                "decode logits",
+                round(logits),
+                "rollout",
+                False,
+                f"{DECODE_LOGIT_COPIES} x {rows_dev:g} rows x {setup.model_cfg.text.vocab_size} float32",
+            )
+        )
+        if lora:
+            merged, note = _lora_rollout_bytes(setup, frozen_fr)
+            rows.append(Row("LoRA merged kernels", merged, "rollout", False, note))
 
     notes = []
     if any(np.dtype(d).itemsize < 4 for d in dtypes):
@@ -486,8 +703,10 @@ def plan(config: dict) -> Plan:
             f"trainable params are {'/'.join(dtypes)}: AdamW keeps its moments in the same dtype "
             "(no float32 master weights)"
         )
-    if kind == "dpo" and not lora:
-        notes.append("DPO reference: a second full param tree (no LoRA to disable)")
+    if _holds_reference(config, lora):
+        notes.append(f"{kind.upper()} reference: a second full param tree (no LoRA to disable)")
+    if kind == "grpo" and lora and float(grpo_settings(config)["beta"]):
+        notes.append("GRPO reference: the base with the adapters disabled (no copy)")
     if batch.get("pack"):
         notes.append("batch.pack: batch shapes and activations are those of unpacked rows")
     trainable_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -507,7 +726,20 @@ def plan(config: dict) -> Plan:
         rows=tuple(rows),
         activation_formula=formula,
         notes=tuple(notes),
+        rollout=rollout,
+        prefill_formula=prefill_formula,
     )
+
+
+def _holds_reference(config: dict, lora: bool) -> bool:
+    """A frozen full copy of the initial params: DPO (unless reference-free) and GRPO with beta > 0, both
+    without LoRA (with it the reference is the base with the adapters disabled), as `train.loop` does."""
+    kind = config.get("kind", "sft")
+    if lora or kind == "sft":
+        return False
+    if kind == "dpo":
+        return not (config.get("dpo") or {}).get("reference_free", False)
+    return bool(float(grpo_settings(config)["beta"]))
 
 
 def _size(n: float) -> str:
@@ -536,9 +768,21 @@ def format_plan(p: Plan) -> str:
         f"{p.vision_patches} vision patches) x grad_accum {p.grad_accum} = "
         f"{p.rows_per_micro_batch * p.grad_accum} rows / {tokens * p.grad_accum:,} tokens per step; "
         f"rows per device: {p.rows_per_device:g}",
-        "",
     ]
-    for phase, title in (("state", "state"), ("backward", "forward/backward"), ("update", "update")):
+    if p.rollout is not None:
+        r = p.rollout
+        lines.append(
+            f"rollout {r.prompts} prompts x {r.num_generations} generations = {r.rows} completions per "
+            "generation batch; "
+            f"prompt bucket {r.prompt_len} + {r.max_completion_length} new tokens -> {r.cache_slots} cache "
+            f"slots; {r.vision_patches} vision patches in prefill"
+        )
+    lines.append("")
+    titles = {"state": "state", "backward": "forward/backward", "update": "update", "rollout": "rollout"}
+    for phase in PHASES:
+        if phase == "rollout" and p.rollout is None:
+            continue
+        title = titles[phase]
         lines.append(f"{title + ' (per device)':<30}{_size(p.phase_bytes(phase))}")
         for r in p.rows:
             if r.phase == phase:
@@ -546,7 +790,13 @@ def format_plan(p: Plan) -> str:
                 lines.append(f"  {r.name:<28}{_size(r.bytes)}  {note}")
         if phase == "backward":
             lines.append(f"  {'':<28}{'':13}  activations: {p.activation_formula}")
-    lines.append(f"{'peak (estimate)':<30}{_size(p.peak_bytes)}  state + max(forward/backward, update)")
+        if phase == "rollout":
+            lines.append(f"  {'':<28}{'':13}  prefill: {p.prefill_formula}")
+    phases = "forward/backward, update" + (", rollout" if p.rollout is not None else "")
+    lines.append(
+        f"{'peak (estimate)':<30}{_size(p.peak_bytes)}  state + max({phases}); "
+        f"{titles[p.binding_phase]} binds"
+    )
     if p.usable_bytes is not None:
         verdict = "FITS" if p.fits else "DOES NOT FIT"
         lines.append(
@@ -564,12 +814,14 @@ def format_plan(p: Plan) -> str:
 def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
     """ShapeDtypeStructs of one step's batch: `collate`'s output for the config's BatchSpec (largest
     bucket, full vision budgets) with the leading micro-batch axis of `stack_micro_batches`; DPO adds the
-    `completion_mask` its step reads."""
+    `completion_mask` its step reads, GRPO the `advantages (B,)` and `sampling_per_token_logps (B, S-1)`
+    of `rl.batch.micro_batches` (and `old_per_token_logps (B, S-1)` where `train.grpo.GrpoSource` computes
+    them: a generation batch served over more than one optimizer step)."""
     import jax
 
     from qwenvl_jax.processing.batch import BatchSpec, collate
 
-    batch = dict(config.get("batch") or {})
+    batch = batch_section(config)
     if batch.pop("pack", False):
         raise ValueError("check_step_shapes: packed batches (batch.pack) are not modelled")
     rows = batch_rows(config)
@@ -594,6 +846,14 @@ def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
     out = collate([example], spec)
     if config.get("kind", "sft") == "dpo":
         out["completion_mask"] = (out["labels"] != -100).astype(np.int32)
+    if config.get("kind", "sft") == "grpo":  # rl.batch.micro_batches' additions
+        out["advantages"] = np.zeros(rows, np.float32)
+        out["sampling_per_token_logps"] = np.zeros((rows, out["input_ids"].shape[1] - 1), np.float32)
+        g = grpo_settings(config)
+        accum = int(config.get("grad_accum", 1))
+        if accum % (int(g.get("steps_per_generation") or accum) * int(g.get("num_iterations", 1))):
+            # The policy moves while a generation batch is still served: `GrpoSource` adds old log-probs.
+            out["old_per_token_logps"] = out["sampling_per_token_logps"].copy()
     accum = int(config.get("grad_accum", 1))
     return {k: jax.ShapeDtypeStruct((accum, *np.shape(v)), np.asarray(v).dtype) for k, v in out.items()}
 
@@ -629,13 +889,20 @@ def _step_and_args(config: dict, *, sharded: bool):
     kind = config.get("kind", "sft")
     batch = abstract_batch(config, setup.model_cfg)
     step_kw: dict[str, Any] = {"chunk_size": int(config.get("chunk_size", 1024))}
+    num_items = jax.ShapeDtypeStruct((), np.float32)  # the host's count (sft_step, grpo_step)
+    lora = setup.lora_cfg is not None
+    ref = (nnx_full_params_like(setup.frozen, setup.state, None),) if _holds_reference(config, lora) else ()
     if kind == "sft":
         step_kw["loss_type"] = config.get("loss_type", "nll")
-        extra: tuple = (jax.ShapeDtypeStruct((), np.float32),)  # num_items_in_batch
+        extra: tuple = (num_items,)
+    elif kind == "grpo":
+        from qwenvl_jax.train.grpo import grpo_step_kw
+
+        step_kw = grpo_step_kw(_grpo_config(config))
+        extra = (num_items, *ref)
     else:
         step_kw.update(config.get("dpo") or {})
-        lora = setup.lora_cfg is not None
-        extra = () if lora else (nnx_full_params_like(setup.frozen, setup.state, None),)
+        extra = ref
     if sharded:
         step_kw.update(
             state=setup.state,
@@ -643,7 +910,7 @@ def _step_and_args(config: dict, *, sharded: bool):
             batch=batch,
             logical_axes=setup.logical_axes,
             mesh=shd.make_mesh(**mesh_shape(config)),
-            with_ref_params=bool(extra) and kind == "dpo",
+            with_ref_params=bool(ref),
         )
     step = make_train_step(kind, setup.graphdef, setup.tx, lora_cfg=setup.lora_cfg, **step_kw)
     return setup, step, (setup.state, setup.frozen, batch, *extra)
@@ -651,7 +918,8 @@ def _step_and_args(config: dict, *, sharded: bool):
 
 def check_step_shapes(config: dict) -> StepCheck:
     """`jax.eval_shape` of the config's real jitted train step (`make_train_step`, no mesh) on the abstract
-    state and batch; raises if the new state's structure, shapes or dtypes differ from the input state's
+    state and batch (plus the host's `num_items_in_batch` scalar for SFT/GRPO and the frozen reference
+    copy where the run holds one); raises if the new state's structure, shapes or dtypes differ from the input state's
     (a donated state must come back alike). A `cudnn` config is traced with `xla` off GPU
     (`StepCheck.attention_backend` says which).
     """
@@ -695,9 +963,11 @@ def compiled_memory(config: dict) -> dict[str, int]:
 
 __all__ = [
     "CHIPS",
+    "DECODE_LOGIT_COPIES",
     "PHASES",
     "USABLE_FRACTION",
     "Plan",
+    "Rollout",
     "Row",
     "StepCheck",
     "Target",
@@ -708,4 +978,6 @@ __all__ = [
     "format_plan",
     "parse_target",
     "plan",
+    "prefill_estimate",
+    "rollout_shape",
 ]

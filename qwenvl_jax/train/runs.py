@@ -131,7 +131,8 @@ STRUCTURE_KEYS = (
     "model.param_dtype", "lora", "optim.max_grad_norm",
 )  # fmt: skip
 DATA_ORDER_KEYS = ("seed", "data.paths", "data.synthetic", "data.shuffle", "data.num_epochs", "data.max_length",
-                   "data.columns", "data.prompt_suffix", "data.min_pixels", "data.max_pixels", "grpo.num_generations", "grpo.max_prompt_length",
+                   "data.columns", "data.prompt_suffix", "data.min_pixels", "data.max_pixels", "grpo.num_generations", "grpo.steps_per_generation", "grpo.num_iterations",
+                   "grpo.max_prompt_length",
                    "batch", "grad_accum")  # fmt: skip
 # Where the run's outputs go or how they are shown: never worth a word.
 QUIET_KEYS = ("run_dir", "logging")
