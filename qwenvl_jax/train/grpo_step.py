@@ -78,7 +78,11 @@ def grpo_loss_fn(
             ref_lp = jax.lax.stop_gradient(ref_st["log_probs"])
         old = mb.get("old_per_token_logps")
         extra = {}
-        if "sampling_per_token_logps" in mb and loss_kw.get("vllm_importance_sampling_mode"):
+        # The sampler's log-probs enter the loss for the truncated importance-sampling correction and for
+        # the off-policy sequence mask (TRL uses them there when the sampler returns them).
+        uses_sampling = (loss_kw.get("vllm_importance_sampling_mode") is not None
+                         or loss_kw.get("off_policy_mask_threshold") is not None)  # fmt: skip
+        if "sampling_per_token_logps" in mb and uses_sampling:
             extra["sampling_per_token_logps"] = mb["sampling_per_token_logps"]
         loss, metrics = losses.grpo_loss(
             st["log_probs"],
