@@ -1,5 +1,6 @@
-"""Generation on tiny random checkpoints: greedy ids equal transformers' `generate`, log-probs equal a
-teacher-forced forward, seeds, `n` completions from one prefill, stop tokens, errors, and bucketing."""
+"""Generation on tiny random checkpoints: greedy ids equal transformers' `generate` (with and without a
+repetition penalty), log-probs equal a teacher-forced forward under every sampling option, seeds, `n`
+completions from one prefill, stop tokens, errors, and bucketing."""
 
 from __future__ import annotations
 
@@ -56,9 +57,11 @@ def _text_batch(processor, texts):
 # ------------------------------------------------------------------------------------------ parity
 
 
-def test_greedy_ids_equal_transformers_generate(tiny_model_dir):
+@pytest.mark.parametrize("repetition_penalty", [1.0, 1.3], ids=["plain", "repetition-penalty"])
+def test_greedy_ids_equal_transformers_generate(tiny_model_dir, repetition_penalty):
     """Images (a left-padded batch of two prompts of different lengths) and a video, tied and untied:
-    32 greedy tokens identical to HF `generate` with the same suppressed tokens, EOS and pad."""
+    32 greedy tokens identical to HF `generate` with the same suppressed tokens, EOS, pad and repetition
+    penalty (HF applies it to greedy search too, over the prompt's valid ids and the generated ones)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -73,7 +76,9 @@ def test_greedy_ids_equal_transformers_generate(tiny_model_dir):
         cases[0][1]["attention_mask"].sum(-1).tolist()[0] != cases[0][1]["attention_mask"].sum(-1).tolist()[1]
     )
     for _, batch in cases:
-        out = qwenvl_jax.generate(model, batch, max_new_tokens=MAX_NEW, temperature=0.0)
+        out = qwenvl_jax.generate(
+            model, batch, max_new_tokens=MAX_NEW, temperature=0.0, repetition_penalty=repetition_penalty
+        )
         with torch.no_grad():
             ref = hf.generate(
                 **parity._torch_inputs(batch, torch.float32, "cpu"),
@@ -82,6 +87,7 @@ def test_greedy_ids_equal_transformers_generate(tiny_model_dir):
                 suppress_tokens=suppress,
                 eos_token_id=list(cfg.eos_token_id),
                 pad_token_id=processor.pad_token_id,
+                repetition_penalty=repetition_penalty,
             )
         ref = ref[:, batch["input_ids"].shape[1] :].numpy()
         ref = np.pad(ref, ((0, 0), (0, MAX_NEW - ref.shape[1])), constant_values=processor.pad_token_id)
@@ -91,6 +97,9 @@ def test_greedy_ids_equal_transformers_generate(tiny_model_dir):
         hit = np.isin(ref, cfg.eos_token_id)
         stops = [int(np.argmax(h)) + 1 if h.any() else MAX_NEW for h in hit]
         assert out.lengths.tolist() == stops
+        if repetition_penalty != 1.0:  # the penalty changes the completions (the plain ones repeat tokens)
+            plain = qwenvl_jax.generate(model, batch, max_new_tokens=MAX_NEW, temperature=0.0)
+            assert (plain.tokens != out.tokens).any(axis=1).all()
 
 
 def test_collate_output_generates_like_processor_output(setup):
@@ -125,9 +134,12 @@ def test_collate_output_generates_like_processor_output(setup):
 # ------------------------------------------------------------------------------------------ log-probs
 
 
-def _reference_logprobs(model, batch, out, *, temperature, top_k=0, top_p=1.0, suppress=()):
+def _reference_logprobs(
+    model, batch, out, *, temperature, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, suppress=()
+):
     """Teacher forcing: our own full forward over prompt + completion, the sampling distribution rebuilt
-    in numpy at the position before each completion token."""
+    in numpy at the position before each completion token, in transformers' order (repetition penalty,
+    suppression, temperature, top-k, top-p, min-p)."""
     ids = np.asarray(batch["input_ids"])
     seq, m = ids.shape[1], out.tokens.shape[1]
     rows = out.prompt_index
@@ -140,6 +152,18 @@ def _reference_logprobs(model, batch, out, *, temperature, top_k=0, top_p=1.0, s
     assert (np.bincount(rows) == 1).all()  # one completion per prompt: the vision inputs stay as they are
     logits = np.asarray(model(**full), np.float64)[:, seq - 1 : seq - 1 + m]
     x = logits.copy()
+    if repetition_penalty != 1.0:  # HF RepetitionPenaltyLogitsProcessor over the row's ids so far
+        vocab = x.shape[-1]
+        seen = np.zeros((len(rows), vocab), bool)
+        for r, i in enumerate(rows):
+            seen[r, ids[i][np.asarray(batch["attention_mask"])[i].astype(bool)]] = True
+        for t in range(m):
+            x[:, t] = np.where(
+                seen,
+                np.where(x[:, t] < 0, x[:, t] * repetition_penalty, x[:, t] / repetition_penalty),
+                x[:, t],
+            )
+            seen[np.arange(len(rows)), out.tokens[:, t]] |= keep[:, t]
     x[..., list(suppress)] = -np.inf
     if temperature == 0:
         x = logits  # greedy: the model's own distribution
@@ -156,6 +180,10 @@ def _reference_logprobs(model, batch, out, *, temperature, top_k=0, top_p=1.0, s
             remove = np.cumsum(p, -1) <= 1 - top_p
             remove[..., -1] = False
             np.put_along_axis(x, order, np.where(remove, -np.inf, srt), -1)
+        if min_p > 0:  # HF MinPLogitsWarper
+            p = np.exp(x - x.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            x = np.where(p < min_p * p.max(-1, keepdims=True), -np.inf, x)
     x = x - x.max(-1, keepdims=True)
     logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
     picked = np.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
@@ -164,21 +192,37 @@ def _reference_logprobs(model, batch, out, *, temperature, top_k=0, top_p=1.0, s
 
 @pytest.mark.parametrize(
     "sampling",
-    [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=40, top_p=0.9)],
-    ids=["greedy", "t1", "t0.7-topk-topp"],
+    [
+        dict(temperature=0.0),
+        dict(temperature=1.0),
+        dict(temperature=0.7, top_k=40, top_p=0.9),
+        dict(temperature=1.0, min_p=0.2),
+        dict(temperature=0.8, repetition_penalty=1.3),
+        dict(temperature=0.7, top_k=100, top_p=0.95, min_p=0.1, repetition_penalty=0.8),
+        dict(temperature=0.0, repetition_penalty=1.3),
+    ],
+    ids=["greedy", "t1", "t0.7-topk-topp", "t1-minp", "t0.8-reppen", "t0.7-all", "greedy-reppen"],
 )
 def test_logprobs_equal_teacher_forced_forward(setup, sampling):
+    """Sampled: log-probs of the processed distribution the token was drawn from. Greedy (also with a
+    repetition penalty, which only steers the argmax): the model's own log-probs."""
     model, _, cases = setup
     _, batch = cases[0]
     out = generate(model, batch, max_new_tokens=24, seed=5, **sampling)
     cfg = model.config
-    ref = _reference_logprobs(
-        model, batch, out, suppress=(cfg.image_token_id, cfg.video_token_id), **sampling
-    )
+    suppress = (cfg.image_token_id, cfg.video_token_id)
+    ref = _reference_logprobs(model, batch, out, suppress=suppress, **sampling)
     np.testing.assert_allclose(out.logprobs, ref, atol=1e-4)
     assert np.isfinite(out.logprobs).all() and (out.logprobs[:, :3] < 0).all()
     if sampling.get("top_k"):  # every sampled token is inside the top-k of the raw logits
         assert (out.logprobs > -np.inf).all()
+    new = {k: sampling[k] for k in ("min_p", "repetition_penalty") if k in sampling}
+    if new and sampling["temperature"] > 0:  # not a vacuous check: each option changes the distribution
+        for k in new:
+            without = _reference_logprobs(
+                model, batch, out, suppress=suppress, **{**sampling, k: 0.0 if k == "min_p" else 1.0}
+            )
+            assert np.abs(without - ref).max() > 1e-2, k
 
 
 # ------------------------------------------------------------------------------------ seeds and n
@@ -212,6 +256,31 @@ def test_seeds_streaming_and_n_completions_share_one_prefill(setup, monkeypatch)
     np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1), a.tokens)
     np.testing.assert_allclose(np.stack([s.logprobs for s in steps], 1), a.logprobs, atol=1e-5)
     assert steps[-1].done.all() and a.timing["tokens_per_s"] > 0
+
+
+def test_sampling_values_reuse_the_compiled_programs(setup):
+    """min_p and repetition_penalty are traced, on and off alike: new values compile nothing, and the
+    streaming path (whose presence state is carried across jitted steps) draws what the loop draws."""
+    model, _, cases = setup
+    _, batch = cases[0]
+    kw = dict(max_new_tokens=MAX_NEW, n=4, stop_token_ids=())  # the shapes of the seeds test above
+    generate(model, batch, temperature=1.0, **kw)
+    list(generate_stream(model, batch, temperature=1.0, **kw))
+    before = dict(TRACE_COUNTS)
+    outs = {}
+    for values in [
+        dict(temperature=1.0, min_p=0.2),
+        dict(temperature=1.0, repetition_penalty=1.5),
+        dict(temperature=0.9, min_p=0.05, repetition_penalty=0.7),
+        dict(temperature=0.0, repetition_penalty=1.3),
+    ]:
+        out = generate(model, batch, seed=3, **kw, **values)
+        steps = list(generate_stream(model, batch, seed=3, **kw, **values))
+        np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1), out.tokens)
+        np.testing.assert_allclose(np.stack([s.logprobs for s in steps], 1), out.logprobs, atol=1e-5)
+        outs[tuple(values.items())] = out.tokens
+    assert dict(TRACE_COUNTS) == before
+    assert len({t.tobytes() for t in outs.values()}) == len(outs)  # each setting drew differently
 
 
 def test_stop_token_ends_a_row(setup):
@@ -289,6 +358,12 @@ def test_bad_requests_get_clear_errors(setup):
         (dict(top_p=0.0), "top_p"),
         (dict(top_p=1.5), "top_p"),
         (dict(top_k=-1), "top_k"),
+        (dict(min_p=-0.1), "min_p"),
+        (dict(min_p=1.0), "min_p"),
+        (dict(min_p=float("nan")), "min_p"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=-1.3), "repetition_penalty"),
+        (dict(repetition_penalty=float("inf")), "repetition_penalty"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(stop_token_ids=[10**6]), "vocabulary"),
     ]:

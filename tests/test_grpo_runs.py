@@ -236,3 +236,21 @@ def test_generation_buffer_is_reused_and_restored_exactly(tmp_path):
 def test_num_iterations_replays_the_generation(tmp_path):
     _, rows = _run(tmp_path, steps=4, **{"grpo.num_iterations": 2, "optim.learning_rate": 3e-2})
     assert ["reward" in r for r in rows] == [True, False, True, False]
+
+
+def test_rollouts_pass_min_p_and_repetition_penalty(setup, monkeypatch):
+    import qwenvl_jax.rl.rollout as rl_rollout
+
+    processor, prompts, cfg = setup
+    seen = {}
+    real = rl_rollout.generate
+
+    def spy(model, batch, **kw):
+        seen.update(kw)
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(rl_rollout, "generate", spy)
+    left, _ = _specs(processor, 4)
+    sampling = SamplingConfig(num_generations=2, max_completion_length=4, min_p=0.1, repetition_penalty=1.2)
+    rollout(random_model(cfg, 0), prompts, left, sampling, seed=0)
+    assert seen["min_p"] == 0.1 and seen["repetition_penalty"] == 1.2

@@ -9,8 +9,12 @@ Static shapes, so that a handful of compiled programs serve every request:
   (collate output already has static budgets);
 - the cache holds `round_up(prompt bucket + max_new_tokens, cache_multiple)` slots; the decode loop's
   token buffer is the cache's free part, and `max_new_tokens` itself is traced;
-- sampling values (greedy or not, temperature, top-k, top-p, stop ids, suppressed ids) are traced, so
-  one decode program serves every sampling mode; the number of completions `n` is static (it sets rows).
+- sampling values (greedy or not, temperature, top-k, top-p, min-p, repetition penalty, stop ids,
+  suppressed ids) are traced, so one decode program serves every sampling mode; the number of completions
+  `n` is static (it sets rows). The repetition penalty's state, which ids each row holds so far, is an
+  `(R, V)` bool array in the decode state, set from the prompt's valid ids in prefill and updated with
+  every emitted token (a scatter of R elements per step); the penalty's `(R, V)` arithmetic runs only when
+  it is on.
 
 Positions (spec 3.3): prefill uses the host's M-RoPE positions (`get_rope_index`); a generated token fed
 back at cache slot `S + t` gets `seen[r] + rope_deltas[r]` on all three axes, where `seen` counts the
@@ -122,12 +126,17 @@ class DecodeState(NamedTuple):
     stopped: jax.Array  # (R,) bool a stop token was emitted
     done: jax.Array  # (R,) bool
     step: jax.Array  # () int32 tokens sampled so far
+    presence: jax.Array  # (R, V) bool ids in the row so far (valid prompt ids + emitted tokens)
 
 
 def _sample_into(state: DecodeState, logits_rv, key, params: SamplingParams):
     """Sample token `step` for every row from `logits_rv` and record it (pad for finished rows)."""
-    tokens_r, logp_r = sample(jax.random.fold_in(key, state.step), logits_rv, params)
+    tokens_r, logp_r = sample(jax.random.fold_in(key, state.step), logits_rv, params, state.presence)
     active_r = ~state.done
+    rows, vocab = state.presence.shape
+    # Finished rows point out of range and are dropped: their padding is not part of the row.
+    ids_r = jnp.where(active_r, tokens_r, vocab)
+    presence = state.presence.at[jnp.arange(rows), ids_r].set(True, mode="drop")
     tokens_r = jnp.where(active_r, tokens_r, params.pad_id)
     logp_r = jnp.where(active_r, logp_r, 0.0)
     hit_r = active_r & (tokens_r[:, None] == params.stop_ids[None, :]).any(-1)
@@ -140,6 +149,7 @@ def _sample_into(state: DecodeState, logits_rv, key, params: SamplingParams):
         stopped=state.stopped | hit_r,
         done=state.done | hit_r | (step >= params.max_new_tokens),
         step=step,
+        presence=presence,
     )
 
 
@@ -164,7 +174,17 @@ def _prefill(graphdef, params, inputs, *, n, cache_len, cache_sharding=None):
     cache = cache_from_prefill(
         k_lbskh, v_lbskh, inputs["attention_mask"], n=n, length=cache_len, sharding=cache_sharding
     )
-    return jnp.repeat(logits_bv, n, axis=0) if n > 1 else logits_bv, cache
+    # The repetition penalty's state: the prompt's valid ids (padding slots point out of range, dropped).
+    ids_bs, mask_bs = inputs["input_ids"], inputs["attention_mask"].astype(bool)
+    batch, vocab = logits_bv.shape
+    presence_bv = (
+        jnp.zeros((batch, vocab), bool)
+        .at[jnp.arange(batch)[:, None], jnp.where(mask_bs, ids_bs, vocab)]
+        .set(True, mode="drop")
+    )
+    if n > 1:
+        logits_bv, presence_bv = jnp.repeat(logits_bv, n, axis=0), jnp.repeat(presence_bv, n, axis=0)
+    return logits_bv, cache, presence_bv
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
@@ -340,6 +360,8 @@ def _plan(
     mesh,
     rules,
     max_cache_bytes,
+    min_p: float,
+    repetition_penalty: float,
 ) -> _Plan:
     config = model.config
     vocab = config.text.vocab_size
@@ -357,6 +379,10 @@ def _plan(
         raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if not 0 <= min_p < 1:
+        raise ValueError(f"min_p must be in [0, 1) (0 = off), got {min_p!r}")
+    if not (np.isfinite(repetition_penalty) and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty must be finite and > 0 (1 = off), got {repetition_penalty!r}")
     if cache_multiple < 1:
         raise ValueError(f"cache_multiple must be >= 1, got {cache_multiple}")
     stop = _as_int_tuple(config.eos_token_id if stop_token_ids is None else stop_token_ids, "stop_token_ids")
@@ -449,6 +475,8 @@ def _plan(
         stop_ids=jnp.asarray(list(stop) + [-1] * (_round_up(max(len(stop), 1), 8) - len(stop)), jnp.int32),
         pad_id=jnp.int32(pad_id),
         max_new_tokens=jnp.int32(max_new_tokens),
+        min_p=jnp.float32(min_p),
+        repetition_penalty=jnp.float32(repetition_penalty),
     )
     return _Plan(
         inputs=inputs,
@@ -477,7 +505,7 @@ def _start(model, plan: _Plan) -> tuple[Any, Any, jax.Array, DecodeState, float]
 
         inputs = shd.shard_batch(plan.inputs, plan.mesh, plan.rules)
     start = time.perf_counter()
-    logits_rv, cache = _prefill(
+    logits_rv, cache, presence_rv = _prefill(
         graphdef, params, inputs, n=plan.n, cache_len=plan.cache_len, cache_sharding=plan.cache_sharding
     )
     jax.block_until_ready(logits_rv)
@@ -495,6 +523,7 @@ def _start(model, plan: _Plan) -> tuple[Any, Any, jax.Array, DecodeState, float]
         stopped=jnp.zeros(rows, bool),
         done=jnp.asarray(np.repeat(plan.empty_rows, plan.n)),  # a collate filler row emits nothing
         step=jnp.int32(0),
+        presence=presence_rv,
     )
     return graphdef, params, logits_rv, state, prefill_s
 
@@ -529,12 +558,17 @@ _GENERATE_DOC = """
     padding_side="left")`, `processor.encode_chat(..., add_generation_prompt=True, padding_side="left")`)
     or `collate` output with `padding_side="left"`.
 
-    Sampling: `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 are off. `n` completions per prompt
-    share one prefill. `seed` fixes the draws. A row stops after emitting any of `stop_token_ids`
-    (default: every id of `model.config.eos_token_id`, which `load` takes from config.json and
-    generation_config.json; a given list replaces it, `()` disables stopping) or after
-    `max_new_tokens`; later positions hold `pad_token_id` (default: the config's `<|endoftext|>`, Qwen's
-    pad). `suppress_token_ids` are never emitted (default: the image and video placeholders; `()`: none).
+    Sampling (transformers' order: repetition penalty, suppression, temperature, top-k, top-p, min-p):
+    `temperature` 0 is greedy; `top_k` 0, `top_p` 1 and `min_p` 0 are off. `repetition_penalty` (1 =
+    off; greedy decoding applies it too) divides the positive logits and multiplies the negative ones of
+    every id already in the row (the prompt's valid ids and the tokens generated so far). `n` completions
+    per prompt share one prefill. `seed` fixes the draws.
+
+    A row stops after emitting any of `stop_token_ids` (default: every id of `model.config.eos_token_id`,
+    which `load` takes from config.json and generation_config.json; a given list replaces it, `()`
+    disables stopping) or after `max_new_tokens`; later positions hold `pad_token_id` (default: the
+    config's `<|endoftext|>`, Qwen's pad). `suppress_token_ids` are never emitted (default: the image and
+    video placeholders; `()`: none).
 
     Shapes: prompts are left-padded to a bucket (`prompt_buckets`, default `default_bucket`), the cache
     holds `round_up(bucket + max_new_tokens, cache_multiple)` slots; the prompt (valid tokens) plus
@@ -566,6 +600,8 @@ def generate(
     mesh=None,
     rules=None,
     max_cache_bytes: int | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> GenerationOutput:
     plan = _plan(model, batch, **_options(locals()))
     graphdef, params, logits_rv, state, prefill_s = _start(model, plan)
@@ -601,6 +637,8 @@ def generate_stream(
     mesh=None,
     rules=None,
     max_cache_bytes: int | None = None,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> Iterator[StreamStep]:
     plan = _plan(model, batch, **_options(locals()))
     graphdef, params, logits_rv, state, prefill_s = _start(model, plan)

@@ -38,6 +38,8 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
 
 
 def suppressed_ids(config) -> tuple[int, ...]:
@@ -75,6 +77,8 @@ def rollout(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        repetition_penalty=sampling.repetition_penalty,
         n=sampling.num_generations,
         seed=seed,
         suppress_token_ids=suppressed_ids(model.config) if suppress_token_ids is None else suppress_token_ids,

@@ -227,6 +227,8 @@ class GrpoSection(_Section):
     temperature: Annotated[float, Field(gt=0)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: NonNegInt = 0
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
     mask_truncated_completions: Bool = False
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
     beta: Annotated[float, Field(ge=0)] = 0.0
@@ -258,8 +260,8 @@ class GrpoSection(_Section):
 
 
 # Keys of the grpo section that are not `losses.grpo_loss` keywords.
-GRPO_HOST_KEYS = ("num_generations", "steps_per_generation", "num_iterations", "max_prompt_length", "temperature", "top_p", "top_k",
-                  "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation",
+GRPO_HOST_KEYS = ("num_generations", "steps_per_generation", "num_iterations", "max_prompt_length",
+                  "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "mask_truncated_completions", "scale_rewards", "multi_objective_aggregation",
                   "reward_weights", "reward_policy", "log_completions_every", "log_completions_count")  # fmt: skip
 
 

@@ -120,6 +120,8 @@ class GrpoSource:
             temperature=float(g["temperature"]),
             top_p=float(g["top_p"]),
             top_k=int(g["top_k"]),
+            min_p=float(g["min_p"]),
+            repetition_penalty=float(g["repetition_penalty"]),
         )
         self.rewards = load_rewards(config["rewards"], base_dir=Path.cwd())
         weights = g.get("reward_weights")
