@@ -2,9 +2,10 @@
 
 Every train config (a YAML file with a `kind`) loads, plans, names the HF parameter count of its preset,
 has a mesh of its target's size and rows that split over it, and fits its target's memory with the
-plan's headroom (peak estimate <= 90% of HBM, see `plan.USABLE_FRACTION`). Every config's real train
-step is traced at full size with `jax.eval_shape` (about 2 s per config on CPU). Configs that cannot fit
-are reported as not fitting.
+plan's headroom (peak estimate <= 90% of HBM, see `plan.USABLE_FRACTION`); a GRPO config's generation
+phase (KV cache, prefill, decode logits, LoRA's merged kernels) is part of that peak. Every config's
+real train step is traced at full size with `jax.eval_shape` (about 2 s per config on CPU). Configs
+that cannot fit are reported as not fitting.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.generation.cache import cache_bytes
 from qwenvl_jax.processing.batch import BatchSpec, collate
 from qwenvl_jax.train import plan as plan_lib
 from qwenvl_jax.train.plan import (
@@ -39,6 +41,7 @@ HF_PARAMS = {"3B": 3_754_622_976, "7B": 8_292_166_656}
 EXPECTED = [
     "dpo_3b_1xh100.yaml", "dpo_7b_8xh100.yaml", "dpo_7b_v5p8.yaml", "sft_3b_1xh100.yaml",
     "sft_3b_8xh100.yaml", "sft_7b_1xh100.yaml", "sft_7b_8xh100.yaml", "sft_7b_v5p8.yaml",
+    "grpo_3b_lora_1xh100.yaml", "grpo_3b_8xh100.yaml", "grpo_7b_8xh100.yaml", "grpo_7b_v5p8.yaml",
 ]  # fmt: skip
 
 
@@ -46,9 +49,16 @@ def load(name: str) -> dict:
     return yaml.safe_load((CONFIG_DIR / name).read_text(encoding="utf-8"))
 
 
+def holds_reference(config: dict) -> bool:
+    """A second full param tree: DPO and GRPO with beta > 0, both without LoRA (train.loop's rule)."""
+    if config["trainable"] == "lora":
+        return False
+    return config["kind"] == "dpo" or (config["kind"] == "grpo" and config["grpo"].get("beta", 0) > 0)
+
+
 def test_the_config_set():
     assert set(EXPECTED) <= set(TRAIN_CONFIGS)
-    assert "sft_tiny_cpu.yaml" in TRAIN_CONFIGS
+    assert {"sft_tiny_cpu.yaml", "dpo_tiny_cpu.yaml", "grpo_tiny_cpu.yaml"} <= set(TRAIN_CONFIGS)
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -58,6 +68,17 @@ def test_config_plans_and_fits(name):
     assert p.problems == (), format_plan(p)
     table = format_plan(p)
     assert f"{p.param_count:,} params" in table
+    if config["kind"] == "grpo":
+        # A generation batch is batch_size x steps_per_generation (default grad_accum) completions, in a
+        # cache of round_up(prompt + completion, 128) slots; that phase is in the table and in the peak.
+        g = config["grpo"]
+        per_generation = g.get("steps_per_generation") or config.get("grad_accum", 1)
+        assert p.rollout.rows == config["batch"]["batch_size"] * per_generation
+        assert p.rollout.cache_slots == -(-(g["max_prompt_length"] + g["max_completion_length"]) // 128) * 128
+        assert p.phase_bytes("rollout") > 0 and "rollout (per device)" in table
+        assert p.peak_bytes >= p.state_bytes + p.phase_bytes("rollout")
+    else:
+        assert p.rollout is None and p.phase_bytes("rollout") == 0
     preset = config["model"]["preset"]
     if preset in HF_PARAMS:
         assert not Path(config["model"]["path"]).exists()  # a placeholder: the plan read the preset
@@ -72,9 +93,9 @@ def test_config_plans_and_fits(name):
     assert p.fits and p.peak_bytes <= plan_lib.USABLE_FRACTION * target.chip.memory_bytes
     assert "FITS" in table and "DOES NOT FIT" not in table
     # Full fine-tuning with AdamW: param + gradient + mu + nu in float32 = 16 bytes per param (20 with
-    # DPO's reference copy) split over the devices; FSDP leaves only norms and biases replicated.
+    # the DPO/GRPO reference copy) split over the devices; FSDP leaves only norms and biases replicated.
     if config["trainable"] == "full":
-        per_param = 20 if config["kind"] == "dpo" else 16
+        per_param = 20 if holds_reference(config) else 16
         even = per_param * p.param_count / p.num_devices
         state = sum(r.bytes for r in p.rows if r.phase == "state" and r.name != "batch inputs")
         assert even <= state <= 1.005 * even, (state, even)
@@ -92,6 +113,9 @@ def test_step_shapes_at_full_size(name):
     assert check.metrics["skipped"].dtype == np.int32
     assert ("rewards/margins" in check.metrics) == (config["kind"] == "dpo")
     assert ("label_tokens" in check.metrics) == (config["kind"] == "sft")
+    assert ("clip_ratio/region_mean" in check.metrics) == (config["kind"] == "grpo")
+    if config["kind"] == "grpo":  # the KL term needs the reference (a frozen copy, or the LoRA-free base)
+        assert ("kl" in check.metrics) == (config["grpo"].get("beta", 0) > 0)
     backend = config["model"].get("attention_backend", "xla")
     assert check.attention_backend == (backend if jax.default_backend() == "gpu" else "xla")
     assert int(check.state.step.size) == 1
@@ -227,3 +251,102 @@ def test_cli_dry_run(capsys):
     too_big = ["--set", "model.preset=72B"]
     assert main(["train", "--config", str(CONFIG_DIR / "sft_3b_1xh100.yaml"), "--dry-run", *too_big]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+    assert main(["train", "--config", str(CONFIG_DIR / "grpo_3b_lora_1xh100.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out  # the resolved config (every grpo default filled in) plans alike
+    assert "rollout (per device)" in out and "KV cache" in out and "-> FITS" in out
+
+
+# ------------------------------------------------------------------------------------------- GRPO
+
+
+def test_grpo_abstract_batch_has_the_rl_keys():
+    config = load("grpo_7b_v5p8.yaml")
+    batch = abstract_batch(config, Qwen25VLConfig.preset("7B"))
+    accum, rows, seq = config["grad_accum"], config["batch"]["batch_size"], config["batch"]["seq_buckets"][-1]
+    assert batch["labels"].shape == (accum, rows, seq)
+    assert batch["advantages"].shape == (accum, rows) and batch["advantages"].dtype == np.float32
+    assert batch["sampling_per_token_logps"].shape == (accum, rows, seq - 1)
+    assert "completion_mask" not in batch and "old_per_token_logps" not in batch  # on-policy
+
+
+def test_grpo_old_logps_when_a_generation_spans_steps():
+    """Served twice (num_iterations 2), a generation batch's second pass sees moved weights: the batch
+    carries the old log-probs and the step that reads them traces."""
+    config = copy.deepcopy(load("grpo_tiny_cpu.yaml"))
+    config["grpo"]["num_iterations"] = 2
+    batch = abstract_batch(config, Qwen25VLConfig.preset("tiny"))
+    assert batch["old_per_token_logps"].shape == batch["sampling_per_token_logps"].shape
+    assert check_step_shapes(config).metrics["loss"].shape == ()
+    assert plan(config).rollout.rows == config["batch"]["batch_size"] * config["grad_accum"]
+
+
+def test_grpo_seq_bucket_defaults_to_prompt_plus_completion():
+    config = copy.deepcopy(load("grpo_3b_lora_1xh100.yaml"))
+    del config["batch"]["seq_buckets"]
+    g = config["grpo"]
+    assert plan(config).seq_len == g["max_prompt_length"] + g["max_completion_length"]
+
+
+def test_kv_cache_row_is_exact():
+    """The cache row is `generation.cache`'s bytes (k, v, mask) plus the decode loop's token and
+    log-prob buffers; FSDP splits k and v by rows, and a tensor axis that does not divide the 3B's 2 kv
+    heads leaves them whole (the engine's `indivisible="replicate"` cache rules)."""
+    config = load("grpo_3b_lora_1xh100.yaml")
+    cfg = Qwen25VLConfig.preset("3B", dtype="bfloat16")
+    one = plan(config)
+    r = one.rollout
+    free = r.cache_slots - r.prompt_len
+    (kv,) = [row.bytes for row in one.rows if row.name == "KV cache"]
+    assert kv == cache_bytes(cfg, r.rows, r.cache_slots) + r.rows * free * 8
+    mask_and_tokens = r.rows * r.cache_slots * 4 + r.rows * free * 8
+    (prefill,) = [row.bytes for row in one.rows if row.name == "prefill keys/values"]
+    assert prefill == cache_bytes(cfg, r.prompts, r.prompt_len) - r.prompts * r.prompt_len * 4
+    for mesh, ways in (({"fsdp": 8}, 8), ({"fsdp": 2, "tensor": 4}, 2), ({"fsdp": 4, "tensor": 2}, 8)):
+        p = plan({**config, "mesh": mesh, "target": None})
+        (split,) = [row.bytes for row in p.rows if row.name == "KV cache"]
+        assert split - mask_and_tokens == pytest.approx((kv - mask_and_tokens) / ways, abs=1), mesh
+
+
+def test_grpo_rollout_is_counted():
+    """A config whose KV cache alone exceeds the device is refused, although its training phases fit:
+    3B, 512 completions of a 2048-token prompt + 6144 new tokens = 144 GiB of cache on one H100."""
+    config = copy.deepcopy(load("grpo_3b_lora_1xh100.yaml"))
+    config["grad_accum"] = 64
+    config["grpo"]["max_completion_length"] = 6144
+    p = plan(config)
+    (kv,) = [row.bytes for row in p.rows if row.name == "KV cache"]
+    assert kv > p.target.chip.memory_bytes
+    assert p.state_bytes + max(p.phase_bytes("backward"), p.phase_bytes("update")) < p.usable_bytes
+    assert p.binding_phase == "rollout" and p.fits is False
+    table = format_plan(p)
+    assert "DOES NOT FIT" in table and "rollout binds" in table
+    assert any("exceeds the usable" in problem for problem in p.problems)
+
+
+def test_grpo_rollout_rows_by_mode():
+    """LoRA generates from a merged copy of the adapted kernels; full fine-tuning from the master params
+    themselves. The reference copy exists for full fine-tuning with beta > 0 only."""
+    lora = plan(load("grpo_3b_lora_1xh100.yaml"))
+    full = plan(load("grpo_3b_8xh100.yaml"))
+    rollout = lambda p: {r.name for r in p.rows if r.phase == "rollout"}  # noqa: E731
+    assert "LoRA merged kernels" in rollout(lora) and "LoRA merged kernels" not in rollout(full)
+    assert "reference params" not in {r.name for r in lora.rows}
+    (ref,) = [r.bytes for r in full.rows if r.name == "reference params"]
+    (params,) = [r.bytes for r in full.rows if r.name == "trainable params"]
+    assert ref == params + sum(r.bytes for r in full.rows if r.name == "frozen params")
+    no_kl = copy.deepcopy(load("grpo_3b_8xh100.yaml"))
+    no_kl["grpo"]["beta"] = 0.0
+    assert "reference params" not in {r.name for r in plan(no_kl).rows}
+    assert plan(no_kl).state_bytes == full.state_bytes - ref
+
+
+def test_grpo_generation_batch_problems_are_reported():
+    config = copy.deepcopy(load("grpo_7b_v5p8.yaml"))
+    config["grad_accum"] = 3  # 24 completions: 3 prompts of 8, on 4 chips
+    (problem,) = plan(config).problems
+    assert "3 prompts per generation batch do not divide over data x fsdp = 4" in problem
+    config["batch"]["batch_size"] = 4  # 12 completions: not whole groups of 8
+    problems = plan(config).problems
+    assert any(
+        "12 completions per generation batch are not a multiple of num_generations 8" in s for s in problems
+    )

@@ -25,16 +25,15 @@ Per device, each row of `Plan.rows` in one phase:
   the KV cache of `P x G` rows (exact: `generation.cache`'s layout, k/v split like the engine splits
   them), the prefill's own keys/values of the P prompts (exact), the prefill's activations (ESTIMATE,
   `prefill_estimate`), the decode logits and sampler (ESTIMATE, `DECODE_LOGIT_COPIES` rows x vocab
-  float32 buffers)
-  and, with LoRA, the merged copy of the adapted kernels the generating model reads (`_lora_rollout_bytes`).
-  A full fine-tune generates from the float32 master params themselves (cast at use): no copy. The
-  state's gradients and batch do not exist yet while generating, so counting them under the rollout is
-  conservative by their size.
+  float32 buffers) and, with LoRA, the merged copy of the adapted kernels the generating model reads
+  (`_lora_rollout_bytes`). A full fine-tune generates from the float32 master params themselves (cast
+  at use): no copy. The state's gradients and batch do not exist yet while generating, so counting them
+  under the rollout is conservative by their size.
 
-`peak = state + max(backward, update, rollout)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the other
-10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces, XLA's scheduling
-choices) and for the estimates' error. On GPU, JAX preallocates only 75% of HBM by default: run with
-`XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the budget to be available.
+`peak = state + max(backward, update, rollout)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the
+other 10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces, XLA's
+scheduling choices) and for the estimates' error. On GPU, JAX preallocates only 75% of HBM by default:
+run with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the budget to be available.
 """
 
 from __future__ import annotations
@@ -919,8 +918,8 @@ def _step_and_args(config: dict, *, sharded: bool):
 def check_step_shapes(config: dict) -> StepCheck:
     """`jax.eval_shape` of the config's real jitted train step (`make_train_step`, no mesh) on the abstract
     state and batch (plus the host's `num_items_in_batch` scalar for SFT/GRPO and the frozen reference
-    copy where the run holds one); raises if the new state's structure, shapes or dtypes differ from the input state's
-    (a donated state must come back alike). A `cudnn` config is traced with `xla` off GPU
+    copy where the run holds one); raises if the new state's structure, shapes or dtypes differ from the
+    input state's (a donated state must come back alike). A `cudnn` config is traced with `xla` off GPU
     (`StepCheck.attention_backend` says which).
     """
     import jax
