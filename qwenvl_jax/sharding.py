@@ -84,6 +84,14 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
 )
 
 
+# Weights as decoding reads them (`train.grpo.sampler_view`): whole along the model width on every device,
+# split only by tensor parallelism. Under FSDP a decode step would otherwise all-gather every layer's
+# weights for every generated token.
+DECODE_RULES: tuple[tuple[str, MeshAxes], ...] = tuple(
+    (name, None if axes == "fsdp" else axes) for name, axes in DEFAULT_RULES
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dropped:
     """A mesh axis left out of one dim because the dim is not divisible (`indivisible="replicate"`)."""

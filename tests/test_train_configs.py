@@ -324,12 +324,15 @@ def test_grpo_rollout_is_counted():
 
 
 def test_grpo_rollout_rows_by_mode():
-    """LoRA generates from a merged copy of the adapted kernels; full fine-tuning from the master params
-    themselves. The reference copy exists for full fine-tuning with beta > 0 only."""
+    """Both modes generate from the sampler view: every parameter at the compute dtype (bf16: 2 bytes per
+    parameter), whole along the model width on every device (8xH100 FSDP: the full model per device). The
+    reference copy exists for full fine-tuning with beta > 0 only."""
     lora = plan(load("grpo_3b_lora_1xh100.yaml"))
     full = plan(load("grpo_3b_8xh100.yaml"))
-    rollout = lambda p: {r.name for r in p.rows if r.phase == "rollout"}  # noqa: E731
-    assert "LoRA merged kernels" in rollout(lora) and "LoRA merged kernels" not in rollout(full)
+    for p in (lora, full):
+        (view,) = [r for r in p.rows if r.name == "sampler view"]
+        assert view.phase == "rollout" and view.exact
+        assert view.bytes == 2 * p.param_count  # no tensor parallelism in these meshes
     assert "reference params" not in {r.name for r in lora.rows}
     (ref,) = [r.bytes for r in full.rows if r.name == "reference params"]
     (params,) = [r.bytes for r in full.rows if r.name == "trainable params"]

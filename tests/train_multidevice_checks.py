@@ -202,6 +202,53 @@ def check_loop_mesh(shape, **over):
     return f"losses {[round(r['loss'], 5) for r in rows]} (1 device {[round(r['loss'], 5) for r in rows1]})"
 
 
+def check_grpo_sampler_view(shape):
+    """The rollout's sampler view on a mesh: compute dtype, decode layout (no FSDP split: a decode step
+    gathers no weights), and greedy completions from it equal one device's."""
+    from qwenvl_jax.data.prompts import encode_prompt
+    from qwenvl_jax.data.records import read_jsonl
+    from qwenvl_jax.data.synthetic import write_shape_task
+    from qwenvl_jax.processing import BatchSpec, Processor
+    from qwenvl_jax.rl.rollout import SamplingConfig, rollout
+    from qwenvl_jax.tiny import write_tiny_checkpoint
+    from qwenvl_jax.train.grpo import sampler_view
+    from qwenvl_jax.train.state import split_model
+
+    model, _, _ = setup()
+    mesh = shd.make_mesh(*shape)
+    logical = param_logical_axes(model)
+    rules = shd.as_rules(shd.DECODE_RULES)
+    with tempfile.TemporaryDirectory() as tmp:
+        processor = Processor.from_pretrained(write_tiny_checkpoint(Path(tmp) / "proc"))
+        task = write_shape_task(Path(tmp) / "data", num_train=2, num_heldout=1, seed=0)
+        prompts = [encode_prompt(processor, r) for r in read_jsonl(task.grpo)]
+    spec = BatchSpec(batch_size=2, seq_buckets=(80,), image_patches=32, max_images=2, padding_side="left",
+                     pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
+                     video_token_id=processor.video_token_id)  # fmt: skip
+    sampling = SamplingConfig(num_generations=2, max_completion_length=8, temperature=0.0)
+    graphdef, params, frozen = split_model(model, "full")
+    one = sampler_view(graphdef, frozen, None, dtype="float32")(params)
+    want, _ = rollout(one, prompts, spec, sampling, seed=0)
+    shd.shard_model(model, mesh)
+    graphdef, params, frozen = split_model(model, "full")
+    for dtype in ("bfloat16", "float32"):
+        viewed = sampler_view(graphdef, frozen, None, dtype=dtype, mesh=mesh, logical_axes=logical)(params)
+        for path, var in nnx_params(viewed):
+            x = var.get_value()
+            assert x.dtype == jnp.dtype(dtype), (path, x.dtype)
+            assert x.sharding.spec == rules.spec(logical[path], x.shape, mesh), (path, x.sharding.spec)
+            assert "fsdp" not in str(x.sharding.spec), (path, x.sharding.spec)
+    got, _ = rollout(viewed, prompts, spec, sampling, seed=0, mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    return f"greedy tokens equal one device; {len(nnx_params(viewed))} params in the decode layout"
+
+
+def nnx_params(model):
+    from flax import nnx
+
+    return [("/".join(map(str, p)), v) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
 CHECKS = {
     **{
         f"sft_step_{d}x{f}x{t}": functools.partial(check_mesh, (d, f, t))
@@ -219,6 +266,7 @@ CHECKS = {
         batch={"batch_size": 2, "seq_buckets": [96], "image_patches": 128, "max_images": 8},
         optim={"learning_rate": 1e-2, "schedule": "constant", "eps": 1.0},
     ),
+    "grpo_sampler_view_1x2x4": functools.partial(check_grpo_sampler_view, (1, 2, 4)),
 }
 
 

@@ -82,6 +82,49 @@ def prompt_budgets(config: dict) -> tuple[int, dict[str, int], dict[str, int]]:
     return prompts, {k: v * prompts for k, v in per_prompt.items()}, per_prompt
 
 
+def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_axes=None):
+    """`params -> model`: the weights the rollout decodes with, made by one jitted function from the train
+    state on the devices (no host round trip), after every optimizer step that precedes a generation.
+
+    Every parameter is cast to the compute dtype, LoRA adapters are merged in, and on a mesh the result is
+    laid out by `sharding.DECODE_RULES`: whole along the model width, split by tensor parallelism only, so
+    a decode step reads its weights where they are instead of re-gathering FSDP shards for every token.
+    The view lives while the generation runs; the memory plan counts it (`plan._sampler_view_bytes`).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.train import lora as lora_lib
+    from qwenvl_jax.train.step import _param_sharding_tree
+
+    target = jnp.dtype(dtype)
+
+    def cast(tree):
+        return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def view(params, frozen):
+        if lora_cfg is not None:
+            return {}, cast(lora_lib.apply_lora(frozen, params, lora_cfg))
+        return cast(params), cast(frozen)
+
+    cache: dict = {}
+
+    def make(params):
+        if "fn" not in cache:
+            shardings = None
+            if mesh is not None:
+                rules = shd.as_rules(shd.DECODE_RULES)
+                out = jax.eval_shape(view, params, frozen)
+                shardings = tuple(_param_sharding_tree(t, logical_axes, mesh, rules, False) for t in out)
+            cache["fn"] = jax.jit(view, out_shardings=shardings)
+        trainable, rest = cache["fn"](params, frozen)
+        return nnx.merge(graphdef, trainable, rest)
+
+    return make
+
+
 def _seed(run_seed: int, step: int) -> int:
     return int(np.random.SeedSequence([run_seed, step]).generate_state(1)[0])
 

@@ -393,6 +393,10 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         # Old log-probs (num_iterations > 1 or steps_per_generation > grad_accum): jitted once.
         score = jax.jit(score_fn(graphdef, frozen, lora_cfg=lora_cfg, chunk_size=step_kw["chunk_size"],
                                  temperature=step_kw["temperature"]))  # fmt: skip
+        from qwenvl_jax.train.grpo import sampler_view
+
+        view = sampler_view(graphdef, frozen, lora_cfg, dtype=model_config.dtype, mesh=mesh,
+                            logical_axes=logical_axes)  # fmt: skip
     else:
         step_kw = {"loss_type": config["loss_type"], "chunk_size": int(config["chunk_size"])}
     step_fn = _Steps(
@@ -428,12 +432,10 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         while step < steps and stop["signal"] is None:
             host: dict[str, Any] = {}
             if kind == "grpo":
-                from qwenvl_jax.train.step import build_model as step_model
-
-                # The current policy generates: the model is assembled from the state's params (the
-                # frozen ones shared; LoRA applied) and dropped before the step donates them.
+                # The current policy generates, from its sampler view (`train.grpo.sampler_view`: compute
+                # dtype, decode layout, made on the devices), dropped before the step donates the state.
                 got = batches.next_step(
-                    lambda params=state.params: step_model(graphdef, params, frozen, lora_cfg),
+                    lambda params=state.params: view(params),
                     step + 1,
                     old_logps=lambda mb, params=state.params: score(params, mb),
                 )

@@ -25,9 +25,8 @@ Per device, each row of `Plan.rows` in one phase:
   the KV cache of `P x G` rows (exact: `generation.cache`'s layout, k/v split like the engine splits
   them), the prefill's own keys/values of the P prompts (exact), the prefill's activations (ESTIMATE,
   `prefill_estimate`), the decode logits and sampler (ESTIMATE, `DECODE_LOGIT_COPIES` rows x vocab
-  float32 buffers) and, with LoRA, the merged copy of the adapted kernels the generating model reads
-  (`_lora_rollout_bytes`). A full fine-tune generates from the float32 master params themselves (cast
-  at use): no copy. The state's gradients and batch do not exist yet while generating, so counting them
+  float32 buffers) and the sampler view the generating model reads (`_sampler_view_bytes`, exact: every
+  parameter, LoRA merged in, at the compute dtype, whole along the model width on every device). The state's gradients and batch do not exist yet while generating, so counting them
   under the rollout is conservative by their size.
 
 `peak = state + max(backward, update, rollout)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the
@@ -381,13 +380,13 @@ def abstract_setup(config: dict) -> AbstractSetup:
     )
 
 
-def _device_fraction_tree(params, logical_axes, mesh, lora: bool):
-    """Per leaf: the fraction of its elements one device holds under `DEFAULT_RULES` on `mesh`."""
+def _device_fraction_tree(params, logical_axes, mesh, lora: bool, table=None):
+    """Per leaf: the fraction of its elements one device holds under `table` (default `DEFAULT_RULES`)."""
     from qwenvl_jax import sharding as shd
     from qwenvl_jax.train import lora as lora_lib
     from qwenvl_jax.train.optim import map_with_path
 
-    rules = shd.as_rules(shd.DEFAULT_RULES)
+    rules = shd.as_rules(shd.DEFAULT_RULES if table is None else table)
     sizes = dict(mesh.shape)
 
     def one(path, x):
@@ -568,19 +567,30 @@ def _cache_rows(rollout: Rollout, model_cfg, mesh) -> list[Row]:
     ]
 
 
-def _lora_rollout_bytes(setup: AbstractSetup, frozen_fractions) -> tuple[int, str]:
-    """The generating model of a LoRA run (`step.build_model` outside jit: `lora.apply_lora`): a merged
-    copy `W + delta` of every adapted kernel at the base dtype, plus two fp32 `(layers, in, out)` buffers
-    of the widest target while it is merged (its `delta`, and the base cast to fp32)."""
+def _sampler_view_bytes(setup: AbstractSetup, mesh) -> tuple[int, str]:
+    """The weights the rollout decodes with (`train.grpo.sampler_view`): every parameter (LoRA merged in)
+    at the compute dtype, laid out by `sharding.DECODE_RULES` (whole along the model width, split by
+    tensor parallelism only). Exact."""
+    from qwenvl_jax import sharding as shd
     from qwenvl_jax.train import lora as lora_lib
 
-    flat = lora_lib.flatten(setup.frozen)
-    fractions = lora_lib.flatten(frozen_fractions)
-    targets = list(setup.state.params)
-    merged = sum(_bytes(flat[t], fractions[t]) for t in targets)
-    widest32 = round(4 * max(int(np.prod(flat[t].shape)) * fractions[t] for t in targets))
-    note = f"{_size(merged).strip()} adapted kernels + 2 x {_size(widest32).strip()} fp32 while merging"
-    return merged + 2 * widest32, note
+    full = {**lora_lib.flatten(setup.frozen)}
+    if setup.lora_cfg is None:
+        full.update(lora_lib.flatten(setup.state.params))
+    tree = lora_lib.unflatten(full)
+    fractions = _device_fraction_tree(tree, setup.logical_axes, mesh, False, shd.DECODE_RULES)
+    itemsize = np.dtype(setup.model_cfg.dtype).itemsize
+    total = sum(
+        int(np.prod(x.shape)) * itemsize * f
+        for x, f in zip(jax_leaves(tree), jax_leaves(fractions), strict=True)
+    )
+    return round(total), f"all params at {setup.model_cfg.dtype}, decode layout (no FSDP split)"
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree.leaves(tree)
 
 
 def _lora_merged_bytes(setup: AbstractSetup, frozen_fractions) -> tuple[int, str]:
@@ -692,9 +702,8 @@ def plan(config: dict) -> Plan:
                 f"{DECODE_LOGIT_COPIES} x {rows_dev:g} rows x {setup.model_cfg.text.vocab_size} float32",
             )
         )
-        if lora:
-            merged, note = _lora_rollout_bytes(setup, frozen_fr)
-            rows.append(Row("LoRA merged kernels", merged, "rollout", False, note))
+        view, note = _sampler_view_bytes(setup, mesh)
+        rows.append(Row("sampler view", view, "rollout", True, note))
 
     notes = []
     if any(np.dtype(d).itemsize < 4 for d in dtypes):
