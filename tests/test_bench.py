@@ -1,10 +1,11 @@
-"""The GPU benchmark scripts (bench/bench_{train,prefill,generate}.py), run at tiny size on CPU.
+"""The GPU benchmark scripts (bench/bench_{train,prefill,generate,grpo}.py), run at tiny size on CPU.
 
 Each script runs in a subprocess exactly as on the GPU (a parent that spawns one worker per side and
 shape), with both sides, and every JSON record must carry positive, finite figures. The train benchmark
 is also a parity check: both sides draw the same weights and see the same batch, so in float32 their
 first-step losses agree to float32 rounding. A `sitecustomize` on PYTHONPATH records, in every process,
-whether grain, trl or qwen_vl_utils got imported: the GPU image has none of them.
+whether grain, trl or qwen_vl_utils got imported: the GPU image has none of them, so only the GRPO
+benchmark's TRL worker may import trl (its wheels travel with that run, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -24,12 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 ABSENT_ON_GPU = ("grain", "trl", "qwen_vl_utils")
 
 SITECUSTOMIZE = f"""
-import atexit, os, sys
+import atexit, json, os, sys
 
 def _record():
     bad = sorted({{m.split(".")[0] for m in sys.modules}} & set({ABSENT_ON_GPU!r}))
+    side = None
+    if "--worker" in sys.argv:  # the job file still exists: the parent removes it after the worker exits
+        with open(sys.argv[sys.argv.index("--worker") + 1]) as f:
+            side = json.load(f)["side"]
     with open(os.path.join(os.environ["BENCH_IMPORT_LOG"], f"{{os.getpid()}}.json"), "w") as f:
-        f.write(__import__("json").dumps({{"argv": sys.argv, "bad": bad}}))
+        f.write(json.dumps({{"argv": sys.argv, "bad": bad, "side": side}}))
 
 atexit.register(_record)
 """
@@ -42,8 +47,9 @@ def _common():
     return module
 
 
-def run_bench(tmp_path, script: str, *args: str) -> list[dict]:
-    """Run `bench/<script>` at tiny size on CPU; return its JSON records (and check its imports)."""
+def run_bench(tmp_path, script: str, *args: str, may_import: dict[str, set[str]] | None = None) -> list[dict]:
+    """Run `bench/<script>` at tiny size on CPU; return its JSON records (and check its imports: none of
+    ABSENT_ON_GPU, except `may_import[side]` in that side's worker)."""
     site, log = tmp_path / "site", tmp_path / "imports"
     site.mkdir()
     log.mkdir()
@@ -61,7 +67,8 @@ def run_bench(tmp_path, script: str, *args: str) -> list[dict]:
     assert any(line.startswith("| side |") for line in proc.stdout.splitlines())  # the markdown table
     processes = [json.loads(p.read_text()) for p in log.iterdir()]
     assert len(processes) >= 3  # the parent and at least two workers
-    assert all(not p["bad"] for p in processes), processes
+    allowed = may_import or {}
+    assert all(set(p["bad"]) <= allowed.get(p["side"], set()) for p in processes), processes
     return records
 
 
@@ -112,6 +119,27 @@ def test_generate_both_sides_with_roofline(tmp_path):
         positive(r, "prefill_s", "decode_s", "step_ms", "decode_tokens_per_s", "roofline_step_ms", "achieved",
                  "param_bytes", "kv_bytes")  # fmt: skip
         assert r["bandwidth_Bps"] == bw["bandwidth_Bps"]
+
+
+def test_grpo_both_sides_same_prompts_and_phases(tmp_path):
+    records = run_bench(tmp_path, "bench_grpo.py", may_import={"trl": {"trl"}})
+    phases = ("gen", "reward", "old_log_prob", "ref", "update_actor", "update_weights")
+    for side in ("ours", "trl"):
+        r = measured(records, side=side)
+        positive(r, "gen_tokens_per_s", "train_tokens_per_s", "step_tokens_per_s", "timing_s/gen",
+                 "timing_s/reward", "timing_s/update_actor", "timing_s/step", "first_step_s",
+                 "train_tokens")  # fmt: skip
+        assert r["shape"] == "2 x 2 x 8" and r["gen_tokens"] == 2 * 2 * 8
+        assert r["timing_s/old_log_prob"] == 0  # on-policy: neither side scores old log-probs
+        # One timed step (tiny default): its phases are disjoint and cover the whole step.
+        parts = sum(r[f"timing_s/{k}"] or 0.0 for k in phases)
+        assert parts == pytest.approx(r["timing_s/step"], rel=1e-6), r
+    assert measured(records, side="ours")["compile_s"] > 0
+    (ratio,) = [r for r in records if r.get("kind") == "ratio"]
+    positive(ratio, "gen_tokens_per_s_ours_over_trl", "train_tokens_per_s_ours_over_trl",
+             "step_tokens_per_s_ours_over_trl")  # fmt: skip
+    # The same prompt ids and pixels reached both samplers, and both trained on the same number of tokens.
+    assert ratio["same_prompts"] and ratio["same_train_tokens"], ratio
 
 
 def test_a_failing_worker_is_reported_not_fatal(tmp_path):
