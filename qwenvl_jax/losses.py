@@ -517,6 +517,13 @@ def preference_batch(examples, *, max_length=None, truncation_mode="keep_start",
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+from qwenvl_jax.losses_ppo import (  # noqa: E402, F401  (re-exported: every objective from one module)
+    AdaptiveKLController,
+    adaptive_kl_coef,
+    ppo_advantages,
+    ppo_loss,
+    reward_loss,
+)
 from qwenvl_jax.losses_rl import (  # noqa: E402, F401  (re-exported: every objective from one module)
     grpo_advantages,
     grpo_loss,
