@@ -21,6 +21,7 @@ import numpy as np
 from qwenvl_jax.checkpoint import CheckpointError, load_params, read_config, save_params
 from qwenvl_jax.weights import (
     EMBED,
+    SCORE_PATH,
     as_dtype,
     atomic_directory,
     hf_tensor_infos,
@@ -88,6 +89,9 @@ def export(
     `dtype=None` picks: the stored dtype when it is already bfloat16; otherwise the dtype the weights
     were converted from (config.json `dtype`, so f32 -> f32 and bf16 -> bf16 round trips are bit-exact);
     otherwise bfloat16 (e.g. float32 master weights from training).
+
+    A reward model's checkpoint (`score/kernel` beside the backbone) is written as a sequence classifier
+    (`weights.write_hf_checkpoint`), with the pad id of its tokenizer files.
     """
     ckpt_dir, out_dir = _absolute(ckpt_dir), _absolute(out_dir)
     check_separate(ckpt_dir, out_dir)
@@ -98,11 +102,25 @@ def export(
         dtype = BF16 if stored == {BF16} else recorded or BF16
     # The outer directory decides what an overwrite replaces (HF_OUTPUTS and whatever is written); the
     # writer fills its (empty) temporary dir.
+    pad = _pad_token_id(ckpt_dir) if SCORE_PATH in params else None
     with atomic_directory(out_dir, overwrite=overwrite, replaces=HF_OUTPUTS) as tmp:
         write_hf_checkpoint(params, config, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                            assets_from=ckpt_dir, overwrite=True, progress=progress)  # fmt: skip
+                            assets_from=ckpt_dir, overwrite=True, progress=progress,
+                            pad_token_id=pad)  # fmt: skip
     _warn_missing_processor_files(ckpt_dir, out_dir)
     return out_dir
+
+
+def _pad_token_id(ckpt_dir: Path) -> int | None:
+    """The pad id a sequence classifier's config needs: the tokenizer's (as the training batches were
+    padded with), or None with a warning when the checkpoint has no tokenizer files."""
+    if missing_processor_files(ckpt_dir) and not (ckpt_dir / "tokenizer.json").is_file():
+        print(f"warning: {ckpt_dir} has no tokenizer files: the exported reward model's config has no "
+              "pad_token_id, so transformers scores only unpadded single rows", file=sys.stderr)  # fmt: skip
+        return None
+    from qwenvl_jax.processing.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(ckpt_dir).pad_token_id
 
 
 def check_separate(source: Path, target: Path) -> None:

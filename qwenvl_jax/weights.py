@@ -98,6 +98,21 @@ def _expect_shape(name: str, got: tuple[int, ...], expected: tuple[int, ...]) ->
 IDENTITY, LINEAR, PATCH = "identity", "linear", "patch"
 LM_HEAD = "lm_head.weight"
 EMBED = "model.embed_tokens.weight"
+# A reward model's scalar head (`model.value_head`): ours `score/kernel (hidden, num_labels)`, HF
+# `score.weight (num_labels, hidden)` of a sequence classifier (`GenericForSequenceClassification`).
+SCORE, SCORE_PATH = "score.weight", "score/kernel"
+SEQ_CLS_ARCHITECTURE = "Qwen2_5_VLForSequenceClassification"
+
+
+def seq_cls_key(key: str) -> str:
+    """On-disk key -> that of a Qwen2.5-VL sequence classifier's `save_pretrained`: its backbone is
+    `Qwen2_5_VLModel` under `model.`, which no conversion mapping renames, so its files carry the
+    transformers-5 names (`model.language_model.*`, `model.visual.*`) beside `score.weight`."""
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model.") :]
+    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,10 +403,12 @@ def check_params(params: Mapping[str, Any], config: Qwen25VLConfig, source: str 
 def params_to_hf(params: Mapping[str, Any], config: Qwen25VLConfig) -> dict[str, np.ndarray]:
     """Flat (or nested) params -> HF on-disk keys and layouts, sorted by key; lm_head omitted when tied.
 
-    Values are views of `params` where the layout allows (no copy of the model is made here).
+    With a reward head (`score/kernel`), the keys are those of a sequence classifier (`seq_cls_key`)
+    plus `score.weight`. Values are views of `params` where the layout allows (no copy of the model).
     """
     flat = flatten_params(params)
     flat = {k: np.asarray(v) for k, v in flat.items()}
+    score = flat.pop(SCORE_PATH, None)
     check_params(flat, config)
     out: dict[str, np.ndarray] = {}
     for entry in key_map(config):
@@ -401,6 +418,14 @@ def params_to_hf(params: Mapping[str, Any], config: Qwen25VLConfig) -> dict[str,
                 out[key] = entry.to_hf(f"{entry.path}[{layer}]", x[layer])
         else:
             out[entry.hf] = entry.to_hf(entry.path, x)
+    if score is not None:
+        hidden = config.text.hidden_size
+        if score.ndim != 2 or score.shape[0] != hidden:
+            raise CheckpointMismatchError(
+                wrong_shape={SCORE_PATH: ((hidden, "num_labels"), tuple(score.shape))}, source="params"
+            )
+        out = {seq_cls_key(k): v for k, v in out.items()}
+        out[SCORE] = score.T
     return dict(sorted(out.items()))
 
 
@@ -506,11 +531,16 @@ def write_hf_checkpoint(
     assets_from: str | Path | None = None,
     overwrite: bool = False,
     progress: bool | None = False,
+    pad_token_id: int | None = None,
 ) -> Path:
     """Write an HF checkpoint dir that `transformers` loads: safetensors in the on-disk layout (sharded with
     `model.safetensors.index.json` above `max_shard_bytes`), `config.json`, and the tokenizer/processor
     files of `assets_from`. `dtype=None` keeps each parameter's dtype. Nothing is written on a mismatch,
-    and the dir appears atomically."""
+    and the dir appears atomically.
+
+    Params with a reward head (`score/kernel`) are written as a sequence classifier: `score.weight`, the
+    config's architecture `Qwen2_5_VLForSequenceClassification`, its labels, and `pad_token_id` (the
+    classifier reads each row at its last non-pad token, so transformers needs it for batches)."""
     hf = params_to_hf(params, config)  # validates before anything touches the disk
     target = as_dtype(dtype)
     out_dtype = {k: target or v.dtype for k, v in hf.items()}
@@ -534,8 +564,20 @@ def write_hf_checkpoint(
             (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if assets_from is not None:
             copy_hf_assets(assets_from, tmp)
-        write_config_json(config, tmp, dtype=_single_dtype(out_dtype.values()))
+        path = write_config_json(config, tmp, dtype=_single_dtype(out_dtype.values()))
+        if SCORE in hf:
+            _as_sequence_classifier(path, num_labels=hf[SCORE].shape[0], pad_token_id=pad_token_id)
     return Path(out_dir)
+
+
+def _as_sequence_classifier(path: Path, *, num_labels: int, pad_token_id: int | None) -> None:
+    hf = json.loads(path.read_text(encoding="utf-8"))
+    hf["architectures"] = [SEQ_CLS_ARCHITECTURE]
+    hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    hf["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    if pad_token_id is not None:
+        hf["pad_token_id"] = hf["text_config"]["pad_token_id"] = int(pad_token_id)
+    path.write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
 
 
 def _single_dtype(dtypes: Iterable[np.dtype]) -> str | None:

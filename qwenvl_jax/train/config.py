@@ -3,7 +3,7 @@
 The whole config is checked before anything is built or written, so a typo or a wrong value fails in a
 second with the key, the value and what is allowed, instead of a traceback after minutes of loading:
 
-    kind: sft | dpo | grpo
+    kind: sft | dpo | grpo | reward
     target: 1xh100                 # hardware of the memory plan (`train.plan`, `--dry-run`): NxH100,
                                    # NxH200, v5p-CORES; not used by the run itself
     run_dir: DIR                   # metrics.jsonl, tensorboard/, loss_curves.png, checkpoints/, final/
@@ -17,7 +17,7 @@ second with the key, the value and what is allowed, instead of a traceback after
           mask_vision_tokens, columns: {prompt: problem} (rename a data set's columns),
           min_pixels, max_pixels (the processor's image resize bounds), prompt_suffix (GRPO)
     batch: {batch_size, seq_buckets, image_patches, max_images, ..., pack}   # `BatchSpec` fields + pack;
-                                   # for DPO batch_size counts PAIRS (a batch holds 2 x pairs rows)
+                                   # for DPO and reward batch_size counts PAIRS (2 x pairs rows)
     grad_accum: 1                  # micro-batches per optimizer step (padded to one length)
     trainable: full | frozen_vision | lora,  train_merger: true
     lora: {rank, alpha, dropout, targets, scopes}                     # `LoraConfig` fields
@@ -27,6 +27,7 @@ second with the key, the value and what is allowed, instead of a traceback after
     grpo: {num_generations, max_prompt_length, max_completion_length, temperature, top_p, top_k,
            loss_type, beta, epsilon, scale_rewards, ...}             # sampling + `losses.grpo_loss` keywords
     rewards: [accuracy_reward, {name: pkg.mod:fn, weight: 0.5}, ...]   # GRPO reward functions
+    reward: {margin: 0.0, center_rewards_coefficient: null, head_init_std: 0.02}   # reward model (DPO pairs)
     checkpoint: {every: 50, keep: 3, async: true}
     max_bad_steps: 10              # stop after this many non-finite (skipped) steps in a row
     max_skipped_fraction: 0.1      # a finished run with more skipped steps than this exits 4
@@ -70,6 +71,7 @@ DEFAULTS: dict[str, Any] = {
     "dpo": {},
     "grpo": {},
     "rewards": None,
+    "reward": {},
     "checkpoint": {"every": 50, "keep": 3, "async": True},
     "max_bad_steps": 10,
     "max_skipped_fraction": 0.1,
@@ -265,6 +267,15 @@ GRPO_HOST_KEYS = ("num_generations", "steps_per_generation", "num_iterations", "
                   "reward_weights", "reward_policy", "log_completions_every", "log_completions_count")  # fmt: skip
 
 
+class RewardSection(_Section):
+    """A reward model's objective (`losses.reward_loss`, TRL 1.16 RewardTrainer) and head init."""
+
+    # Subtracted from every pair's r_c - r_r: TRL's per-record `margin` column, as one value for the run.
+    margin: float = 0.0
+    center_rewards_coefficient: Annotated[float, Field(ge=0)] | None = None  # TRL's default: no centring
+    head_init_std: Annotated[float, Field(ge=0)] = 0.02  # N(0, std) as transformers inits `score`; 0: zeros
+
+
 class MeshSection(_Section):
     data: PosInt = 1
     fsdp: PosInt = 1
@@ -284,7 +295,7 @@ class LoggingSection(_Section):
 
 
 class RunConfig(_Section):
-    kind: Literal["sft", "dpo", "grpo"] = "sft"
+    kind: Literal["sft", "dpo", "grpo", "reward"] = "sft"
     target: str | None = None
     run_dir: str
     steps: PosInt = 20
@@ -302,6 +313,7 @@ class RunConfig(_Section):
     dpo: DpoSection
     grpo: GrpoSection
     rewards: list[str | dict[str, Any]] | None = None
+    reward: RewardSection
     checkpoint: CheckpointSection
     max_bad_steps: PosInt = 10
     max_skipped_fraction: Fraction = 0.1
@@ -336,8 +348,11 @@ def _cross_checks(config: dict, given: dict) -> None:
         raise ConfigError(f"batch.pack=true: packing applies to SFT only, not kind: {kind}")
     if given.get("grpo") and kind != "grpo":
         raise ConfigError(f"a grpo section needs kind: grpo (kind is {kind!r})")
+    if given.get("reward") and kind != "reward":
+        raise ConfigError(f"a reward section needs kind: reward (kind is {kind!r})")
     if given.get("rewards") and kind != "grpo":
-        raise ConfigError(f"rewards apply to kind: grpo (kind is {kind!r})")
+        hint = " (a reward model's section is `reward:`)" if kind == "reward" else ""
+        raise ConfigError(f"rewards apply to kind: grpo (kind is {kind!r}){hint}")
     if kind == "grpo":
         g = RunConfig.model_fields["grpo"].annotation.model_validate(config["grpo"])
         if not config.get("rewards"):
@@ -516,7 +531,7 @@ def resolve(config: dict) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"a config is a mapping, got {type(config).__name__}")
     merged = merge(DEFAULTS, config)
-    for section in ("lora", "optim", "dpo", "grpo"):  # `lora: null` means an empty section
+    for section in ("lora", "optim", "dpo", "grpo", "reward"):  # `lora: null` means an empty section
         if merged.get(section) is None:
             merged[section] = {}
     try:
@@ -525,7 +540,7 @@ def resolve(config: dict) -> dict:
         raise ConfigError(_message(err)) from None
     # The merged dict with each value as the schema coerced it (e.g. "1e-5" -> 1e-05), nothing added.
     out = checked.model_dump(by_alias=True, exclude_unset=True)
-    for section in ("lora", "optim", "dpo", "grpo"):
+    for section in ("lora", "optim", "dpo", "grpo", "reward"):
         out[section] = checked.__getattribute__(section).model_dump(exclude_unset=True)
     _cross_checks(out, config)
     return out

@@ -1,4 +1,4 @@
-"""The training loop: `train(config)` runs (or resumes) an SFT or DPO run from a config dict.
+"""The training loop: `train(config)` runs (or resumes) an SFT, DPO, GRPO or reward-model run from a config.
 
 The config schema, defaults and validation are in `qwenvl_jax.train.config`. A run directory holds:
 
@@ -25,6 +25,10 @@ Sharding: with a `mesh` section the model is placed on a `(data, fsdp, tensor)` 
 `sharding.DEFAULT_RULES` and the step is jitted with explicit shardings (one compile per batch shape);
 without one everything runs on the default device.
 
+Reward (`train.reward_step`): DPO pair records and batches, the backbone plus the scalar head `score`
+(`model.value_head`); `final/` holds both (the head as `score/kernel`), which `qwenvl-jax export` writes
+as an HF sequence classifier and `qwenvl_jax.reward_model.load_reward_model` loads back.
+
 DPO: the reference is the LoRA-disabled base with `trainable: lora` (no second copy of the weights),
 nothing with `dpo.reference_free`, and otherwise a frozen copy of the initial trainable parameters (the
 frozen ones are shared, not copied).
@@ -32,6 +36,7 @@ frozen ones are shared, not copied).
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -101,9 +106,9 @@ def data_paths(config: dict, run_dir: Path) -> list[str]:
         from qwenvl_jax.data import synthetic
 
         num, seed = int(data["synthetic"]), int(config["seed"])
-        if config["kind"] in ("dpo", "grpo"):
+        if config["kind"] in ("dpo", "grpo", "reward"):
             task = synthetic.write_shape_task(run_dir / "data", num_train=num, num_heldout=1, seed=seed)
-            return [str(task.dpo if config["kind"] == "dpo" else task.grpo)]
+            return [str(task.grpo if config["kind"] == "grpo" else task.dpo)]
         return [str(synthetic.write_synthetic_data(run_dir / "data", num, seed=seed))]
     paths = data.get("paths")
     if not paths:
@@ -116,7 +121,7 @@ def batch_spec(config: dict, processor=None):
     with the processor, its token ids are filled in and its smallest image is checked against the budget."""
     from qwenvl_jax.processing.batch import BatchSpec, check_spec
 
-    kind = config["kind"]
+    kind = pipeline_kind(config["kind"])
     batch = dict(config["batch"])
     pack = bool(batch.pop("pack", False))
     if kind == "dpo":
@@ -135,10 +140,15 @@ def batch_spec(config: dict, processor=None):
     return spec, pack
 
 
+def pipeline_kind(kind: str) -> str:
+    """The data pipeline's kind of a run kind: a reward model reads DPO pairs."""
+    return "dpo" if kind == "reward" else kind
+
+
 def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
     from qwenvl_jax.data.pipeline import make_batches
 
-    kind, data = config["kind"], config["data"]
+    kind, data = pipeline_kind(config["kind"]), config["data"]
     spec, pack = batch_spec(config, processor)
     options = {"pack": True} if pack else {}
     for key in ("max_length", "mask_vision_tokens"):
@@ -191,12 +201,19 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
 
 
 def full_params(state, frozen, lora_cfg) -> dict[str, Any]:
-    """Flat `{"a/b/c": array}` of the whole model: trainable + frozen, or the base with LoRA merged."""
+    """Flat `{"a/b/c": array}` of the whole model: trainable + frozen, or the base with LoRA merged; a
+    reward model's head as `score/kernel`."""
+    from qwenvl_jax.model.value_head import SCORE
     from qwenvl_jax.train import lora as lora_lib
 
+    params = state.params
+    head = {}
+    if SCORE in params:
+        head = lora_lib.flatten({SCORE: params[SCORE]})
+        params = {k: v for k, v in params.items() if k != SCORE}
     if lora_cfg is not None:
-        return lora_lib.merge_lora(frozen, state.params, lora_cfg)
-    return {**lora_lib.flatten(frozen), **lora_lib.flatten(state.params)}
+        return {**lora_lib.merge_lora(frozen, params, lora_cfg), **head}
+    return {**lora_lib.flatten(frozen), **lora_lib.flatten(params), **head}
 
 
 class _Steps:
@@ -347,6 +364,12 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         lora_cfg = LoraConfig(**lora)
     optim_cfg = OptimConfig(**{"total_steps": steps, **config["optim"]})
     trainable, train_merger = config["trainable"], bool(config["train_merger"])
+    if kind == "reward":
+        from qwenvl_jax.train import reward_step
+
+        head_std = float(config["reward"].get("head_init_std", reward_step.INIT_STD))
+        abstract_train_state = functools.partial(reward_step.abstract_reward_state, head_init_std=head_std)
+        init_train_state = functools.partial(reward_step.init_reward_state, head_init_std=head_std)
     graphdef, abstract, frozen, tx = abstract_train_state(
         model, optim_cfg, trainable, lora_cfg, seed, train_merger=train_merger
     )
@@ -384,6 +407,9 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         del initial
     if kind == "dpo":
         step_kw = {"chunk_size": int(config["chunk_size"]), **config["dpo"]}
+    elif kind == "reward":
+        step_kw = {"pad_token_id": int(processor.pad_token_id), "margin": float(config["reward"].get("margin", 0.0)),
+                   "center_rewards_coefficient": config["reward"].get("center_rewards_coefficient")}  # fmt: skip
     elif kind == "grpo":
         from qwenvl_jax.train.grpo import grpo_step_kw
         from qwenvl_jax.train.grpo_step import score_fn
@@ -452,6 +478,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
                      "completion_mask": (mb["labels"] != losses.IGNORE_INDEX).astype(np.int32)}
                     for mb in micro
                 ]  # fmt: skip
+            elif kind == "reward":  # the rows are scored at their last token: no labels
+                micro = [{k: v for k, v in mb.items() if k != "labels"} for mb in micro]
             stacked = stack_micro_batches(micro)
             if step_fn.needs_compile(stacked):
                 shape = "x".join(map(str, np.shape(stacked["input_ids"])))

@@ -262,9 +262,9 @@ def lora_config(config: dict):
 
 
 def batch_rows(config: dict) -> int:
-    """Rows of one collated micro-batch: `batch_size`, or for DPO 2 x `batch_size` pairs."""
+    """Rows of one collated micro-batch: `batch_size`, or for DPO and reward 2 x `batch_size` pairs."""
     size = int((config.get("batch") or {}).get("batch_size", 2))
-    return 2 * size if config.get("kind", "sft") == "dpo" else size
+    return 2 * size if config.get("kind", "sft") in ("dpo", "reward") else size
 
 
 def batch_section(config: dict) -> dict:
@@ -353,6 +353,8 @@ def abstract_setup(config: dict) -> AbstractSetup:
     optim_cfg = OptimConfig(**{"total_steps": int(config.get("steps", 20)), **(config.get("optim") or {})})
     lora_cfg = lora_config(config)
     static = {}
+    if config.get("kind", "sft") == "reward":  # the backbone plus the scalar head `score`
+        from qwenvl_jax.train.reward_step import init_reward_state as init_train_state
 
     def init(values):
         g, state, frozen, tx = init_train_state(
@@ -383,6 +385,7 @@ def abstract_setup(config: dict) -> AbstractSetup:
 def _device_fraction_tree(params, logical_axes, mesh, lora: bool, table=None):
     """Per leaf: the fraction of its elements one device holds under `table` (default `DEFAULT_RULES`)."""
     from qwenvl_jax import sharding as shd
+    from qwenvl_jax.model.value_head import HEAD_LOGICAL_AXES, SCORE
     from qwenvl_jax.train import lora as lora_lib
     from qwenvl_jax.train.optim import map_with_path
 
@@ -390,7 +393,10 @@ def _device_fraction_tree(params, logical_axes, mesh, lora: bool, table=None):
     sizes = dict(mesh.shape)
 
     def one(path, x):
-        axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
+        if path.split("/", 1)[0] == SCORE:  # a reward model's head (as `train.step` shards it)
+            axes = HEAD_LOGICAL_AXES
+        else:
+            axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
         try:
             spec = rules.spec(axes, x.shape, mesh)
         except ValueError as err:
@@ -634,8 +640,8 @@ def plan(config: dict) -> Plan:
     from qwenvl_jax.sharding import MESH_AXES
 
     kind = config.get("kind", "sft")
-    if kind not in ("sft", "dpo", "grpo"):
-        raise ValueError(f"kind must be sft, dpo or grpo, got {kind!r}")
+    if kind not in ("sft", "dpo", "grpo", "reward"):
+        raise ValueError(f"kind must be sft, dpo, grpo or reward, got {kind!r}")
     setup = abstract_setup(config)
     shape = mesh_shape(config)
     mesh = AbstractMesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -743,7 +749,7 @@ def _holds_reference(config: dict, lora: bool) -> bool:
     """A frozen full copy of the initial params: DPO (unless reference-free) and GRPO with beta > 0, both
     without LoRA (with it the reference is the base with the adapters disabled), as `train.loop` does."""
     kind = config.get("kind", "sft")
-    if lora or kind == "sft":
+    if lora or kind in ("sft", "reward"):
         return False
     if kind == "dpo":
         return not (config.get("dpo") or {}).get("reference_free", False)
@@ -771,7 +777,7 @@ def format_plan(p: Plan) -> str:
             if p.target
             else "not given (no memory budget)"
         ),
-        f"micro-batch {p.rows_per_micro_batch} rows{' (chosen + rejected)' if p.kind == 'dpo' else ''} x "
+        f"micro-batch {p.rows_per_micro_batch} rows{' (chosen + rejected)' if p.kind in ('dpo', 'reward') else ''} x "
         f"{p.seq_len} tokens ({tokens:,} tokens, "
         f"{p.vision_patches} vision patches) x grad_accum {p.grad_accum} = "
         f"{p.rows_per_micro_batch * p.grad_accum} rows / {tokens * p.grad_accum:,} tokens per step; "
@@ -854,6 +860,8 @@ def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
     out = collate([example], spec)
     if config.get("kind", "sft") == "dpo":
         out["completion_mask"] = (out["labels"] != -100).astype(np.int32)
+    if config.get("kind", "sft") == "reward":  # scored at the last token: the loop drops the labels
+        out.pop("labels")
     if config.get("kind", "sft") == "grpo":  # rl.batch.micro_batches' additions
         out["advantages"] = np.zeros(rows, np.float32)
         out["sampling_per_token_logps"] = np.zeros((rows, out["input_ids"].shape[1] - 1), np.float32)
@@ -908,6 +916,12 @@ def _step_and_args(config: dict, *, sharded: bool):
 
         step_kw = grpo_step_kw(_grpo_config(config))
         extra = (num_items, *ref)
+    elif kind == "reward":
+        reward = config.get("reward") or {}
+        pad = int((config.get("batch") or {}).get("pad_token_id", 151643))  # shapes only: any id
+        step_kw = {"pad_token_id": pad, "margin": float(reward.get("margin", 0.0)),
+                   "center_rewards_coefficient": reward.get("center_rewards_coefficient")}  # fmt: skip
+        extra = ()
     else:
         step_kw.update(config.get("dpo") or {})
         extra = ref

@@ -302,8 +302,13 @@ def dpo_step(
 
 
 def _param_sharding_tree(params, logical_axes, mesh, rules, lora: bool):
+    from qwenvl_jax.model.value_head import HEAD_LOGICAL_AXES, SCORE
+
     def one(path, x):
-        axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
+        if path.split("/", 1)[0] == SCORE:  # a reward model's head: not a Param of the model
+            axes = HEAD_LOGICAL_AXES
+        else:
+            axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
         return NamedSharding(mesh, rules.spec(axes, x.shape, mesh))
 
     return map_with_path(one, params)
@@ -357,8 +362,9 @@ def make_train_step(
     **step_kw: Any,
 ) -> Callable:
     """`sft_step` (`kind="sft"`: `(state, frozen, batch, num_items_in_batch)`), `dpo_step` (`"dpo"`:
-    `(state, frozen, batch[, ref_params])`) or `grpo_step` (`"grpo"`: `(state, frozen, batch,
-    num_items_in_batch[, ref_params])`) jitted once, with the state donated.
+    `(state, frozen, batch[, ref_params])`), `grpo_step` (`"grpo"`: `(state, frozen, batch,
+    num_items_in_batch[, ref_params])`) or `reward_step.reward_step` (`"reward"`: `(state, frozen,
+    batch)`) jitted once, with the state donated.
 
     With `mesh`, `state`, `frozen`, `batch` (arrays or ShapeDtypeStructs of the real shapes) and
     `logical_axes` (`state.param_logical_axes(model)`) are needed for the explicit shardings:
@@ -376,8 +382,12 @@ def make_train_step(
         from qwenvl_jax.train.grpo_step import grpo_step
 
         fn = functools.partial(grpo_step, graphdef=graphdef, tx=tx, lora_cfg=lora_cfg, **step_kw)
+    elif kind == "reward":
+        from qwenvl_jax.train.reward_step import reward_step
+
+        fn = functools.partial(reward_step, graphdef=graphdef, tx=tx, lora_cfg=lora_cfg, **step_kw)
     else:
-        raise ValueError(f"kind must be 'sft', 'dpo' or 'grpo', got {kind!r}")
+        raise ValueError(f"kind must be 'sft', 'dpo', 'grpo' or 'reward', got {kind!r}")
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     if state is None or frozen is None or batch is None or logical_axes is None:
@@ -393,11 +403,11 @@ def make_train_step(
     state_sh = state_shardings(state, tx, logical_axes, mesh, rules, lora=lora_cfg is not None)
     frozen_sh = _param_sharding_tree(frozen, logical_axes, mesh, rules, False)
     batch_sh = batch_shardings(batch, mesh, rules)
-    if kind == "dpo":
+    if kind in ("dpo", "reward"):
         in_sh = (state_sh, frozen_sh, batch_sh)
     else:  # sft and grpo take the host's token count (num_items_in_batch)
         in_sh = (state_sh, frozen_sh, batch_sh, rep)
-    if kind != "sft" and with_ref_params:
+    if kind in ("dpo", "grpo") and with_ref_params:
         ref_sh = _param_sharding_tree(
             nnx_full_params_like(frozen, state, lora_cfg), logical_axes, mesh, rules, False
         )
