@@ -1,6 +1,6 @@
 """`qwenvl-jax` command line.
 
-qwenvl-jax demo [--out DIR] [--fast]     # offline, CPU: SFT then DPO of a tiny model on synthetic images
+qwenvl-jax demo [--out DIR] [--fast] [--grpo]   # offline, CPU: SFT then DPO (or GRPO) of a tiny model
 qwenvl-jax demo --processor [--model DIR]  # offline: the host pipeline on synthetic images and a video
 qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
 qwenvl-jax generate --model DIR --image PATH_OR_URL [--video PATH] --prompt "..." [--json]
@@ -49,8 +49,11 @@ def _describe(batch: dict[str, np.ndarray]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.processor:
-        if args.fast or args.out is not None:
-            print("error: --out and --fast apply to the training demo, not to --processor", file=sys.stderr)
+        if args.fast or args.grpo or args.out is not None:
+            print(
+                "error: --out, --fast and --grpo apply to the training demo, not to --processor",
+                file=sys.stderr,
+            )
             return 2
         return _processor_demo(args)
     if args.model:
@@ -58,10 +61,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "error: --model applies to the processor demo only (qwenvl-jax demo --processor)", file=sys.stderr
         )
         return 2
-    from qwenvl_jax.demo import FAST, FULL, run_demo
+    from qwenvl_jax.demo import FAST, FULL, GRPO, GRPO_FAST, run_demo
 
+    settings = {(False, False): FULL, (True, False): FAST, (False, True): GRPO, (True, True): GRPO_FAST}
     try:
-        run_demo(args.out or "qwenvl_jax_demo", FAST if args.fast else FULL)
+        run_demo(args.out or "qwenvl_jax_demo", settings[args.fast, args.grpo])
     except FileExistsError as err:  # an --out that is not the demo's own
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -357,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", help="output directory (default: ./qwenvl_jax_demo)")
     demo.add_argument("--fast", action="store_true", help="a seconds-long smoke run (a few steps)")
     demo.add_argument(
+        "--grpo",
+        action="store_true",
+        help="SFT then GRPO on the task's reward alone, instead of SFT then DPO",
+    )
+    demo.add_argument(
         "--processor", action="store_true", help="instead: the host pipeline on a tiny checkpoint (no model)"
     )
     demo.add_argument(
@@ -447,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parity.set_defaults(func=cmd_parity)
     trn = sub.add_parser(
-        "train", help="SFT or DPO run from a YAML config (resumes from run_dir)", epilog=TRAIN_EPILOG, **fmt
+        "train",
+        help="SFT, DPO, GRPO or reward-model run from a YAML config (resumes from run_dir)",
+        epilog=TRAIN_EPILOG,
+        **fmt,
     )
     trn.add_argument("--config", required=True, help="YAML config (keys: docs/training.md)")
     trn.add_argument(

@@ -1,8 +1,12 @@
-"""`qwenvl-jax demo` (SFT then DPO on the shape task) and the shape-task generator.
+"""`qwenvl-jax demo` (SFT then DPO, or with --grpo SFT then GRPO, on the shape task) and the shape-task
+generator.
 
 - the fast demo end to end as a user runs it (a subprocess of the CLI): the SFT loss falls, the DPO reward
   margin rises, both final models are written, and every printed figure is the one recomputed from the
   answers and margins in `report.json`;
+- the fast GRPO demo end to end: the GRPO run trains from `sft/final` on the prompts and `shape_reward`
+  only, its reward curve is the one its metrics and logged samples give, and every printed held-out
+  figure (exact answers, mean reward) is the one recomputed from the answers in `report.json`;
 - the demo's output directory: an earlier demo's runs are cleared, a foreign directory is refused;
 - the generator: deterministic, held-out images unlike any training image, labels that match the pixels,
   preference pairs whose rejected answer is wrong in exactly the requested attribute.
@@ -21,7 +25,14 @@ import pytest
 from PIL import Image
 
 from qwenvl_jax.data.records import DPORecord, SFTRecord, read_jsonl
-from qwenvl_jax.data.synthetic import COLORS, SHAPES, answer, write_shape_task, write_synthetic_data
+from qwenvl_jax.data.synthetic import (
+    COLORS,
+    SHAPES,
+    answer,
+    shape_reward,
+    write_shape_task,
+    write_synthetic_data,
+)
 
 # Compile time dominates a run of a few steps; XLA's cheapest CPU code generation halves it.
 ENV = {
@@ -86,6 +97,69 @@ def test_fast_demo_end_to_end(tmp_path):
     assert "step 8/8" in proc.stderr  # the loop's progress
 
 
+def test_fast_grpo_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    proc = _cli("demo", "--grpo", "--fast", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    settings, phases = report["settings"], report["phases"]
+    assert settings["method"] == "grpo" and phases == ["before", "sft", "grpo", "more_sft"]
+    assert "dpo" not in report and not (out / "dpo").exists()
+    n = settings["num_heldout"]
+    truths = [h["answer"] for h in report["heldout"]]
+    assert len(truths) == n == 8
+
+    # GRPO starts from the SFT model and sees prompts and the reward only.
+    config = json.loads((out / "grpo" / "config.json").read_text())
+    assert config["kind"] == "grpo" and config["rewards"] == ["qwenvl_jax.data.synthetic:shape_reward"]
+    assert config["model"]["path"] == str(out / "sft" / "final")
+    assert config["data"]["paths"] == [str(out / "data" / "grpo.jsonl")]
+    assert config["grpo"]["num_generations"] == settings["grpo_generations"]
+    for run in ("sft", "grpo", "more_sft"):
+        assert (out / run / "final" / "config.json").is_file()
+
+    # The reward curve is the metrics' `reward`, and that is the mean shape_reward of the step's samples
+    # (the fast run logs every step's whole generation batch).
+    grpo = report["grpo"]
+    rows = [json.loads(line) for line in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == grpo["steps"] == settings["grpo_steps"] == report["more_sft"]["steps"]
+    rewards = np.asarray([r["reward"] for r in rows])
+    assert grpo["reward_first"] == pytest.approx(rewards[0])
+    assert grpo["reward_last"] == pytest.approx(rewards[-1])
+    assert grpo["reward_curve"] == pytest.approx([c.mean() for c in np.array_split(rewards, len(rows))])
+    solutions = {json.loads(line)["id"]: json.loads(line)["solution"]
+                 for line in (out / "data" / "grpo.jsonl").read_text().splitlines()}  # fmt: skip
+    samples = [json.loads(line) for line in (out / "grpo" / "completions.jsonl").read_text().splitlines()]
+    per_step = settings["grpo_prompts"] * settings["grpo_generations"]
+    assert len(samples) == per_step * len(rows)
+    for step, row in enumerate(rows, 1):
+        logged = [x for x in samples if x["step"] == step]
+        gold = [solutions[x["id"].split("#")[0]] for x in logged]
+        scores = shape_reward([x["completion"] for x in logged], gold)
+        assert [x["rewards"]["shape_reward"] for x in logged] == pytest.approx(scores)
+        assert np.mean(scores) == pytest.approx(row["reward"])
+
+    # Every held-out figure is what the answers give.
+    ev = report["evaluations"]
+    for phase in phases:
+        answers = ev[phase]["answers"]
+        exact = [a == t for a, t in zip(answers, truths, strict=True)]
+        assert ev[phase]["exact"] == pytest.approx(np.mean(exact))
+        assert ev[phase]["reward"] == pytest.approx(np.mean(shape_reward(answers, truths)))
+    assert ev["before"]["reward"] == 0.0  # a random model names no colour or shape
+
+    lines = proc.stdout.splitlines()
+    exact_row = next(line for line in lines if line.startswith("exact answer"))
+    assert exact_row.split()[2:] == [f"{round(ev[p]['exact'] * n)}/{n}" for p in phases]
+    reward_row = next(line for line in lines if line.startswith("mean reward"))
+    assert reward_row.split()[-4:] == [f"{ev[p]['reward']:.2f}" for p in phases]
+    assert f"training reward {grpo['reward_first']:.3f} -> {grpo['reward_last']:.3f}" in proc.stdout
+    summary = (f"held-out exact answers {round(ev['sft']['exact'] * n)}/{n} -> {round(ev['grpo']['exact'] * n)}/{n}, "
+               f"mean reward {ev['sft']['reward']:.2f} -> {ev['grpo']['reward']:.2f}")  # fmt: skip
+    assert summary in proc.stdout
+    assert f"step {settings['grpo_steps']}/{settings['grpo_steps']}" in proc.stderr
+
+
 def test_demo_out_dir(tmp_path):
     from qwenvl_jax.demo import MARKER, _prepare
 
@@ -108,8 +182,9 @@ def test_demo_out_dir(tmp_path):
 def test_demo_cli_options():
     proc = _cli("demo", "--model", "/nonexistent")
     assert proc.returncode == 2 and "--model applies to the processor demo only" in proc.stderr
-    proc = _cli("demo", "--processor", "--fast")
-    assert proc.returncode == 2 and "--out and --fast apply to the training demo" in proc.stderr
+    for flag in ("--fast", "--grpo"):
+        proc = _cli("demo", "--processor", flag)
+        assert proc.returncode == 2 and "--out, --fast and --grpo apply to the training demo" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------- generator
