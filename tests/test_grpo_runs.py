@@ -40,6 +40,21 @@ def letter_e(completions, **kw):
 """
 
 
+@pytest.fixture
+def generate_calls(monkeypatch):
+    """The keywords of every `generate` call a rollout makes."""
+    import qwenvl_jax.rl.rollout as rl_rollout
+
+    calls, real = [], rl_rollout.generate
+
+    def spy(model, batch, **kw):
+        calls.append(kw)
+        return real(model, batch, **kw)
+
+    monkeypatch.setattr(rl_rollout, "generate", spy)
+    return calls
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("grpo")
@@ -105,25 +120,16 @@ def test_sampler_logprobs_equal_the_training_forward(setup):
     assert mask.sum() == rollouts.lengths.sum()  # every completion token is trained, and nothing else
 
 
-def test_vision_tokens_are_never_sampled(setup, monkeypatch):
+def test_vision_tokens_are_never_sampled(setup, generate_calls):
     """Rollouts hand the engine every vision special token to suppress (the engine's suppression itself
     is tested in test_generation.py), and no completion holds one."""
-    import qwenvl_jax.rl.rollout as rl_rollout
-
     processor, prompts, cfg = setup
     assert suppressed_ids(cfg) == tuple(sorted({cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
                                                 cfg.vision_end_token_id, cfg.vision_token_id}))  # fmt: skip
-    seen = {}
-    real = rl_rollout.generate
-
-    def spy(model, batch, **kw):
-        seen.update(kw)
-        return real(model, batch, **kw)
-
-    monkeypatch.setattr(rl_rollout, "generate", spy)
     left, _ = _specs(processor, 4)
     out, _ = rollout(random_model(cfg, 0), prompts, left, SamplingConfig(num_generations=4, max_completion_length=32),
                      seed=0)  # fmt: skip
+    (seen,) = generate_calls
     assert seen["suppress_token_ids"] == suppressed_ids(cfg) and seen["n"] == 4
     assert not np.isin(out.tokens, suppressed_ids(cfg)).any()
 
@@ -238,19 +244,10 @@ def test_num_iterations_replays_the_generation(tmp_path):
     assert ["reward" in r for r in rows] == [True, False, True, False]
 
 
-def test_rollouts_pass_min_p_and_repetition_penalty(setup, monkeypatch):
-    import qwenvl_jax.rl.rollout as rl_rollout
-
+def test_rollouts_pass_min_p_and_repetition_penalty(setup, generate_calls):
     processor, prompts, cfg = setup
-    seen = {}
-    real = rl_rollout.generate
-
-    def spy(model, batch, **kw):
-        seen.update(kw)
-        return real(model, batch, **kw)
-
-    monkeypatch.setattr(rl_rollout, "generate", spy)
     left, _ = _specs(processor, 4)
     sampling = SamplingConfig(num_generations=2, max_completion_length=4, min_p=0.1, repetition_penalty=1.2)
     rollout(random_model(cfg, 0), prompts, left, sampling, seed=0)
+    (seen,) = generate_calls
     assert seen["min_p"] == 0.1 and seen["repetition_penalty"] == 1.2

@@ -20,7 +20,7 @@ import numpy as np
 
 from qwenvl_jax.processing.batch import IGNORE_INDEX, BatchSpec, collate
 
-_VISION_KEYS = (
+VISION_KEYS = (
     "pixel_values",
     "image_grid_thw",
     "pixel_values_videos",
@@ -65,7 +65,7 @@ def training_examples(
             "input_ids": np.concatenate([prompt_ids, completion]),
             "labels": np.concatenate([ignored, trained]),
         }
-        example.update({k: prompt[k] for k in _VISION_KEYS if prompt.get(k) is not None})
+        example.update({k: prompt[k] for k in VISION_KEYS if prompt.get(k) is not None})
         out.append(example)
     return out
 

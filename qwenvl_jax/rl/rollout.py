@@ -20,15 +20,7 @@ import numpy as np
 
 from qwenvl_jax.generation import generate
 from qwenvl_jax.processing.batch import BatchSpec, collate
-from qwenvl_jax.rl.batch import Rollouts
-
-_VISION_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "pixel_values_videos",
-    "video_grid_thw",
-    "second_per_grid_ts",
-)
+from qwenvl_jax.rl.batch import VISION_KEYS, Rollouts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +58,7 @@ def rollout(
         raise ValueError("rollout prompts are collated left-padded (BatchSpec(padding_side='left'))")
     examples = [
         {"id": p.get("id", i), "input_ids": np.asarray(p["input_ids"]).reshape(-1),
-         **{k: p[k] for k in _VISION_KEYS if p.get(k) is not None}}
+         **{k: p[k] for k in VISION_KEYS if p.get(k) is not None}}
         for i, p in enumerate(prompts)
     ]  # fmt: skip
     batch = collate(examples, spec)

@@ -154,21 +154,29 @@ def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
     for key in ("max_length", "mask_vision_tokens"):
         if data.get(key) is not None:
             options[key] = data[key]
-    workers = int(data.get("worker_count", 0))
-    return make_batches(
-        data_paths(config, run_dir),
-        proc_dir if workers else processor,
-        spec,
-        kind=kind,
+    return make_batches(*_source(config, run_dir, processor, proc_dir), spec, kind=kind, **options,
+                        **_stream_options(config, run_dir))  # fmt: skip
+
+
+def _source(config: dict, run_dir: Path, processor, proc_dir: Path) -> tuple[list[str], Any]:
+    """The data files and the processor (its directory when grain workers load their own)."""
+    workers = int(config["data"].get("worker_count", 0))
+    return data_paths(config, run_dir), proc_dir if workers else processor
+
+
+def _stream_options(config: dict, run_dir: Path) -> dict[str, Any]:
+    """What every training kind's record stream takes from the config: policy, order, workers, the skip
+    log, column renames and the processor's image bounds."""
+    data = config["data"]
+    return dict(
         policy=data.get("policy", "skip"),
         seed=int(config["seed"]),
         shuffle=bool(data.get("shuffle", True)),
         num_epochs=data.get("num_epochs"),
-        worker_count=workers,
+        worker_count=int(data.get("worker_count", 0)),
         skip_log=run_dir / "skipped.jsonl",
         columns=data.get("columns"),
         image_options=image_options(config),
-        **options,
     )
 
 
@@ -178,25 +186,15 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
     from qwenvl_jax.data.prompts import make_prompt_batches
     from qwenvl_jax.train.grpo import grpo_settings, prompt_budgets
 
-    data = config["data"]
     prompts, budget, per_prompt = prompt_budgets(config)
-    workers = int(data.get("worker_count", 0))
     return make_prompt_batches(
-        data_paths(config, run_dir),
-        proc_dir if workers else processor,
+        *_source(config, run_dir, processor, proc_dir),
         prompts_per_batch=prompts,
         max_prompt_length=int(grpo_settings(config)["max_prompt_length"]),
-        policy=data.get("policy", "skip"),
-        seed=int(config["seed"]),
-        shuffle=bool(data.get("shuffle", True)),
-        num_epochs=data.get("num_epochs"),
-        worker_count=workers,
-        skip_log=run_dir / "skipped.jsonl",
-        columns=data.get("columns"),
-        image_options=image_options(config),
-        prompt_suffix=data.get("prompt_suffix") or "",
+        prompt_suffix=config["data"].get("prompt_suffix") or "",
         per_prompt=per_prompt,
         **budget,
+        **_stream_options(config, run_dir),
     )
 
 
