@@ -251,3 +251,31 @@ def test_rollouts_pass_min_p_and_repetition_penalty(setup, generate_calls):
     rollout(random_model(cfg, 0), prompts, left, sampling, seed=0)
     (seen,) = generate_calls
     assert seen["min_p"] == 0.1 and seen["repetition_penalty"] == 1.2
+
+
+def test_reward_mistakes_are_one_line(tmp_path, capsys):
+    """A reward that does not load is a config error (exit 2); one that raises during training under
+    reward_policy: strict stops the run (exit 1) naming the function; neither is a traceback."""
+    from qwenvl_jax.cli import main
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "bad.py").write_text(
+        "def boom(completions, **kw):\n    raise RuntimeError('no answer key')\n"
+    )
+    common = ["train", "--config", str(CONFIG), "--set", "steps=2", "--set", "logging.progress=false"]
+    missing = [*common, "--set", f"run_dir={tmp_path / 'a'}", "--set", "rewards=[no_such_reward]"]
+    assert main(missing) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: rewards: ") and "no_such_reward" in last and "Traceback" not in err
+    raising = [
+        *common,
+        "--set",
+        f"run_dir={tmp_path / 'b'}",
+        "--set",
+        f"rewards=[{tmp_path / 'bad.py'}:boom]",
+    ]
+    assert main(raising) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: step 1: ") and "boom" in last and "Traceback" not in err

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from qwenvl_jax.train.config import GRPO_HOST_KEYS, GrpoSection, grpo_loss_keys
+from qwenvl_jax.train.config import GRPO_HOST_KEYS, ConfigError, GrpoSection, grpo_loss_keys
 
 _RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
 
@@ -134,7 +134,7 @@ class GrpoSource:
 
     def __init__(self, config: dict, processor, prompts, *, run_dir: Path, mesh=None):
         from qwenvl_jax.processing.batch import BatchSpec
-        from qwenvl_jax.rl.rewards import load_rewards
+        from qwenvl_jax.rl.rewards import RewardError, load_rewards
         from qwenvl_jax.rl.rollout import SamplingConfig
 
         g = self.settings = grpo_settings(config)
@@ -166,7 +166,10 @@ class GrpoSource:
             min_p=float(g["min_p"]),
             repetition_penalty=float(g["repetition_penalty"]),
         )
-        self.rewards = load_rewards(config["rewards"], base_dir=Path.cwd())
+        try:
+            self.rewards = load_rewards(config["rewards"], base_dir=Path.cwd())
+        except RewardError as err:  # a name or file the config gives that does not load
+            raise ConfigError(f"rewards: {err}") from None
         weights = g.get("reward_weights")
         self.weights = (
             np.asarray(weights, np.float32)

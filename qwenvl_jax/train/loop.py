@@ -343,15 +343,15 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     model_config = model.config
     proc_dir = processor_dir(config, run_dir)
     processor = Processor.from_pretrained(proc_dir, **image_options(config))
+    mesh = shd.make_mesh(**config["mesh"]) if config["mesh"] is not None else None
     if kind == "grpo":
         from qwenvl_jax.train.grpo import GrpoSource
 
         batches = GrpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir),
-                             run_dir=run_dir, mesh=None)  # fmt: skip
+                             run_dir=run_dir, mesh=mesh)  # fmt: skip
     else:
         batches = _make_batches(config, run_dir, processor, proc_dir)
 
-    mesh = shd.make_mesh(**config["mesh"]) if config["mesh"] is not None else None
     logical_axes = param_logical_axes(model) if mesh is not None else None
     if mesh is not None:
         shd.shard_model(model, mesh)
@@ -395,8 +395,6 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         batches.set_state(restored.data_state)
     start = restored.step if restored is not None else 0
 
-    if mesh is not None and kind == "grpo":
-        batches.mesh = mesh
     extra: tuple = ()
     if frozen_ref:
         # A fresh state holds `initial` itself and the step donates it: copy. A restored one does not.
@@ -456,13 +454,20 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         while step < steps and stop["signal"] is None:
             host: dict[str, Any] = {}
             if kind == "grpo":
+                from qwenvl_jax.rl.rewards import RewardError
+
                 # The current policy generates, from its sampler view (`train.grpo.sampler_view`: compute
                 # dtype, decode layout, made on the devices), dropped before the step donates the state.
-                got = batches.next_step(
-                    lambda params=state.params: view(params),
-                    step + 1,
-                    old_logps=lambda mb, params=state.params: score(params, mb),
-                )
+                try:
+                    got = batches.next_step(
+                        lambda params=state.params: view(params),
+                        step + 1,
+                        old_logps=lambda mb, params=state.params: score(params, mb),
+                    )
+                except RewardError as err:  # a reward function failed under reward_policy: strict
+                    raise TrainingError(
+                        f"step {step + 1}: {err}; the last checkpoint (step {ckpt.latest_step()}) is kept"
+                    ) from None
                 micro = None if got is None else got["micro"]
                 host = {} if got is None else got
             else:
