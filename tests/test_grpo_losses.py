@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import ast
 import functools
-import pathlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trl_vectors import section, vectors
 
 from qwenvl_jax import losses as L
 from qwenvl_jax import losses_rl as R
 
-VECTORS = pathlib.Path(__file__).parent / "data" / "trl_vectors.npz"
 RTOL, ATOL = 2e-5, 2e-6
 MICRO_BATCHES = (
     slice(0, 6),
@@ -38,15 +37,8 @@ EXPECTED_CASES = {
 }
 
 
-@functools.cache
-def vectors():
-    with np.load(VECTORS, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-@functools.cache
 def common():
-    return {k[len("common/grpo/") :]: v for k, v in vectors().items() if k.startswith("common/grpo/")}
+    return section("common/grpo/")
 
 
 def _cases(prefix):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import pathlib
 import re
 
 import jax
@@ -16,18 +15,12 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trl_vectors import VECTORS, vectors
 
 from qwenvl_jax import losses as L
 
-VECTORS = pathlib.Path(__file__).parent / "data" / "trl_vectors.npz"
 RTOL, ATOL = 2e-5, 2e-6
 SFT_TOL = 1e-4
-
-
-@functools.cache
-def vectors():
-    with np.load(VECTORS, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
 
 
 def _cases(prefix):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import collections
 import functools
-import pathlib
 import re
 import types
 
@@ -21,25 +20,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from trl_vectors import section, vectors
 
 from qwenvl_jax import losses as L
 from qwenvl_jax import losses_ppo as P
 
-VECTORS = pathlib.Path(__file__).parent / "data" / "trl_vectors.npz"
 RTOL, ATOL = 2e-5, 2e-6
 PREFIX = "v0221/ppo_replica/"
 EXPECTED_CASES = 4
 
 
-@functools.cache
-def vectors():
-    with np.load(VECTORS, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
-@functools.cache
 def common():
-    return {k[len("common/ppo/") :]: v for k, v in vectors().items() if k.startswith("common/ppo/")}
+    return section("common/ppo/")
 
 
 def _readme(key):
