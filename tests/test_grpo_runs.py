@@ -120,6 +120,54 @@ def test_sampler_logprobs_equal_the_training_forward(setup):
     assert mask.sum() == rollouts.lengths.sum()  # every completion token is trained, and nothing else
 
 
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "float32"])
+def test_lora_sampler_view_applies_the_adapters(setup, base_dtype):
+    """With LoRA the sampler decodes `x W + scale (x A) B`: no merged kernel exists, a base already at the
+    compute dtype is the train state's own arrays (not a copy), and the view's logits and greedy rollouts
+    equal those of the merged model's."""
+    from flax import nnx
+
+    from qwenvl_jax.model.layers import LoraWeight
+    from qwenvl_jax.train import lora as lora_lib
+    from qwenvl_jax.train.grpo import sampler_view
+    from qwenvl_jax.train.state import split_model
+
+    processor, prompts, _ = setup
+    cfg = Qwen25VLConfig.preset("tiny", dtype="bfloat16", param_dtype=base_dtype)
+    graphdef, _, frozen = split_model(random_model(cfg, 0), "lora")
+    lora_cfg = lora_lib.LoraConfig(rank=4, alpha=8.0)
+    adapters = lora_lib.init_lora(frozen, lora_cfg, jax.random.key(1))
+    adapters = {p: {"a": ab["a"], "b": jax.random.normal(jax.random.key(i), ab["b"].shape) * 0.05}
+                for i, (p, ab) in enumerate(adapters.items())}  # fmt: skip
+    make = sampler_view(graphdef, frozen, lora_cfg, dtype="bfloat16")
+    view = make(adapters)
+    flat_frozen = lora_lib.flatten(frozen)
+    kernels = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(view, nnx.Param))}
+    for path in adapters:  # the base kernel as it is, the adapters beside it
+        np.testing.assert_array_equal(np.asarray(kernels[path], np.float32),
+                                      np.asarray(flat_frozen[path].astype(jnp.bfloat16), np.float32))  # fmt: skip
+    assert len(nnx.to_flat_state(nnx.state(view, LoraWeight))) == 2 * len(adapters)
+    if base_dtype == "bfloat16":  # nothing copied: the view reads the frozen arrays themselves
+        assert make.copied_paths == ()
+        assert all(kernels[p] is flat_frozen[p] for p in flat_frozen if p in kernels)
+    else:
+        assert set(make.copied_paths) == set(flat_frozen)
+    # Numbers in float32 (the same weights): the merged model against the applied adapters.
+    cfg32 = Qwen25VLConfig.preset("tiny", dtype="float32", param_dtype="float32")
+    graphdef32 = split_model(random_model(cfg32, 0), "lora")[0]
+    frozen32 = jax.tree.map(lambda x: x.astype(jnp.float32), frozen)
+    merged = nnx.merge(graphdef32, {}, lora_lib.apply_lora(frozen32, adapters, lora_cfg))
+    applied = sampler_view(graphdef32, frozen32, lora_cfg, dtype="float32")(adapters)
+    ids = jnp.asarray(np.arange(3, 40).reshape(1, -1) % cfg.text.vocab_size, jnp.int32)
+    want, got = np.asarray(merged(input_ids=ids)), np.asarray(applied(input_ids=ids))
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    left, _ = _specs(processor, 4)
+    sampling = SamplingConfig(num_generations=2, max_completion_length=8, temperature=0.0)
+    a, _ = rollout(merged, prompts, left, sampling, seed=0)
+    b, _ = rollout(applied, prompts, left, sampling, seed=0)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
 def test_vision_tokens_are_never_sampled(setup, generate_calls):
     """Rollouts hand the engine every vision special token to suppress (the engine's suppression itself
     is tested in test_generation.py), and no completion holds one."""

@@ -325,14 +325,20 @@ def test_grpo_rollout_is_counted():
 
 def test_grpo_rollout_rows_by_mode():
     """Both modes generate from the sampler view: every parameter at the compute dtype (bf16: 2 bytes per
-    parameter), whole along the model width on every device (8xH100 FSDP: the full model per device). The
-    reference copy exists for full fine-tuning with beta > 0 only."""
-    lora = plan(load("grpo_3b_lora_1xh100.yaml"))
+    parameter), whole along the model width on every device (8xH100 FSDP: the full model per device); LoRA
+    adds its adapters, applied, and copies nothing of a base already in bf16. The reference copy exists for
+    full fine-tuning with beta > 0 only."""
+    lora = plan(load("grpo_3b_lora_1xh100.yaml"))  # float32 base: a bf16 cast of it, plus the adapters
     full = plan(load("grpo_3b_8xh100.yaml"))
-    for p in (lora, full):
+    bf16_base = copy.deepcopy(load("grpo_3b_lora_1xh100.yaml"))
+    bf16_base["model"]["param_dtype"] = "bfloat16"
+    bf16_base = plan(bf16_base)
+    for p, want in ((lora, 2 * lora.param_count), (full, 2 * full.param_count), (bf16_base, 0)):
         (view,) = [r for r in p.rows if r.name == "sampler view"]
         assert view.phase == "rollout" and view.exact
-        assert view.bytes == 2 * p.param_count  # no tensor parallelism in these meshes
+        assert p.trainable_count == (full.param_count if p is full else 29933568)
+        adapters = 0 if p is full else 2 * p.trainable_count
+        assert view.bytes == want + adapters, (view.bytes, want, adapters)  # no tensor parallelism here
     assert "reference params" not in {r.name for r in lora.rows}
     (ref,) = [r.bytes for r in full.rows if r.name == "reference params"]
     (params,) = [r.bytes for r in full.rows if r.name == "trainable params"]

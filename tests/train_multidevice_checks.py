@@ -240,7 +240,35 @@ def check_grpo_sampler_view(shape):
             assert "fsdp" not in str(x.sharding.spec), (path, x.sharding.spec)
     got, _ = rollout(viewed, prompts, spec, sampling, seed=0, mesh=mesh)
     np.testing.assert_array_equal(got.tokens, want.tokens)
-    return f"greedy tokens equal one device; {len(nnx_params(viewed))} params in the decode layout"
+    # LoRA: the adapters applied on the mesh; the fsdp-split float32 base is re-laid (and cast) for decode,
+    # the adapters too, and greedy tokens equal one device's view of the same adapters.
+    from qwenvl_jax.model.layers import LoraWeight
+    from qwenvl_jax.train import lora as lora_lib
+
+    lora_cfg = lora_lib.LoraConfig(rank=2, alpha=4.0)
+    model1, _, _ = setup()
+    graphdef, _, frozen1 = split_model(model1, "lora")
+    adapters = lora_lib.init_lora(frozen1, lora_cfg, jax.random.key(1))
+    adapters = {p: {"a": ab["a"], "b": ab["b"] + 0.05} for p, ab in adapters.items()}
+    want, _ = rollout(sampler_view(graphdef, frozen1, lora_cfg, dtype="float32")(adapters), prompts, spec, sampling,
+                      seed=0)  # fmt: skip
+    graphdef, _, frozen = split_model(model, "lora")
+    make = sampler_view(graphdef, frozen, lora_cfg, dtype="float32", mesh=mesh, logical_axes=logical)
+    viewed = make(adapters)
+    fsdp = {p for p, x in lora_lib.flatten(frozen).items() if "fsdp" in str(x.sharding.spec)}
+    assert fsdp and set(make.copied_paths) == fsdp, (len(fsdp), len(make.copied_paths))
+    for path, var in nnx_params(viewed) + [(p, v) for p, v in nnx_vars(viewed, LoraWeight)]:
+        assert "fsdp" not in str(var.get_value().sharding.spec), (path, var.get_value().sharding.spec)
+    got, _ = rollout(viewed, prompts, spec, sampling, seed=0, mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    return (f"greedy tokens equal one device (full and LoRA); {len(nnx_params(viewed))} params in the decode "
+            f"layout, LoRA re-lays {len(fsdp)} fsdp-split base leaves")  # fmt: skip
+
+
+def nnx_vars(model, kind):
+    from flax import nnx
+
+    return [("/".join(map(str, p)), v) for p, v in nnx.to_flat_state(nnx.state(model, kind))]
 
 
 def nnx_params(model):

@@ -48,11 +48,19 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * normed.astype(x_sd.dtype)
 
 
+class LoraWeight(nnx.Variable):
+    """A LoRA factor attached to a `Dense` (`train.lora.attach`): not a Param, so a model's params and its
+    checkpoint never contain it."""
+
+
 class Dense(nnx.Module):
     """`y = x @ kernel (+ bias)` with a 2-D `(in, out)` kernel (a transposed torch Linear weight).
 
     Computes in `dtype` with the kernel and bias cast from `param_dtype`; the output is `dtype`, like a
     torch Linear in a model of that dtype.
+
+    With LoRA factors attached (`lora_a (in, r)`, `lora_b (r, out)`, `lora_scale`: `train.lora.attach`)
+    it adds `lora_scale * (x A) B`, as PEFT's `Linear` does, instead of reading a merged `W + scale A B`.
     """
 
     def __init__(
@@ -74,9 +82,14 @@ class Dense(nnx.Module):
         self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
 
     def __call__(self, x_nd: jax.Array) -> jax.Array:
-        y_nf = jnp.einsum("...d,df->...f", x_nd.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x_nd = x_nd.astype(self.dtype)
+        y_nf = jnp.einsum("...d,df->...f", x_nd, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y_nf = y_nf + self.bias[...].astype(self.dtype)
+        lora_a = getattr(self, "lora_a", None)
+        if lora_a is not None:
+            x_nr = jnp.einsum("...d,dr->...r", x_nd, lora_a[...].astype(self.dtype))
+            y_nf = y_nf + self.lora_scale * jnp.einsum("...r,rf->...f", x_nr, self.lora_b[...].astype(self.dtype))
         return y_nf
 
 

@@ -86,10 +86,15 @@ def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_a
     """`params -> model`: the weights the rollout decodes with, made by one jitted function from the train
     state on the devices (no host round trip), after every optimizer step that precedes a generation.
 
-    Every parameter is cast to the compute dtype, LoRA adapters are merged in, and on a mesh the result is
-    laid out by `sharding.DECODE_RULES`: whole along the model width, split by tensor parallelism only, so
-    a decode step reads its weights where they are instead of re-gathering FSDP shards for every token.
-    The view lives while the generation runs; the memory plan counts it (`plan._sampler_view_bytes`).
+    Every parameter is at the compute dtype and, on a mesh, laid out by `sharding.DECODE_RULES`: whole
+    along the model width, split by tensor parallelism only, so a decode step reads its weights where they
+    are instead of re-gathering FSDP shards for every token.
+
+    With LoRA the adapters are applied, not merged (`lora.attach`: `x W + scale (x A) B`): the view is the
+    frozen base plus the adapters at the compute dtype. A base leaf already at that dtype and in that
+    layout is the train state's own array (no copy: a bfloat16 base on one device costs nothing); only the
+    others are cast or re-laid out. The view lives while the generation runs; the memory plan counts what
+    it copies (`plan._sampler_view_bytes`).
     """
     import jax
     import jax.numpy as jnp
@@ -100,28 +105,49 @@ def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_a
     from qwenvl_jax.train.step import _param_sharding_tree
 
     target = jnp.dtype(dtype)
+    rules = shd.as_rules(shd.DECODE_RULES)
 
     def cast(tree):
         return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
-    def view(params, frozen):
-        if lora_cfg is not None:
-            return {}, cast(lora_lib.apply_lora(frozen, params, lora_cfg))
-        return cast(params), cast(frozen)
+    def layouts(tree, lora: bool):
+        if mesh is None:
+            return None
+        return _param_sharding_tree(jax.eval_shape(cast, tree), logical_axes, mesh, rules, lora)
 
     cache: dict = {}
 
+    if lora_cfg is None:
+
+        def make(params):
+            if "fn" not in cache:
+                shardings = None if mesh is None else (layouts(params, False), layouts(frozen, False))
+                cache["fn"] = jax.jit(lambda p, f: (cast(p), cast(f)), out_shardings=shardings)
+            trainable, rest = cache["fn"](params, frozen)
+            return nnx.merge(graphdef, trainable, rest)
+
+        return make
+
+    flat = lora_lib.flatten(frozen)
+    flat_layout = lora_lib.flatten(layouts(frozen, False)) if mesh is not None else {}
+
+    def as_is(path: str) -> bool:
+        x = flat[path]
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != target:
+            return False
+        return mesh is None or x.sharding.is_equivalent_to(flat_layout[path], x.ndim)
+
+    kept = {p for p in flat if as_is(p)}
+    changed = {p: x for p, x in flat.items() if p not in kept}
     def make(params):
         if "fn" not in cache:
-            shardings = None
-            if mesh is not None:
-                rules = shd.as_rules(shd.DECODE_RULES)
-                out = jax.eval_shape(view, params, frozen)
-                shardings = tuple(_param_sharding_tree(t, logical_axes, mesh, rules, False) for t in out)
-            cache["fn"] = jax.jit(view, out_shardings=shardings)
-        trainable, rest = cache["fn"](params, frozen)
-        return nnx.merge(graphdef, trainable, rest)
+            shardings = None if mesh is None else (layouts(params, True), {p: flat_layout[p] for p in changed})
+            cache["fn"] = jax.jit(lambda adapters, base: (cast(adapters), cast(base)), out_shardings=shardings)
+        adapters, base = cache["fn"](params, changed)
+        base = lora_lib.unflatten({**{p: flat[p] for p in kept}, **base})
+        return lora_lib.attach(nnx.merge(graphdef, {}, base), adapters, lora_cfg)
 
+    make.copied_paths = tuple(sorted(changed))  # what the view holds beside the train state
     return make
 
 

@@ -9,6 +9,10 @@ a stack). The train step builds the effective parameters
 before `nnx.merge`, so the model code is untouched and the backward pass reaches A and B through the
 merge. "LoRA disabled" is simply the base parameters (the DPO reference needs no second copy).
 
+Decoding applies the adapters instead (`attach`): each adapted `Dense` computes `x W + (alpha / r) (x A) B`
+as PEFT does, so the rollout's sampler view reads the base weights as they are and no merged copy of the
+base exists while generating (`train.grpo.sampler_view`).
+
 Initialisation as PEFT: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5)), B = 0, so the
 initial adapted model equals the base model exactly.
 
@@ -138,6 +142,25 @@ def apply_lora(
         return (w.astype(jnp.float32) + delta(lora_params[path], cfg, keys.get(path))).astype(w.dtype)
 
     return map_with_path(one, dict(base_params))
+
+
+def attach(model, lora_params: Mapping[str, Mapping[str, Any]], cfg: LoraConfig):
+    """Attach the adapters to `model` in place (traceable): the `Dense` owning each adapted kernel gets
+    `lora_a`, `lora_b` (as `LoraWeight`s, with the kernel's leading layer axis) and `lora_scale`, and then
+    computes `x W + scale (x A) B` (`model.layers.Dense`). Returns `model`."""
+    from qwenvl_jax.model.layers import Dense, LoraWeight
+
+    for path, ab in lora_params.items():
+        *owner, leaf = path.split("/")
+        module = model
+        for name in owner:
+            module = getattr(module, name)
+        if leaf != "kernel" or not isinstance(module, Dense):
+            raise ValueError(f"LoRA adapter {path!r} does not name the kernel of a Dense layer")
+        module.lora_a = LoraWeight(ab["a"])
+        module.lora_b = LoraWeight(ab["b"])
+        module.lora_scale = cfg.scale
+    return model
 
 
 def merge_lora(

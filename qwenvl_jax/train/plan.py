@@ -26,8 +26,9 @@ Per device, each row of `Plan.rows` in one phase:
   them), the prefill's own keys/values of the P prompts (exact), the prefill's activations (ESTIMATE,
   `prefill_estimate`), the decode logits and sampler (ESTIMATE, `DECODE_LOGIT_COPIES` rows x vocab
   float32 buffers) and the sampler view the generating model reads (`_sampler_view_bytes`, exact: every
-  parameter, LoRA merged in, at the compute dtype, whole along the model width on every device). The state's gradients and batch do not exist yet while generating, so counting them
-  under the rollout is conservative by their size.
+  parameter at the compute dtype, whole along the model width on every device; with LoRA the adapters and
+  whatever part of the base is not already so). The state's gradients and batch do not exist yet while
+  generating, so counting them under the rollout is conservative by their size.
 
 `peak = state + max(backward, update, rollout)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the
 other 10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces, XLA's
@@ -574,23 +575,33 @@ def _cache_rows(rollout: Rollout, model_cfg, mesh) -> list[Row]:
 
 
 def _sampler_view_bytes(setup: AbstractSetup, mesh) -> tuple[int, str]:
-    """The weights the rollout decodes with (`train.grpo.sampler_view`): every parameter (LoRA merged in)
-    at the compute dtype, laid out by `sharding.DECODE_RULES` (whole along the model width, split by
-    tensor parallelism only). Exact."""
+    """The weights the rollout decodes with (`train.grpo.sampler_view`) beside the train state: every
+    parameter at the compute dtype, laid out by `sharding.DECODE_RULES` (whole along the model width, split
+    by tensor parallelism only). With LoRA, the adapters (applied, never merged) and only those base leaves
+    that are not already at the compute dtype in the decode layout: the others are read where they are.
+    Exact."""
     from qwenvl_jax import sharding as shd
     from qwenvl_jax.train import lora as lora_lib
 
-    full = {**lora_lib.flatten(setup.frozen)}
-    if setup.lora_cfg is None:
-        full.update(lora_lib.flatten(setup.state.params))
-    tree = lora_lib.unflatten(full)
-    fractions = _device_fraction_tree(tree, setup.logical_axes, mesh, False, shd.DECODE_RULES)
     itemsize = np.dtype(setup.model_cfg.dtype).itemsize
-    total = sum(
-        int(np.prod(x.shape)) * itemsize * f
-        for x, f in zip(jax_leaves(tree), jax_leaves(fractions), strict=True)
-    )
-    return round(total), f"all params at {setup.model_cfg.dtype}, decode layout (no FSDP split)"
+
+    def view_bytes(tree, lora: bool, *, only_changed: bool = False) -> int:
+        decode = jax_leaves(_device_fraction_tree(tree, setup.logical_axes, mesh, lora, shd.DECODE_RULES))
+        train = jax_leaves(_device_fraction_tree(tree, setup.logical_axes, mesh, lora))
+        total = 0.0
+        for x, f, t in zip(jax_leaves(tree), decode, train, strict=True):
+            if only_changed and np.dtype(x.dtype).itemsize == itemsize and f == t:
+                continue
+            total += int(np.prod(x.shape)) * itemsize * f
+        return round(total)
+
+    if setup.lora_cfg is None:
+        tree = lora_lib.unflatten({**lora_lib.flatten(setup.frozen), **lora_lib.flatten(setup.state.params)})
+        return view_bytes(tree, False), f"all params at {setup.model_cfg.dtype}, decode layout (no FSDP split)"
+    adapters = view_bytes(setup.state.params, True)
+    base = view_bytes(setup.frozen, False, only_changed=True)
+    how = "the base read as it is" if not base else f"a {_size(base).strip()} cast/re-laid copy of the base"
+    return adapters + base, f"adapters applied at {setup.model_cfg.dtype} ({_size(adapters).strip()}), {how}"
 
 
 def jax_leaves(tree):
