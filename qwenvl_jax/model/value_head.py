@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 SCORE = "score"  # the head's key in a params tree (HF: `score.weight`)
+VALUE = "value"  # a PPO state's value-model backbone (full tree or adapters), beside the policy's params
 HEAD_LOGICAL_AXES = ("embed", None)  # the kernel's (hidden, num_labels) axes, for shardings
 INIT_STD = 0.02  # transformers' `initializer_range` default, its init of a missing `score.weight`
 

@@ -3,7 +3,7 @@
 The whole config is checked before anything is built or written, so a typo or a wrong value fails in a
 second with the key, the value and what is allowed, instead of a traceback after minutes of loading:
 
-    kind: sft | dpo | grpo | reward
+    kind: sft | dpo | grpo | reward | ppo
     target: 1xh100                 # hardware of the memory plan (`train.plan`, `--dry-run`): NxH100,
                                    # NxH200, v5p-CORES; not used by the run itself
     run_dir: DIR                   # metrics.jsonl, tensorboard/, loss_curves.png, checkpoints/, final/
@@ -26,7 +26,9 @@ second with the key, the value and what is allowed, instead of a traceback after
     dpo: {loss_type, beta, label_smoothing, reference_free, ...}     # `losses.dpo_objective` keywords
     grpo: {num_generations, max_prompt_length, max_completion_length, temperature, top_p, top_k,
            loss_type, beta, epsilon, scale_rewards, ...}             # sampling + `losses.grpo_loss` keywords
-    rewards: [accuracy_reward, {name: pkg.mod:fn, weight: 0.5}, ...]   # GRPO reward functions
+    ppo: {reward_model, value_init, num_ppo_epochs, num_mini_batches, kl_coef, cliprange, vf_coef, ...}
+                                   # TRL 0.22.1 PPOConfig's names (+ sampling, verl's extensions)
+    rewards: [accuracy_reward, {name: pkg.mod:fn, weight: 0.5}, ...]   # GRPO / PPO reward functions
     reward: {margin: 0.0, center_rewards_coefficient: null, head_init_std: 0.02}   # reward model (DPO pairs)
     checkpoint: {every: 50, keep: 3, async: true}
     max_bad_steps: 10              # stop after this many non-finite (skipped) steps in a row
@@ -70,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "mesh": None,
     "dpo": {},
     "grpo": {},
+    "ppo": {},
     "rewards": None,
     "reward": {},
     "checkpoint": {"every": 50, "keep": 3, "async": True},
@@ -267,6 +270,48 @@ GRPO_HOST_KEYS = ("num_generations", "steps_per_generation", "num_iterations", "
                   "reward_weights", "reward_policy", "log_completions_every", "log_completions_count")  # fmt: skip
 
 
+class PpoSection(_Section):
+    """TRL 0.22.1 `PPOConfig` keys and defaults (`response_length` is `max_completion_length`), the model
+    sources, sampling, and verl's extensions (off by default). Rows per generation batch (TRL's
+    `batch_size`): `batch.batch_size x grad_accum x num_mini_batches`, one completion per prompt."""
+
+    reward_model: str | None = None  # a reward run's final/ or its HF export (`kind: reward`)
+    # The value model's start: the reward model (TRL's default; full fine-tuning), or the policy (a new
+    # head; with LoRA always: a second adapter set on the policy's base).
+    value_init: Literal["reward_model", "policy"] | None = None
+    max_prompt_length: PosInt = 512
+    max_completion_length: PosInt = 53
+    temperature: Annotated[float, Field(gt=0)] = 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_k: NonNegInt = 0
+    min_p: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0)] = 1.0
+    num_ppo_epochs: PosInt = 4
+    num_mini_batches: PosInt = 1
+    kl_coef: Annotated[float, Field(ge=0)] = 0.05
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    cliprange: Annotated[float, Field(gt=0)] = 0.2
+    cliprange_value: Annotated[float, Field(gt=0)] = 0.2
+    vf_coef: Annotated[float, Field(ge=0)] = 0.1
+    gamma: Annotated[float, Field(ge=0, le=1)] = 1.0
+    lam: Annotated[float, Field(ge=0, le=1)] = 0.95
+    whiten_rewards: Bool = False
+    missing_eos_penalty: float | None = None
+    clip_ratio_c: Annotated[float, Field(gt=1)] | None = None  # dual-clip PPO (verl, OpenRLHF)
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                           "seq-mean-token-sum-norm"] = "token-mean"  # fmt: skip
+    kl_target: Annotated[float, Field(gt=0)] | None = None  # adaptive KL controller (arXiv 1909.08593)
+    kl_horizon: PosInt = 10000
+    reward_weights: list[float] | None = None
+    reward_policy: Literal["strict", "skip"] = "strict"
+    log_completions_every: NonNegInt = 10
+    log_completions_count: PosInt = 4
+
+
+# Keys of the ppo section that `losses.ppo_loss` takes (the rest are the loop's).
+PPO_LOSS_KEYS = ("cliprange", "cliprange_value", "vf_coef", "clip_ratio_c", "loss_agg_mode")
+
+
 class RewardSection(_Section):
     """A reward model's objective (`losses.reward_loss`, TRL 1.16 RewardTrainer) and head init."""
 
@@ -295,7 +340,7 @@ class LoggingSection(_Section):
 
 
 class RunConfig(_Section):
-    kind: Literal["sft", "dpo", "grpo", "reward"] = "sft"
+    kind: Literal["sft", "dpo", "grpo", "reward", "ppo"] = "sft"
     target: str | None = None
     run_dir: str
     steps: PosInt = 20
@@ -312,6 +357,7 @@ class RunConfig(_Section):
     mesh: MeshSection | None = None
     dpo: DpoSection
     grpo: GrpoSection
+    ppo: PpoSection
     rewards: list[str | dict[str, Any]] | None = None
     reward: RewardSection
     checkpoint: CheckpointSection
@@ -350,9 +396,13 @@ def _cross_checks(config: dict, given: dict) -> None:
         raise ConfigError(f"a grpo section needs kind: grpo (kind is {kind!r})")
     if given.get("reward") and kind != "reward":
         raise ConfigError(f"a reward section needs kind: reward (kind is {kind!r})")
-    if given.get("rewards") and kind != "grpo":
+    if given.get("ppo") and kind != "ppo":
+        raise ConfigError(f"a ppo section needs kind: ppo (kind is {kind!r})")
+    if given.get("rewards") and kind not in ("grpo", "ppo"):
         hint = " (a reward model's section is `reward:`)" if kind == "reward" else ""
-        raise ConfigError(f"rewards apply to kind: grpo (kind is {kind!r}){hint}")
+        raise ConfigError(f"rewards apply to kind: grpo or ppo (kind is {kind!r}){hint}")
+    if kind == "ppo":
+        _ppo_checks(config)
     if kind == "grpo":
         g = RunConfig.model_fields["grpo"].annotation.model_validate(config["grpo"])
         if not config.get("rewards"):
@@ -393,6 +443,25 @@ def _cross_checks(config: dict, given: dict) -> None:
             f"AdamW moments would be {model['param_dtype']}, where updates of ~1e-5 relative round away. "
             "Use param_dtype: float32 (dtype: bfloat16 keeps bf16 compute), or trainable: lora"
         )
+
+
+def _ppo_checks(config: dict) -> None:
+    p = config["ppo"]
+    if not p.get("reward_model") and not config.get("rewards"):
+        raise ConfigError("kind: ppo needs ppo.reward_model: DIR (a reward run's final/) or rewards: [...], or both")
+    if config["trainable"] not in ("full", "lora"):
+        raise ConfigError(f"kind: ppo trains with trainable: full or lora (got {config['trainable']!r})")
+    if p.get("value_init") == "reward_model":
+        if not p.get("reward_model"):
+            raise ConfigError("ppo.value_init: reward_model needs ppo.reward_model")
+        if config["trainable"] == "lora":
+            raise ConfigError(
+                "ppo.value_init: reward_model with trainable: lora: the value model is a second adapter set "
+                "on the policy's base; use value_init: policy (or trainable: full)"
+            )
+    weights = p.get("reward_weights")
+    if weights is not None and len(weights) != len(config.get("rewards") or []):
+        raise ConfigError(f"ppo.reward_weights has {len(weights)} weights for {len(config.get('rewards') or [])} rewards")
 
 
 # --------------------------------------------------------------------------------------------- YAML
@@ -531,7 +600,7 @@ def resolve(config: dict) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"a config is a mapping, got {type(config).__name__}")
     merged = merge(DEFAULTS, config)
-    for section in ("lora", "optim", "dpo", "grpo", "reward"):  # `lora: null` means an empty section
+    for section in ("lora", "optim", "dpo", "grpo", "ppo", "reward"):  # `lora: null` means an empty section
         if merged.get(section) is None:
             merged[section] = {}
     try:
@@ -540,7 +609,7 @@ def resolve(config: dict) -> dict:
         raise ConfigError(_message(err)) from None
     # The merged dict with each value as the schema coerced it (e.g. "1e-5" -> 1e-05), nothing added.
     out = checked.model_dump(by_alias=True, exclude_unset=True)
-    for section in ("lora", "optim", "dpo", "grpo", "reward"):
+    for section in ("lora", "optim", "dpo", "grpo", "ppo", "reward"):
         out[section] = checked.__getattribute__(section).model_dump(exclude_unset=True)
     _cross_checks(out, config)
     return out

@@ -1,4 +1,4 @@
-"""The training loop: `train(config)` runs (or resumes) an SFT, DPO, GRPO or reward-model run from a config.
+"""The training loop: `train(config)` runs (or resumes) an SFT, DPO, GRPO, reward-model or PPO run from a config.
 
 The config schema, defaults and validation are in `qwenvl_jax.train.config`. A run directory holds:
 
@@ -28,6 +28,11 @@ without one everything runs on the default device.
 Reward (`train.reward_step`): DPO pair records and batches, the backbone plus the scalar head `score`
 (`model.value_head`); `final/` holds both (the head as `score/kernel`), which `qwenvl-jax export` writes
 as an HF sequence classifier and `qwenvl_jax.reward_model.load_reward_model` loads back.
+
+PPO (`train.ppo`, `train.ppo_step`): prompt records as GRPO's; the state holds the policy and the value
+model (its backbone under `"value"`, its head under `"score"`); the reference is the adapter-free base
+with LoRA, else a frozen copy of the initial policy; the reward model (`ppo.reward_model`) is loaded frozen
+at the compute dtype. `final/` holds the policy.
 
 DPO: the reference is the LoRA-disabled base with `trainable: lora` (no second copy of the weights),
 nothing with `dpo.reference_free`, and otherwise a frozen copy of the initial trainable parameters (the
@@ -106,9 +111,9 @@ def data_paths(config: dict, run_dir: Path) -> list[str]:
         from qwenvl_jax.data import synthetic
 
         num, seed = int(data["synthetic"]), int(config["seed"])
-        if config["kind"] in ("dpo", "grpo", "reward"):
+        if config["kind"] in ("dpo", "grpo", "reward", "ppo"):
             task = synthetic.write_shape_task(run_dir / "data", num_train=num, num_heldout=1, seed=seed)
-            return [str(task.grpo if config["kind"] == "grpo" else task.dpo)]
+            return [str(task.grpo if config["kind"] in ("grpo", "ppo") else task.dpo)]
         return [str(synthetic.write_synthetic_data(run_dir / "data", num, seed=seed))]
     paths = data.get("paths")
     if not paths:
@@ -181,16 +186,22 @@ def _stream_options(config: dict, run_dir: Path) -> dict[str, Any]:
 
 
 def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
-    """GRPO's prompt iterator: P prompts per step within the generation batch's vision budget, each
-    within a row's share of the training micro-batch's (`train.grpo.prompt_budgets`)."""
+    """GRPO's and PPO's prompt iterator: P prompts per generation within its vision budget, each within a
+    row's share of the training micro-batch's (`train.grpo.prompt_budgets`, `train.ppo.prompt_budgets`)."""
     from qwenvl_jax.data.prompts import make_prompt_batches
-    from qwenvl_jax.train.grpo import grpo_settings, prompt_budgets
+
+    if config["kind"] == "ppo":
+        from qwenvl_jax.train.ppo import ppo_settings as settings
+        from qwenvl_jax.train.ppo import prompt_budgets
+    else:
+        from qwenvl_jax.train.grpo import grpo_settings as settings
+        from qwenvl_jax.train.grpo import prompt_budgets
 
     prompts, budget, per_prompt = prompt_budgets(config)
     return make_prompt_batches(
         *_source(config, run_dir, processor, proc_dir),
         prompts_per_batch=prompts,
-        max_prompt_length=int(grpo_settings(config)["max_prompt_length"]),
+        max_prompt_length=int(settings(config)["max_prompt_length"]),
         prompt_suffix=config["data"].get("prompt_suffix") or "",
         per_prompt=per_prompt,
         **budget,
@@ -200,18 +211,66 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
 
 def full_params(state, frozen, lora_cfg) -> dict[str, Any]:
     """Flat `{"a/b/c": array}` of the whole model: trainable + frozen, or the base with LoRA merged; a
-    reward model's head as `score/kernel`."""
-    from qwenvl_jax.model.value_head import SCORE
+    reward model's head as `score/kernel`; of a PPO state, the policy only."""
+    from qwenvl_jax.model.value_head import SCORE, VALUE
     from qwenvl_jax.train import lora as lora_lib
 
     params = state.params
     head = {}
+    if VALUE in params:
+        params = {k: v for k, v in params.items() if k not in (VALUE, SCORE)}
     if SCORE in params:
         head = lora_lib.flatten({SCORE: params[SCORE]})
         params = {k: v for k, v in params.items() if k != SCORE}
     if lora_cfg is not None:
         return {**lora_lib.merge_lora(frozen, params, lora_cfg), **head}
     return {**lora_lib.flatten(frozen), **lora_lib.flatten(params), **head}
+
+
+def _ppo_models(config: dict, model, mesh) -> tuple[Any, dict[str, Any]]:
+    """PPO's reward model, `(graphdef, params at the compute dtype, head)` or None, and the value model's
+    start for `ppo_step.init_ppo_state` (`value_init`: `{"value_init": its backbone, "head": its head}` when
+    it starts from the reward model, TRL's default with full fine-tuning; `{}` from the policy)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.safetensors_io import CheckpointError
+    from qwenvl_jax.train.ppo import ppo_settings
+    from qwenvl_jax.train.state import split_model
+    from qwenvl_jax.weights import CheckpointMismatchError
+
+    s = ppo_settings(config)
+    path = s["reward_model"]
+    if not path:
+        return None, {}
+    value_init = s["value_init"] or ("reward_model" if config["trainable"] == "full" else "policy")
+    keep = value_init == "reward_model"  # its float32 backbone starts the value model
+    dtype = model.config.dtype
+    _say(f"loading reward model: {path}")
+    from qwenvl_jax.reward_model import load_reward_model
+
+    try:
+        rm, head = load_reward_model(path, dtype=dtype, param_dtype=model.config.param_dtype if keep else dtype)
+    except (CheckpointError, CheckpointMismatchError, FileNotFoundError) as err:
+        raise ConfigError(f"ppo.reward_model: {err}") from None
+    if mesh is not None:
+        shd.shard_model(rm, mesh)
+    graphdef, backbone, _ = split_model(rm, "full")
+    value_start = {}
+    if keep:
+        mine = jax.tree.map(lambda x: x.shape, split_model(model, "full")[1])
+        theirs = jax.tree.map(lambda x: x.shape, backbone)
+        if mine != theirs:
+            raise ConfigError(
+                f"ppo.reward_model {path}: not the policy's architecture, so the value model cannot start from "
+                "it; set ppo.value_init: policy"
+            )
+        value_start = {"value_init": jax.tree.map(lambda x: x.copy(), backbone), "head": head}
+    params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), backbone)
+    del rm, backbone
+    return (graphdef, params, head), value_start
 
 
 class _Steps:
@@ -349,6 +408,11 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
 
         batches = GrpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir),
                              run_dir=run_dir, mesh=mesh)  # fmt: skip
+    elif kind == "ppo":
+        from qwenvl_jax.train.ppo import PpoSource
+
+        batches = PpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir), run_dir=run_dir,
+                            eos_token_id=model_config.eos_token_id[0], mesh=mesh)  # fmt: skip
     else:
         batches = _make_batches(config, run_dir, processor, proc_dir)
 
@@ -368,6 +432,13 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         head_std = float(config["reward"].get("head_init_std", reward_step.INIT_STD))
         abstract_train_state = functools.partial(reward_step.abstract_reward_state, head_init_std=head_std)
         init_train_state = functools.partial(reward_step.init_reward_state, head_init_std=head_std)
+    reward = None  # PPO's reward model: (graphdef, params at the compute dtype, head)
+    if kind == "ppo":
+        from qwenvl_jax.train import ppo_step
+
+        reward, value_start = _ppo_models(config, model, mesh)
+        abstract_train_state = ppo_step.abstract_ppo_state
+        init_train_state = functools.partial(ppo_step.init_ppo_state, **value_start)
     graphdef, abstract, frozen, tx = abstract_train_state(
         model, optim_cfg, trainable, lora_cfg, seed, train_merger=train_merger
     )
@@ -378,7 +449,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         keep=int(ck.get("keep", 3)),
         async_save=bool(ck.get("async", True)),
     )
-    needs_ref = {"dpo": not config["dpo"].get("reference_free"), "grpo": bool(config["grpo"].get("beta"))}
+    needs_ref = {"dpo": not config["dpo"].get("reference_free"), "grpo": bool(config["grpo"].get("beta")),
+                 "ppo": True}  # fmt: skip
     frozen_ref = lora_cfg is None and needs_ref.get(kind, False)
     # The initial policy (DPO's frozen reference): the model's own trainable arrays.
     initial = split_model(model, trainable, train_merger=train_merger)[1] if frozen_ref else None
@@ -406,6 +478,23 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     elif kind == "reward":
         step_kw = {"pad_token_id": int(processor.pad_token_id), "margin": float(config["reward"].get("margin", 0.0)),
                    "center_rewards_coefficient": config["reward"].get("center_rewards_coefficient")}  # fmt: skip
+    elif kind == "ppo":
+        from qwenvl_jax.train.grpo import sampler_view
+        from qwenvl_jax.train.ppo import ppo_step_kw
+        from qwenvl_jax.train.ppo_step import score_fn as ppo_score_fn
+        from qwenvl_jax.train.ppo_step import split_ppo
+
+        step_kw = ppo_step_kw(config)
+        batches.truncate_log(start)
+        ppo_ref = extra[0] if extra else None
+        extra = ()  # the reference enters the scoring pass only, never the train step
+        score = jax.jit(ppo_score_fn(
+            graphdef, frozen, lora_cfg=lora_cfg, temperature=step_kw["temperature"], chunk_size=step_kw["chunk_size"],
+            reward_graphdef=None if reward is None else reward[0], pad_token_id=int(processor.pad_token_id),
+        ))  # fmt: skip
+        reward_args = None if reward is None else (reward[1], reward[2])
+        view = sampler_view(graphdef, frozen, lora_cfg, dtype=model_config.dtype, mesh=mesh,
+                            logical_axes=logical_axes)  # fmt: skip
     elif kind == "grpo":
         from qwenvl_jax.train.grpo import grpo_step_kw
         from qwenvl_jax.train.grpo_step import score_fn
@@ -453,7 +542,22 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     try:
         while step < steps and stop["signal"] is None:
             host: dict[str, Any] = {}
-            if kind == "grpo":
+            if kind == "ppo":
+                from qwenvl_jax.rl.rewards import RewardError
+
+                try:
+                    got = batches.next_step(
+                        lambda params=state.params: view(split_ppo(params)[0]),
+                        lambda mb, params=state.params: score(params, ppo_ref, reward_args, mb),
+                        step + 1,
+                    )
+                except RewardError as err:
+                    raise TrainingError(
+                        f"step {step + 1}: {err}; the last checkpoint (step {ckpt.latest_step()}) is kept"
+                    ) from None
+                micro = None if got is None else got["micro"]
+                host = {} if got is None else got
+            elif kind == "grpo":
                 from qwenvl_jax.rl.rewards import RewardError
 
                 # The current policy generates, from its sampler view (`train.grpo.sampler_view`: compute
@@ -503,7 +607,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
             if host:
                 row.update(host["metrics"])
                 row["time/train_s"] = row["time_s"]
-                row["time_s"] += sum(row.get(f"time/{k}_s", 0.0) for k in ("rollout", "reward", "old_logps"))
+                row["time_s"] += sum(row.get(f"time/{k}_s", 0.0)
+                                     for k in ("rollout", "reward", "old_logps", "score", "advantages"))  # fmt: skip
             logger.log(row)
             if not row.get("params_finite", 1):
                 last = ckpt.latest_step()

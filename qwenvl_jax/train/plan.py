@@ -386,7 +386,7 @@ def abstract_setup(config: dict) -> AbstractSetup:
 def _device_fraction_tree(params, logical_axes, mesh, lora: bool, table=None):
     """Per leaf: the fraction of its elements one device holds under `table` (default `DEFAULT_RULES`)."""
     from qwenvl_jax import sharding as shd
-    from qwenvl_jax.model.value_head import HEAD_LOGICAL_AXES, SCORE
+    from qwenvl_jax.model.value_head import HEAD_LOGICAL_AXES, SCORE, VALUE
     from qwenvl_jax.train import lora as lora_lib
     from qwenvl_jax.train.optim import map_with_path
 
@@ -394,6 +394,8 @@ def _device_fraction_tree(params, logical_axes, mesh, lora: bool, table=None):
     sizes = dict(mesh.shape)
 
     def one(path, x):
+        if path.split("/", 1)[0] == VALUE:  # a PPO value model: laid out like the policy's own leaf
+            path = path.split("/", 1)[1]
         if path.split("/", 1)[0] == SCORE:  # a reward model's head (as `train.step` shards it)
             axes = HEAD_LOGICAL_AXES
         else:

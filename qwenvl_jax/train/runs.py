@@ -35,8 +35,10 @@ def absolute(path: str | os.PathLike) -> str:
 
 
 def resolve_paths(config: dict) -> dict:
-    """The resolved config with run_dir, model.path, processor and data.paths absolute."""
+    """The resolved config with run_dir, model.path, processor, data.paths and ppo.reward_model absolute."""
     config = {**config, "model": dict(config["model"]), "data": dict(config["data"])}
+    if (config.get("ppo") or {}).get("reward_model"):
+        config["ppo"] = {**config["ppo"], "reward_model": absolute(config["ppo"]["reward_model"])}
     config["run_dir"] = absolute(config["run_dir"])
     if config["model"].get("path"):
         config["model"]["path"] = absolute(config["model"]["path"])
@@ -59,6 +61,9 @@ def check_inputs(config: dict) -> None:
     for path in config["data"].get("paths") or []:
         if not Path(path).is_file():
             raise ConfigError(f"data.paths: {path}: no such file")
+    reward_model = (config.get("ppo") or {}).get("reward_model")
+    if reward_model and not Path(reward_model).is_dir():
+        raise ConfigError(f"ppo.reward_model {reward_model}: no such checkpoint directory")
     run_dir = Path(config["run_dir"])
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} exists and is not a directory")
@@ -128,11 +133,11 @@ class RunLock:
 # makes the resumed data stream differ from the one the checkpoint's iterator position refers to.
 STRUCTURE_KEYS = (
     "kind", "trainable", "train_merger", "model.path", "model.preset", "model.random_seed",
-    "model.param_dtype", "lora", "optim.max_grad_norm",
+    "model.param_dtype", "lora", "optim.max_grad_norm", "ppo.reward_model", "ppo.value_init",
 )  # fmt: skip
 DATA_ORDER_KEYS = ("seed", "data.paths", "data.synthetic", "data.shuffle", "data.num_epochs", "data.max_length",
                    "data.columns", "data.prompt_suffix", "data.min_pixels", "data.max_pixels", "grpo.num_generations", "grpo.steps_per_generation", "grpo.num_iterations",
-                   "grpo.max_prompt_length",
+                   "grpo.max_prompt_length", "ppo.num_mini_batches", "ppo.num_ppo_epochs", "ppo.max_prompt_length",
                    "batch", "grad_accum")  # fmt: skip
 # Where the run's outputs go or how they are shown: never worth a word.
 QUIET_KEYS = ("run_dir", "logging")

@@ -302,9 +302,11 @@ def dpo_step(
 
 
 def _param_sharding_tree(params, logical_axes, mesh, rules, lora: bool):
-    from qwenvl_jax.model.value_head import HEAD_LOGICAL_AXES, SCORE
+    from qwenvl_jax.model.value_head import HEAD_LOGICAL_AXES, SCORE, VALUE
 
     def one(path, x):
+        if path.split("/", 1)[0] == VALUE:  # a PPO value model: laid out like the policy's own leaf
+            path = path.split("/", 1)[1]
         if path.split("/", 1)[0] == SCORE:  # a reward model's head: not a Param of the model
             axes = HEAD_LOGICAL_AXES
         else:
@@ -363,8 +365,8 @@ def make_train_step(
 ) -> Callable:
     """`sft_step` (`kind="sft"`: `(state, frozen, batch, num_items_in_batch)`), `dpo_step` (`"dpo"`:
     `(state, frozen, batch[, ref_params])`), `grpo_step` (`"grpo"`: `(state, frozen, batch,
-    num_items_in_batch[, ref_params])`) or `reward_step.reward_step` (`"reward"`: `(state, frozen,
-    batch)`) jitted once, with the state donated.
+    num_items_in_batch[, ref_params])`), `reward_step.reward_step` (`"reward"`: `(state, frozen,
+    batch)`) or `ppo_step.ppo_step` (`"ppo"`: `(state, frozen, batch)`) jitted once, with the state donated.
 
     With `mesh`, `state`, `frozen`, `batch` (arrays or ShapeDtypeStructs of the real shapes) and
     `logical_axes` (`state.param_logical_axes(model)`) are needed for the explicit shardings:
@@ -386,8 +388,12 @@ def make_train_step(
         from qwenvl_jax.train.reward_step import reward_step
 
         fn = functools.partial(reward_step, graphdef=graphdef, tx=tx, lora_cfg=lora_cfg, **step_kw)
+    elif kind == "ppo":
+        from qwenvl_jax.train.ppo_step import ppo_step
+
+        fn = functools.partial(ppo_step, graphdef=graphdef, tx=tx, lora_cfg=lora_cfg, **step_kw)
     else:
-        raise ValueError(f"kind must be 'sft', 'dpo', 'grpo' or 'reward', got {kind!r}")
+        raise ValueError(f"kind must be 'sft', 'dpo', 'grpo', 'reward' or 'ppo', got {kind!r}")
     if mesh is None:
         return jax.jit(fn, donate_argnums=0)
     if state is None or frozen is None or batch is None or logical_axes is None:
@@ -403,7 +409,7 @@ def make_train_step(
     state_sh = state_shardings(state, tx, logical_axes, mesh, rules, lora=lora_cfg is not None)
     frozen_sh = _param_sharding_tree(frozen, logical_axes, mesh, rules, False)
     batch_sh = batch_shardings(batch, mesh, rules)
-    if kind in ("dpo", "reward"):
+    if kind in ("dpo", "reward", "ppo"):
         in_sh = (state_sh, frozen_sh, batch_sh)
     else:  # sft and grpo take the host's token count (num_items_in_batch)
         in_sh = (state_sh, frozen_sh, batch_sh, rep)
