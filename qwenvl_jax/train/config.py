@@ -304,7 +304,7 @@ class PpoSection(_Section):
     kl_horizon: PosInt = 10000
     reward_weights: list[float] | None = None
     reward_policy: Literal["strict", "skip"] = "strict"
-    log_completions_every: NonNegInt = 10
+    log_completions_every: NonNegInt = 10  # generation batches between samples in completions.jsonl
     log_completions_count: PosInt = 4
 
 

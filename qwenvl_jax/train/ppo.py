@@ -279,8 +279,8 @@ class PpoSource:
         metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/score_s": t3 - t2,
                         "time/advantages_s": t4 - t3, "time/prefill_s": timing["prefill_s"],
                         "time/decode_s": timing["decode_s"]})  # fmt: skip
-        every = int(s["log_completions_every"])
-        if every and (step % every == 0 or step == 1):
+        every = int(s["log_completions_every"])  # in generation batches
+        if every and ((step - 1) // self.per_generation) % every == 0:
             self._log_samples(step, prompts, texts, scores, np.asarray(out["advantages"]))
         return metrics
 
