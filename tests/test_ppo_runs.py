@@ -229,11 +229,17 @@ def test_reward_model_scores_and_starts_the_value_model(setup, tmp_path):
         if n < src.T and out.completion(r)[-1] != processor.pad_token_id:
             np.testing.assert_allclose(float(got["values"][r, n]), float(got["scores"][r]), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(got["scores"])).max() > 0
+    # Through the loop, scored by the reward model alone, over two generation batches.
+    run, rows = _ppo(tmp_path / "loop", 5, "rewards=null", f"ppo.reward_model={rm_dir / 'final'}")
+    gens = [r for r in rows if "objective/scores" in r]
+    assert [r["step"] for r in gens] == [1, 5] and all(np.isfinite(r["objective/scores"]) for r in gens)
+    assert gens[0]["objective/scores"] != 0.0 and (run / "final").is_dir()
 
 
 def _ppo(tmp_path, steps, *sets):
     from qwenvl_jax.train.loop import load_config, train
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "rew.py").write_text(LETTER_E)
     over = [f"run_dir={tmp_path / 'run'}", f"steps={steps}", f"rewards=[{tmp_path / 'rew.py'}:letter_e]",
             *QUIET, *sets]  # fmt: skip

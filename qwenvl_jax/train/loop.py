@@ -267,7 +267,9 @@ def _ppo_models(config: dict, model, mesh) -> tuple[Any, dict[str, Any]]:
                 f"ppo.reward_model {path}: not the policy's architecture, so the value model cannot start from "
                 "it; set ppo.value_init: policy"
             )
-        value_start = {"value_init": jax.tree.map(lambda x: x.copy(), backbone), "head": head}
+        # Copies: the train state is donated to the step, the reward model's arrays must outlive it.
+        value_start = {"value_init": jax.tree.map(lambda x: x.copy(), backbone),
+                       "head": jax.tree.map(lambda x: x.copy(), head)}  # fmt: skip
     params = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), backbone)
     del rm, backbone
     return (graphdef, params, head), value_start
