@@ -295,6 +295,19 @@ CHECKS = {
         optim={"learning_rate": 1e-2, "schedule": "constant", "eps": 1.0},
     ),
     "grpo_sampler_view_1x2x4": functools.partial(check_grpo_sampler_view, (1, 2, 4)),
+    # PPO on the mesh: rollouts from the sampler view, the scoring pass and the step (policy and value
+    # adapters) sharded; two generation batches equal one device's.
+    "loop_ppo_lora_1x4x2": functools.partial(
+        check_loop_mesh,
+        (1, 4, 2),
+        kind="ppo",
+        trainable="lora",
+        lora={"rank": 4, "alpha": 8.0},
+        rewards=["qwenvl_jax.data.synthetic:shape_reward"],
+        ppo={"max_prompt_length": 80, "max_completion_length": 8, "num_ppo_epochs": 1, "temperature": 1.0},
+        batch={"batch_size": 4, "seq_buckets": [96], "image_patches": 128, "max_images": 8},
+        optim={"learning_rate": 1e-2, "schedule": "constant", "eps": 1.0},
+    ),
 }
 
 
