@@ -2,10 +2,10 @@
 
 Every train config (a YAML file with a `kind`) loads, plans, names the HF parameter count of its preset,
 has a mesh of its target's size and rows that split over it, and fits its target's memory with the
-plan's headroom (peak estimate <= 90% of HBM, see `plan.USABLE_FRACTION`); a GRPO config's generation
-phase (KV cache, prefill, decode logits, LoRA's merged kernels) is part of that peak. Every config's
-real train step is traced at full size with `jax.eval_shape` (about 2 s per config on CPU). Configs
-that cannot fit are reported as not fitting.
+plan's headroom (peak estimate <= 90% of HBM, see `plan.USABLE_FRACTION`); a GRPO or PPO config's
+generation phase (KV cache, prefill, decode logits, the sampler view) and PPO's scoring pass are part of
+that peak. Every config's real train step is traced at full size with `jax.eval_shape` (about 2 s per
+config on CPU). Configs that cannot fit are reported as not fitting.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import copy
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
@@ -42,7 +43,10 @@ EXPECTED = [
     "dpo_3b_1xh100.yaml", "dpo_7b_8xh100.yaml", "dpo_7b_v5p8.yaml", "sft_3b_1xh100.yaml",
     "sft_3b_8xh100.yaml", "sft_7b_1xh100.yaml", "sft_7b_8xh100.yaml", "sft_7b_v5p8.yaml",
     "grpo_3b_lora_1xh100.yaml", "grpo_3b_8xh100.yaml", "grpo_7b_8xh100.yaml", "grpo_7b_v5p8.yaml",
+    "ppo_3b_lora_1xh100.yaml", "ppo_7b_8xh100.yaml",
 ]  # fmt: skip
+# Rank 16 on the 7 text projections of the 3B (grpo_3b_lora_1xh100's and ppo_3b_lora_1xh100's LoRA).
+ADAPTERS_3B = 29_933_568
 
 
 def load(name: str) -> dict:
@@ -50,15 +54,17 @@ def load(name: str) -> dict:
 
 
 def holds_reference(config: dict) -> bool:
-    """A second full param tree: DPO and GRPO with beta > 0, both without LoRA (train.loop's rule)."""
+    """A second full param tree: DPO, GRPO with beta > 0 and PPO, all without LoRA (train.loop's rule)."""
     if config["trainable"] == "lora":
         return False
-    return config["kind"] == "dpo" or (config["kind"] == "grpo" and config["grpo"].get("beta", 0) > 0)
+    kind = config["kind"]
+    return kind in ("dpo", "ppo") or (kind == "grpo" and config["grpo"].get("beta", 0) > 0)
 
 
 def test_the_config_set():
     assert set(EXPECTED) <= set(TRAIN_CONFIGS)
-    assert {"sft_tiny_cpu.yaml", "dpo_tiny_cpu.yaml", "grpo_tiny_cpu.yaml"} <= set(TRAIN_CONFIGS)
+    tiny = {"sft_tiny_cpu.yaml", "dpo_tiny_cpu.yaml", "grpo_tiny_cpu.yaml", "ppo_tiny_cpu.yaml"}
+    assert tiny <= set(TRAIN_CONFIGS)
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -77,8 +83,19 @@ def test_config_plans_and_fits(name):
         assert p.rollout.cache_slots == -(-(g["max_prompt_length"] + g["max_completion_length"]) // 128) * 128
         assert p.phase_bytes("rollout") > 0 and "rollout (per device)" in table
         assert p.peak_bytes >= p.state_bytes + p.phase_bytes("rollout")
+    elif config["kind"] == "ppo":
+        # One completion for each of batch_size x grad_accum x num_mini_batches prompts; the scoring pass
+        # (forward only) is planned and stays below the forward/backward of the same micro-batch.
+        g = config["ppo"]
+        prompts = config["batch"]["batch_size"] * config.get("grad_accum", 1) * g.get("num_mini_batches", 1)
+        assert (p.rollout.prompts, p.rollout.num_generations, p.rollout.rows) == (prompts, 1, prompts)
+        assert p.rollout.cache_slots == -(-(g["max_prompt_length"] + g["max_completion_length"]) // 128) * 128
+        assert p.phase_bytes("rollout") > 0 and "rollout (per device)" in table
+        assert 0 < p.phase_bytes("scoring") < p.phase_bytes("backward") and "scoring (per device)" in table
+        assert p.peak_bytes >= p.state_bytes + max(p.phase_bytes("rollout"), p.phase_bytes("backward"))
     else:
         assert p.rollout is None and p.phase_bytes("rollout") == 0
+        assert p.phase_bytes("scoring") == 0 and "scoring" not in table
     preset = config["model"]["preset"]
     if preset in HF_PARAMS:
         assert not Path(config["model"]["path"]).exists()  # a placeholder: the plan read the preset
@@ -93,15 +110,20 @@ def test_config_plans_and_fits(name):
     assert p.fits and p.peak_bytes <= plan_lib.USABLE_FRACTION * target.chip.memory_bytes
     assert "FITS" in table and "DOES NOT FIT" not in table
     # Full fine-tuning with AdamW: param + gradient + mu + nu in float32 = 16 bytes per param (20 with
-    # the DPO/GRPO reference copy) split over the devices; FSDP leaves only norms and biases replicated.
+    # the DPO/GRPO/PPO reference copy) split over the devices; FSDP leaves only norms and biases
+    # replicated. PPO adds the value model's 16 and the reward model at the compute dtype (bf16: 38).
     if config["trainable"] == "full":
         per_param = 20 if holds_reference(config) else 16
+        if config["kind"] == "ppo":
+            reward = jnp.dtype(config["model"]["dtype"]).itemsize if config["ppo"].get("reward_model") else 0
+            per_param += 16 + reward
         even = per_param * p.param_count / p.num_devices
         state = sum(r.bytes for r in p.rows if r.phase == "state" and r.name != "batch inputs")
         assert even <= state <= 1.005 * even, (state, even)
     else:
         assert config["trainable"] == "lora"
-        assert p.trainable_count < 0.01 * p.param_count
+        sets = 2 if config["kind"] == "ppo" else 1  # PPO: the policy's and the value model's adapters
+        assert p.trainable_count < sets * 0.01 * p.param_count
 
 
 @pytest.mark.parametrize("name", TRAIN_CONFIGS)
@@ -114,6 +136,7 @@ def test_step_shapes_at_full_size(name):
     assert ("rewards/margins" in check.metrics) == (config["kind"] == "dpo")
     assert ("label_tokens" in check.metrics) == (config["kind"] == "sft")
     assert ("clip_ratio/region_mean" in check.metrics) == (config["kind"] == "grpo")
+    assert ("loss/value_avg" in check.metrics) == (config["kind"] == "ppo")
     if config["kind"] == "grpo":  # the KL term needs the reference (a frozen copy, or the LoRA-free base)
         assert ("kl" in check.metrics) == (config["grpo"].get("beta", 0) > 0)
     backend = config["model"].get("attention_backend", "xla")
@@ -254,6 +277,9 @@ def test_cli_dry_run(capsys):
     assert main(["train", "--config", str(CONFIG_DIR / "grpo_3b_lora_1xh100.yaml"), "--dry-run"]) == 0
     out = capsys.readouterr().out  # the resolved config (every grpo default filled in) plans alike
     assert "rollout (per device)" in out and "KV cache" in out and "-> FITS" in out
+    assert main(["train", "--config", str(CONFIG_DIR / "ppo_3b_lora_1xh100.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "scoring (per device)" in out and "reward model" in out and "-> FITS" in out
 
 
 # ------------------------------------------------------------------------------------------- GRPO
@@ -359,3 +385,80 @@ def test_grpo_generation_batch_problems_are_reported():
     assert any(
         "12 completions per generation batch are not a multiple of num_generations 8" in s for s in problems
     )
+
+
+# -------------------------------------------------------------------------------------------- PPO
+
+
+def test_ppo_plan_rows(tmp_path):
+    """Full PPO holds the policy and the value model as trainable float32 trees (twice GRPO's params,
+    gradients and AdamW moments, plus the value head), the initial policy as the reference and the reward
+    model at the compute dtype; LoRA PPO holds two adapter sets and the head on one base, no reference
+    copy, and its sampler view reads the policy's adapters only. Per micro-batch the forward/backward is
+    twice SFT's (two models' activations, two adapter sets merged); the scoring pass stays below it."""
+    full = plan(load("ppo_7b_8xh100.yaml"))
+    grpo = plan(load("grpo_7b_8xh100.yaml"))  # the same model, mesh and optimizer, one trainable tree
+    rows, grpo_rows = {r.name: r.bytes for r in full.rows}, {r.name: r.bytes for r in grpo.rows}
+    hidden = Qwen25VLConfig.preset("7B").text.hidden_size
+    assert full.trainable_count == 2 * full.param_count + hidden
+    # The head (hidden, 1) is split like the model width: fsdp 8.
+    assert rows["trainable params"] == 2 * grpo_rows["trainable params"] + hidden * 4 // 8
+    assert rows["gradients"] == rows["update temporaries"] == rows["trainable params"]
+    counts = grpo_rows["optimizer state"] - 2 * grpo_rows["trainable params"]  # AdamW's step counts
+    assert rows["optimizer state"] == 2 * rows["trainable params"] + counts
+    assert rows["reference params"] == grpo_rows["reference params"]  # the policy alone, float32
+    assert rows["frozen params"] == 0
+    # The reward model: every param in bf16, laid out like the float32 reference; its head whole.
+    assert rows["reward model"] == rows["reference params"] // 2 + hidden * 4
+    one = plan({**load("ppo_7b_8xh100.yaml"), "mesh": None, "target": None})
+    (reward,) = [r.bytes for r in one.rows if r.name == "reward model"]
+    assert reward == 2 * HF_PARAMS["7B"] + 4 * hidden
+    assert rows["sampler view"] == 2 * full.param_count  # the policy in bf16, whole on every device
+    sft = plan({k: v for k, v in load("ppo_7b_8xh100.yaml").items() if k != "ppo"} | {"kind": "sft"})
+    (act,) = [r.bytes for r in sft.rows if r.name == "activations"]
+    assert rows["activations"] == 2 * act  # the policy's and the value model's, same micro-batch
+    assert "LoRA merged kernels" not in rows and "scoring merged kernels" not in rows
+
+    config = load("ppo_3b_lora_1xh100.yaml")
+    lora = plan(config)
+    rows = {r.name: r.bytes for r in lora.rows}
+    assert lora.trainable_count == 2 * ADAPTERS_3B + 2048
+    assert rows["trainable params"] == 4 * lora.trainable_count  # float32 adapters and head
+    assert rows["frozen params"] == 2 * HF_PARAMS["3B"]  # the one bf16 base of both adapter sets
+    assert "reference params" not in rows
+    assert rows["reward model"] == 2 * HF_PARAMS["3B"] + 4 * 2048
+    # The policy's adapters in bf16 on the base read as it is; the value model's are not generated with.
+    assert rows["sampler view"] == 2 * ADAPTERS_3B
+    sft = plan({k: v for k, v in config.items() if k != "ppo"} | {"kind": "sft"})
+    sft_rows = {r.name: r.bytes for r in sft.rows}
+    assert rows["activations"] == 2 * sft_rows["activations"]
+    assert rows["LoRA merged kernels"] == 2 * sft_rows["LoRA merged kernels"]
+    # Scoring merges both adapter sets without gradients: half of training's merge.
+    assert rows["scoring merged kernels"] == sft_rows["LoRA merged kernels"]
+    assert lora.phase_bytes("scoring") < lora.phase_bytes("backward")
+    assert (lora.rollout.prompts, lora.rollout.rows) == (32, 32)
+
+    # A reward model that exists is planned with its own architecture (here a 7B scoring a 3B policy).
+    Qwen25VLConfig.preset("7B").save_pretrained(tmp_path)
+    config["ppo"] = {**config["ppo"], "reward_model": str(tmp_path)}
+    (row,) = [r for r in plan(config).rows if r.name == "reward model"]
+    assert row.bytes == 2 * HF_PARAMS["7B"] + 4 * hidden and str(tmp_path) in row.note
+
+
+def test_ppo_batch_and_step():
+    """A PPO micro-batch is collate's output plus the (B, T) arrays of `PpoSource.collate`; without
+    seq_buckets it is one bucket of max_prompt_length + max_completion_length; the step's reference-free
+    signature traces with them; no reward model, no reward-model row."""
+    config = copy.deepcopy(load("ppo_tiny_cpu.yaml"))
+    del config["batch"]["seq_buckets"]
+    g, accum, rows = config["ppo"], config["grad_accum"], config["batch"]["batch_size"]
+    batch = abstract_batch(config, Qwen25VLConfig.preset("tiny"))
+    seq, t = g["max_prompt_length"] + g["max_completion_length"], g["max_completion_length"]
+    assert batch["input_ids"].shape == batch["labels"].shape == (accum, rows, seq)
+    dtypes = {"response_index": np.int32, "padding_mask": bool, "padding_mask_p1": bool}
+    dtypes |= {k: np.float32 for k in ("logprobs", "values", "advantages", "returns")}
+    for key, dtype in dtypes.items():
+        assert batch[key].shape == (accum, rows, t) and batch[key].dtype == dtype, key
+    p = plan(config)
+    assert p.seq_len == seq and "reward model" not in {r.name for r in p.rows}
+    assert check_step_shapes(config).metrics["loss/value_avg"].shape == ()

@@ -1,11 +1,12 @@
 """Memory plan of a training config, without allocating a byte or needing a device.
 
 `plan(config)` builds the model and the train state abstractly (`jax.eval_shape` around
-`train.state.init_train_state`, so the trainable/frozen split, the LoRA tree and the optimizer state are
-exactly the ones a run makes), shards every leaf by `sharding.DEFAULT_RULES` on an `AbstractMesh` of the
-config's `mesh` shape, and adds up bytes per device. `format_plan` prints it (`qwenvl-jax train
---dry-run`). `check_step_shapes(config)` traces the real SFT/DPO/GRPO step on abstract inputs of the
-config's static batch shapes (`jax.eval_shape`: full-size 3B/7B steps without allocating).
+`train.state.init_train_state`, PPO's `ppo_step.abstract_ppo_state`, so the trainable/frozen split, the
+LoRA tree and the optimizer state are exactly the ones a run makes), shards every leaf by
+`sharding.DEFAULT_RULES` on an `AbstractMesh` of the config's `mesh` shape, and adds up bytes per device.
+`format_plan` prints it (`qwenvl-jax train --dry-run`). `check_step_shapes(config)` traces the real
+SFT/DPO/GRPO/reward/PPO step on abstract inputs of the config's static batch shapes (`jax.eval_shape`:
+full-size 3B/7B steps without allocating).
 
 The hardware is the top-level `target` key: `"<n>xh100"`, `"<n>xh200"` (n GPUs) or `"v5p-<cores>"` (a TPU
 v5p slice; Cloud TPU names count TensorCores, two per chip, so v5p-8 is 4 chips = 4 JAX devices). The
@@ -14,26 +15,42 @@ fit is not judged).
 
 Per device, each row of `Plan.rows` in one phase:
 - "state", exact (from shapes, dtypes and shardings), live the whole step: trainable params, frozen
-  params, the reference copy (non-LoRA DPO, and non-LoRA GRPO with `grpo.beta > 0`: a full param tree at
-  the storage dtype, what `step.nnx_full_params_like` describes), optimizer state, the gradients, and the
-  step's batch (`collate`'s arrays for the largest bucket, x grad_accum). `Plan.state_bytes`.
+  params, the reference copy (non-LoRA DPO, non-LoRA GRPO with `grpo.beta > 0` and non-LoRA PPO: the
+  policy's full param tree at the storage dtype, frozen + trainable without PPO's value model), PPO's
+  reward model (`_reward_model_bytes`), optimizer state, the gradients, and the step's batch (`collate`'s
+  arrays for the largest bucket, x grad_accum). `Plan.state_bytes`.
 - "backward", live during forward and backward only: the micro-batch gradient being added to the running
   sum (`grad_accum > 1`, exact), and the ESTIMATES of one micro-batch's activations
   (`activation_estimate`) and of LoRA's merged kernels (`_lora_merged_bytes`).
 - "update", live during the optimizer update only: its temporaries (an ESTIMATE, `UPDATE_TEMP_COPIES`).
-- "rollout" (GRPO only), live while the step's completions are generated, before the forward/backward:
-  the KV cache of `P x G` rows (exact: `generation.cache`'s layout, k/v split like the engine splits
-  them), the prefill's own keys/values of the P prompts (exact), the prefill's activations (ESTIMATE,
-  `prefill_estimate`), the decode logits and sampler (ESTIMATE, `DECODE_LOGIT_COPIES` rows x vocab
-  float32 buffers) and the sampler view the generating model reads (`_sampler_view_bytes`, exact: every
-  parameter at the compute dtype, whole along the model width on every device; with LoRA the adapters and
-  whatever part of the base is not already so). The state's gradients and batch do not exist yet while
-  generating, so counting them under the rollout is conservative by their size.
+- "rollout" (GRPO and PPO), live while the step's completions are generated, before the
+  forward/backward: the KV cache of `P x G` rows (PPO: G = 1; exact: `generation.cache`'s layout, k/v
+  split like the engine splits them), the prefill's own keys/values of the P prompts (exact), the
+  prefill's activations (ESTIMATE, `prefill_estimate`), the decode logits and sampler (ESTIMATE,
+  `DECODE_LOGIT_COPIES` rows x vocab float32 buffers) and the sampler view the generating model reads
+  (`_sampler_view_bytes`, exact: every parameter of the policy at the compute dtype, whole along the
+  model width on every device; with LoRA the adapters and whatever part of the base is not already so).
+  The state's gradients and batch do not exist yet while generating, so counting them under the rollout
+  is conservative by their size.
+- "scoring" (PPO only), live while the generation batch is scored (`ppo_step.score_fn`), after the
+  rollout (whose sampler view and cache are gone) and before the first train step: one forward-only
+  micro-batch of `batch.batch_size` rows through the policy, the reference, the value model and the reward
+  model, one after another (ESTIMATE, `_scoring_estimate`), and with LoRA the policy's and the value
+  model's adapted kernels (`_lora_merged_bytes` without gradients). Without a backward pass nothing is
+  saved across layers and nothing is differentiated, so this phase stays below the forward/backward's
+  (two models' forward and backward on a micro-batch of the same shape) and does not bind; it is planned
+  to show that, not to find a peak.
 
-`peak = state + max(backward, update, rollout)`. A config FITS when `peak <= USABLE_FRACTION * HBM`; the
-other 10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces, XLA's
-scheduling choices) and for the estimates' error. On GPU, JAX preallocates only 75% of HBM by default:
-run with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the budget to be available.
+PPO trains the policy and the value model in one loss (`ppo_step.ppo_step`): their params, gradients and
+AdamW moments are one trainable tree (`{**policy, "value": ..., "score": head}`: a second full tree, or
+with LoRA a second adapter set on the one frozen base), and each micro-batch runs both models' forward
+and backward, so "backward" counts two micro-batches' activations and, with LoRA, two sets of merged
+kernels.
+
+`peak = state + max(backward, update, rollout, scoring)`. A config FITS when `peak <= USABLE_FRACTION *
+HBM`; the other 10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces,
+XLA's scheduling choices) and for the estimates' error. On GPU, JAX preallocates only 75% of HBM by
+default: run with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the budget to be available.
 """
 
 from __future__ import annotations
@@ -95,7 +112,7 @@ def parse_target(value: str | None) -> Target | None:
     raise ValueError(f"target {value!r} is not one of '<n>xh100', '<n>xh200', 'v5p-<even cores>'")
 
 
-PHASES = ("state", "backward", "update", "rollout")
+PHASES = ("state", "backward", "update", "rollout", "scoring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +126,12 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Rollout:
-    """GRPO's generation batch: P prompts x G completions, decoded into a `cache_slots`-slot KV cache."""
+    """A generation batch: P prompts x G completions, decoded into a `cache_slots`-slot KV cache."""
 
-    completions: int  # batch_size x steps_per_generation (default grad_accum)
+    completions: int  # GRPO: batch_size x steps_per_generation (default grad_accum); PPO: P
     prompts: int  # P = completions // G
-    num_generations: int  # G
-    prompt_len: int  # the prompt bucket: grpo.max_prompt_length
+    num_generations: int  # G; PPO: 1
+    prompt_len: int  # the prompt bucket: grpo/ppo.max_prompt_length
     max_completion_length: int
     cache_slots: int  # round_up(prompt_len + max_completion_length, cache_multiple)
     vision_patches: int  # the P prompts' vision budget, encoded once in prefill; replicated
@@ -141,8 +158,9 @@ class Plan:
     rows: tuple[Row, ...]
     activation_formula: str
     notes: tuple[str, ...] = ()
-    rollout: Rollout | None = None  # GRPO
+    rollout: Rollout | None = None  # GRPO, PPO
     prefill_formula: str = ""
+    scoring_formula: str = ""  # PPO
 
     @property
     def num_devices(self) -> int:
@@ -161,7 +179,7 @@ class Plan:
 
     @property
     def state_bytes(self) -> int:
-        """Params, frozen params, reference, optimizer state, gradients and the batch: exact."""
+        """Params, frozen params, reference, reward model, optimizer state, gradients, batch: exact."""
         return self.phase_bytes("state")
 
     @property
@@ -269,11 +287,12 @@ def batch_rows(config: dict) -> int:
 
 
 def batch_section(config: dict) -> dict:
-    """The config's batch section; GRPO without `seq_buckets` trains on one bucket of
-    `max_prompt_length + max_completion_length`, as `train.grpo.GrpoSource` does."""
+    """The config's batch section; GRPO and PPO without `seq_buckets` train on one bucket of
+    `max_prompt_length + max_completion_length`, as `train.grpo.GrpoSource` and `train.ppo.PpoSource` do."""
     batch = dict(config.get("batch") or {})
-    if config.get("kind", "sft") == "grpo" and not batch.get("seq_buckets"):
-        g = grpo_settings(config)
+    kind = config.get("kind", "sft")
+    if kind in ("grpo", "ppo") and not batch.get("seq_buckets"):
+        g = grpo_settings(config) if kind == "grpo" else ppo_settings(config)
         batch["seq_buckets"] = [int(g["max_prompt_length"]) + int(g["max_completion_length"])]
     return batch
 
@@ -284,36 +303,45 @@ def grpo_settings(config: dict) -> dict:
     return settings(config)
 
 
+def ppo_settings(config: dict) -> dict:
+    from qwenvl_jax.train.ppo import ppo_settings as settings
+
+    return settings(config)
+
+
 def rollout_shape(config: dict, model_cfg) -> Rollout:
-    """A GRPO generation batch, as `train.grpo.GrpoSource` and `generation.generate` make it:
-    `batch_size x steps_per_generation` completions (default `grad_accum`: one generation per step)."""
+    """A generation batch, as `train.grpo.GrpoSource` / `train.ppo.PpoSource` and `generation.generate`
+    make it. GRPO: `batch_size x steps_per_generation` completions (default `grad_accum`: one generation
+    per step) of G per prompt; PPO: one completion for each of `ppo.rows_per_generation` prompts
+    (`batch_size x grad_accum x num_mini_batches`)."""
     import inspect
 
     from qwenvl_jax.generation import generate
-    from qwenvl_jax.train.grpo import prompt_budgets
 
-    g = grpo_settings(config)
     batch = {**batch_section(config), "merge_size": model_cfg.vision.spatial_merge_size}
-    full = {**_grpo_config(config), "batch": batch}
-    spg = int(g.get("steps_per_generation") or full["grad_accum"])
-    prompts, budget, _ = prompt_budgets(full)
+    full = {**_run_config(config), "batch": batch}
+    if config.get("kind", "sft") == "ppo":
+        from qwenvl_jax.train.ppo import prompt_budgets
+
+        g = ppo_settings(config)
+        prompts, budget, _ = prompt_budgets(full)
+        completions, generations = prompts, 1
+    else:
+        from qwenvl_jax.train.grpo import prompt_budgets
+
+        g = grpo_settings(config)
+        spg = int(g.get("steps_per_generation") or full["grad_accum"])
+        prompts, budget, _ = prompt_budgets(full)
+        completions, generations = int(batch.get("batch_size", 2)) * spg, int(g["num_generations"])
     prompt_len, completion = int(g["max_prompt_length"]), int(g["max_completion_length"])
     multiple = inspect.signature(generate).parameters["cache_multiple"].default  # rollout keeps the default
     slots = -(-(prompt_len + completion) // multiple) * multiple
     patches = budget["image_patches"] + budget["video_patches"]
-    return Rollout(
-        int(batch.get("batch_size", 2)) * spg,
-        prompts,
-        int(g["num_generations"]),
-        prompt_len,
-        completion,
-        slots,
-        patches,
-    )
+    return Rollout(completions, prompts, generations, prompt_len, completion, slots, patches)
 
 
-def _grpo_config(config: dict) -> dict:
-    """`config` with the keys `train.grpo`'s helpers read filled with the run's defaults."""
+def _run_config(config: dict) -> dict:
+    """`config` with the keys `train.grpo`'s and `train.ppo`'s helpers read filled with the run's defaults."""
     return {
         **config,
         "grad_accum": int(config.get("grad_accum", 1)),
@@ -338,7 +366,8 @@ class AbstractSetup:
 
 
 def abstract_setup(config: dict) -> AbstractSetup:
-    """The model, the train state and the frozen params as `init_train_state` makes them, all abstract."""
+    """The model, the train state and the frozen params as `init_train_state` makes them (PPO:
+    `ppo_step.abstract_ppo_state`, the policy and the value model in one state), all abstract."""
     import jax
     from flax import nnx
 
@@ -354,8 +383,19 @@ def abstract_setup(config: dict) -> AbstractSetup:
     optim_cfg = OptimConfig(**{"total_steps": int(config.get("steps", 20)), **(config.get("optim") or {})})
     lora_cfg = lora_config(config)
     static = {}
-    if config.get("kind", "sft") == "reward":  # the backbone plus the scalar head `score`
+    kind = config.get("kind", "sft")
+    if kind == "reward":  # the backbone plus the scalar head `score`
         from qwenvl_jax.train.reward_step import init_reward_state as init_train_state
+    if kind == "ppo":
+        from qwenvl_jax.train.ppo_step import abstract_ppo_state
+
+        g, state, frozen, tx = abstract_ppo_state(
+            model, optim_cfg, config.get("trainable", "full"), lora_cfg, int(config.get("seed", 0)),
+            train_merger=bool(config.get("train_merger", True)),
+        )  # fmt: skip
+        # Its leaves carry a one-device sharding (the model is not placed); the plan lays them out itself.
+        state, frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (state, frozen))
+        return AbstractSetup(model_cfg, source, g, state, frozen, tx, lora_cfg, logical_axes, param_count)
 
     def init(values):
         g, state, frozen, tx = init_train_state(
@@ -531,6 +571,26 @@ def prefill_estimate(model_cfg, prompts: int, seq: int, patches: int, mesh: dict
     return round(total), formula
 
 
+def _scoring_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int, mesh: dict[str, int]):
+    """`(bytes, formula)`: an ESTIMATE of PPO's scoring pass (`ppo_step.score_fn`) on one device.
+
+    One micro-batch of `rows` training rows (the largest bucket S, the micro-batch's P patches) runs
+    forward, without gradients, through the policy, the reference, the value model and the reward model
+    in turn; each holds what a prefill holds (`prefill_estimate`: the residual stream and one layer's or
+    one vision block's working set) plus the log-probs' fp32 logits of one loss chunk and their softmax,
+    `2 c V/t 4` (as `activation_estimate`'s loss term). Each model's outputs are `(B, T)` or `(B,)`, so
+    one model's working set is dead before the next begins: the pass holds one of them at a time.
+    """
+    r = rows / (mesh["data"] * mesh["fsdp"])
+    forward, _ = prefill_estimate(model_cfg, rows, seq, patches, mesh)
+    loss = 2 * min(chunk, r * seq) * model_cfg.text.vocab_size / mesh["tensor"] * 4
+    formula = (
+        f"one model at a time: forward {_size(forward).strip()} (as prefill_estimate) + loss chunk "
+        f"{_size(loss).strip()} (r={r:g}, S={seq}, P={patches}; see _scoring_estimate)"
+    )
+    return round(forward + loss), formula
+
+
 def _cache_rows(rollout: Rollout, model_cfg, mesh) -> list[Row]:
     """The KV cache and the prefill's keys/values per device, exact: k and v split as `generate` splits
     them (`CACHE_AXES` under `DEFAULT_RULES` with `indivisible="replicate"`: kv heads that the tensor axis
@@ -576,8 +636,9 @@ def _cache_rows(rollout: Rollout, model_cfg, mesh) -> list[Row]:
     ]
 
 
-def _sampler_view_bytes(setup: AbstractSetup, mesh) -> tuple[int, str]:
-    """The weights the rollout decodes with (`train.grpo.sampler_view`) beside the train state: every
+def _sampler_view_bytes(setup: AbstractSetup, mesh, policy) -> tuple[int, str]:
+    """The weights the rollout decodes with (`train.grpo.sampler_view` of `policy`, the trainable params:
+    PPO's view reads `ppo_step.split_ppo(params)[0]`, never the value model) beside the train state: every
     parameter at the compute dtype, laid out by `sharding.DECODE_RULES` (whole along the model width, split
     by tensor parallelism only). With LoRA, the adapters (applied, never merged) and only those base leaves
     that are not already at the compute dtype in the decode layout: the others are read where they are.
@@ -598,9 +659,10 @@ def _sampler_view_bytes(setup: AbstractSetup, mesh) -> tuple[int, str]:
         return round(total)
 
     if setup.lora_cfg is None:
-        tree = lora_lib.unflatten({**lora_lib.flatten(setup.frozen), **lora_lib.flatten(setup.state.params)})
-        return view_bytes(tree, False), f"all params at {setup.model_cfg.dtype}, decode layout (no FSDP split)"
-    adapters = view_bytes(setup.state.params, True)
+        whole = lora_lib.unflatten({**lora_lib.flatten(setup.frozen), **lora_lib.flatten(policy)})
+        note = f"all params at {setup.model_cfg.dtype}, decode layout (no FSDP split)"
+        return view_bytes(whole, False), note
+    adapters = view_bytes(policy, True)
     base = view_bytes(setup.frozen, False, only_changed=True)
     how = "the base read as it is" if not base else f"a {_size(base).strip()} cast/re-laid copy of the base"
     return adapters + base, f"adapters applied at {setup.model_cfg.dtype} ({_size(adapters).strip()}), {how}"
@@ -612,20 +674,56 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def _lora_merged_bytes(setup: AbstractSetup, frozen_fractions) -> tuple[int, str]:
-    """LoRA's merge of whole stacked kernels (`lora.apply_lora`, outside the layer scan): the adapted
-    kernels `W + delta` of every target (the layer scan reads them in forward and backward), their
-    gradients (the scan's stacked cotangents), and two fp32 `(layers, in, out)` buffers of the widest
-    target (its `delta` and the cotangent of `delta`, one target at a time)."""
+def _lora_merged_bytes(
+    setup: AbstractSetup, frozen_fractions, adapters, *, sets: int = 1, backward: bool = True
+) -> tuple[int, str]:
+    """LoRA's merge of whole stacked kernels (`lora.apply_lora`, outside the layer scan) for `sets`
+    adapter sets shaped like `adapters` (PPO: the policy's and the value model's, both merged in one
+    function): the adapted kernels `W + delta` of every target (the layer scan reads them in forward and
+    backward), their gradients (the scan's stacked cotangents), and two fp32 `(layers, in, out)` buffers of
+    the widest target (its `delta` and the cotangent of `delta`, one target at a time); `backward=False`
+    (a forward-only pass): the kernels and one fp32 `delta`."""
     from qwenvl_jax.train import lora as lora_lib
 
     flat = lora_lib.flatten(setup.frozen)
     fractions = lora_lib.flatten(frozen_fractions)
-    targets = list(setup.state.params)
+    targets = list(adapters)
     merged = sum(_bytes(flat[t], fractions[t]) for t in targets)
     widest32 = round(4 * max(int(np.prod(flat[t].shape)) * fractions[t] for t in targets))
-    note = f"2 x {_size(merged).strip()} adapted kernels and gradients + 2 x {_size(widest32).strip()} fp32"
-    return 2 * merged + 2 * widest32, note
+    copies = 2 if backward else 1
+    what = "adapted kernels and gradients" if backward else "adapted kernels"
+    note = f"{copies} x {_size(merged).strip()} {what} + {copies} x {_size(widest32).strip()} fp32"
+    if sets > 1:
+        note = f"{sets} adapter sets x ({note})"
+    return sets * copies * (merged + widest32), note
+
+
+def _reward_model_bytes(config: dict, setup: AbstractSetup, mesh) -> tuple[int, str] | None:
+    """PPO's frozen reward model on one device (`train.loop._ppo_models`), or None without one: every
+    parameter of its backbone at the policy's compute dtype, laid out by `DEFAULT_RULES` like frozen
+    params (`sharding.shard_model`), plus its float32 head `(hidden, 1)`, whole on every device. Its
+    architecture is read from `ppo.reward_model`'s config.json where the path exists, else taken to be the
+    policy's. Exact."""
+    import jax
+    from flax import nnx
+
+    from qwenvl_jax.loading import abstract_model
+    from qwenvl_jax.train.state import param_logical_axes
+
+    path = ppo_settings(config)["reward_model"]
+    if not path:
+        return None
+    cfg, source = setup.model_cfg, "the policy's architecture"
+    if Path(path).exists():
+        cfg, source = model_config({**config, "model": {**(config.get("model") or {}), "path": path}})
+    model = abstract_model(cfg)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    fractions = _device_fraction_tree(params, param_logical_axes(model), mesh, False)
+    itemsize = np.dtype(setup.model_cfg.dtype).itemsize
+    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(fractions), strict=True)
+    backbone = round(sum(int(np.prod(x.shape)) * itemsize * f for x, f in leaves))
+    head = cfg.text.hidden_size * 4
+    return backbone + head, f"{source}; every param at {setup.model_cfg.dtype} + the float32 head"
 
 
 def _batch_bytes(config: dict, model_cfg, shape: dict[str, int]) -> int:
@@ -653,26 +751,37 @@ def plan(config: dict) -> Plan:
     from qwenvl_jax.sharding import MESH_AXES
 
     kind = config.get("kind", "sft")
-    if kind not in ("sft", "dpo", "grpo", "reward"):
-        raise ValueError(f"kind must be sft, dpo, grpo or reward, got {kind!r}")
+    if kind not in ("sft", "dpo", "grpo", "reward", "ppo"):
+        raise ValueError(f"kind must be sft, dpo, grpo, reward or ppo, got {kind!r}")
     setup = abstract_setup(config)
     shape = mesh_shape(config)
     mesh = AbstractMesh(tuple(shape.values()), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     lora = setup.lora_cfg is not None
     params = setup.state.params
+    policy = params  # what the sampler reads and the reference copies; PPO's params also hold the value model
+    if kind == "ppo":
+        from qwenvl_jax.train.ppo_step import split_ppo
+
+        policy = split_ppo(params)[0]
     param_fr = _device_fraction_tree(params, setup.logical_axes, mesh, lora)
     frozen_fr = _device_fraction_tree(setup.frozen, setup.logical_axes, mesh, False)
     trainable_bytes = _bytes(params, param_fr)
     accum = int(config.get("grad_accum", 1))
     dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(params)})
 
+    held = "/".join(dtypes) + ("; policy + value model + value head" if kind == "ppo" else "")
     rows = [
-        Row("trainable params", trainable_bytes, "state", True, "/".join(dtypes)),
+        Row("trainable params", trainable_bytes, "state", True, held),
         Row("frozen params", _bytes(setup.frozen, frozen_fr), "state", True),
     ]
     if _holds_reference(config, lora):
-        note = "DPO without LoRA" if kind == "dpo" else "GRPO beta > 0 without LoRA"
-        rows.append(Row("reference params", trainable_bytes + rows[1].bytes, "state", True, note))
+        note = {"dpo": "DPO without LoRA", "grpo": "GRPO beta > 0 without LoRA",
+                "ppo": "PPO without LoRA: the initial policy"}[kind]  # fmt: skip
+        policy_bytes = _bytes(policy, _device_fraction_tree(policy, setup.logical_axes, mesh, False))
+        rows.append(Row("reference params", policy_bytes + rows[1].bytes, "state", True, note))
+    reward = _reward_model_bytes(config, setup, mesh) if kind == "ppo" else None
+    if reward is not None:
+        rows.append(Row("reward model", reward[0], "state", True, reward[1]))
     rows.append(Row("optimizer state", _opt_state_bytes(setup, param_fr), "state", True, "AdamW mu, nu"))
     rows.append(Row("gradients", trainable_bytes, "state", True))
     rows.append(
@@ -685,12 +794,17 @@ def plan(config: dict) -> Plan:
     rows_mb = batch_rows(config)
     seq = max(batch.get("seq_buckets") or [1024])
     patches = int(batch.get("image_patches", 0)) + int(batch.get("video_patches", 0))
-    act, formula = activation_estimate(
-        setup.model_cfg, rows_mb, seq, patches, int(config.get("chunk_size", 1024)), shape
-    )
-    rows.append(Row("activations", act, "backward", False, "one micro-batch"))
+    chunk = int(config.get("chunk_size", 1024))
+    act, formula = activation_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
+    # PPO differentiates the policy's and the value model's forward in one loss: both models' saved
+    # activations live until the backward, and both adapter sets are merged.
+    models = 2 if kind == "ppo" else 1
+    if models > 1:
+        formula = f"2 models (policy, value) x [{formula}]"
+    what = "one micro-batch" if models == 1 else "one micro-batch through the policy and the value model"
+    rows.append(Row("activations", models * act, "backward", False, what))
     if lora:
-        merged, note = _lora_merged_bytes(setup, frozen_fr)
+        merged, note = _lora_merged_bytes(setup, frozen_fr, policy, sets=models)
         rows.append(Row("LoRA merged kernels", merged, "backward", False, note))
     rows.append(
         Row(
@@ -701,8 +815,8 @@ def plan(config: dict) -> Plan:
             f"{UPDATE_TEMP_COPIES} trainable-sized buffer (the update; moments are written in place)",
         )
     )
-    rollout, prefill_formula = None, ""
-    if kind == "grpo":
+    rollout, prefill_formula, scoring_formula = None, "", ""
+    if kind in ("grpo", "ppo"):
         rollout = rollout_shape(config, setup.model_cfg)
         rows += _cache_rows(rollout, setup.model_cfg, mesh)
         pre, prefill_formula = prefill_estimate(
@@ -721,8 +835,14 @@ def plan(config: dict) -> Plan:
                 f"{DECODE_LOGIT_COPIES} x {rows_dev:g} rows x {setup.model_cfg.text.vocab_size} float32",
             )
         )
-        view, note = _sampler_view_bytes(setup, mesh)
+        view, note = _sampler_view_bytes(setup, mesh, policy)
         rows.append(Row("sampler view", view, "rollout", True, note))
+    if kind == "ppo":
+        score, scoring_formula = _scoring_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
+        rows.append(Row("scoring activations", score, "scoring", False, "one micro-batch, forward only"))
+        if lora:  # the policy's and the value model's adapters merged; the reference is the bare base
+            merged, note = _lora_merged_bytes(setup, frozen_fr, policy, sets=2, backward=False)
+            rows.append(Row("scoring merged kernels", merged, "scoring", False, note))
 
     notes = []
     if any(np.dtype(d).itemsize < 4 for d in dtypes):
@@ -732,8 +852,16 @@ def plan(config: dict) -> Plan:
         )
     if _holds_reference(config, lora):
         notes.append(f"{kind.upper()} reference: a second full param tree (no LoRA to disable)")
-    if kind == "grpo" and lora and float(grpo_settings(config)["beta"]):
-        notes.append("GRPO reference: the base with the adapters disabled (no copy)")
+    if lora and (kind == "ppo" or (kind == "grpo" and float(grpo_settings(config)["beta"]))):
+        notes.append(f"{kind.upper()} reference: the base with the adapters disabled (no copy)")
+    if kind == "ppo":
+        value = "a second adapter set on the one frozen base" if lora else "a second full trainable tree"
+        notes.append(
+            f"PPO value model: {value} and a (hidden, 1) float32 head, trained with the policy in one loss "
+            "(one optimizer state for both)"
+        )
+        if reward is None:
+            notes.append("PPO: no ppo.reward_model; the reward functions score the completions")
     if batch.get("pack"):
         notes.append("batch.pack: batch shapes and activations are those of unpacked rows")
     trainable_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -755,15 +883,18 @@ def plan(config: dict) -> Plan:
         notes=tuple(notes),
         rollout=rollout,
         prefill_formula=prefill_formula,
+        scoring_formula=scoring_formula,
     )
 
 
 def _holds_reference(config: dict, lora: bool) -> bool:
-    """A frozen full copy of the initial params: DPO (unless reference-free) and GRPO with beta > 0, both
-    without LoRA (with it the reference is the base with the adapters disabled), as `train.loop` does."""
+    """A frozen full copy of the initial policy: DPO (unless reference-free), GRPO with beta > 0 and PPO,
+    all without LoRA (with it the reference is the base with the adapters disabled), as `train.loop` does."""
     kind = config.get("kind", "sft")
     if lora or kind in ("sft", "reward"):
         return False
+    if kind == "ppo":
+        return True
     if kind == "dpo":
         return not (config.get("dpo") or {}).get("reference_free", False)
     return bool(float(grpo_settings(config)["beta"]))
@@ -798,17 +929,21 @@ def format_plan(p: Plan) -> str:
     ]
     if p.rollout is not None:
         r = p.rollout
+        batch = (
+            f"{r.prompts} prompts x 1 completion (batch_size x grad_accum x num_mini_batches)"
+            if p.kind == "ppo"
+            else f"{r.prompts} prompts x {r.num_generations} generations = {r.rows} completions"
+        )
         lines.append(
-            f"rollout {r.prompts} prompts x {r.num_generations} generations = {r.rows} completions per "
-            "generation batch; "
+            f"rollout {batch} per generation batch; "
             f"prompt bucket {r.prompt_len} + {r.max_completion_length} new tokens -> {r.cache_slots} cache "
             f"slots; {r.vision_patches} vision patches in prefill"
         )
     lines.append("")
-    titles = {"state": "state", "backward": "forward/backward", "update": "update", "rollout": "rollout"}
-    for phase in PHASES:
-        if phase == "rollout" and p.rollout is None:
-            continue
+    titles = {"state": "state", "backward": "forward/backward", "update": "update", "rollout": "rollout",
+              "scoring": "scoring"}  # fmt: skip
+    shown = [ph for ph in PHASES if ph in PHASES[:3] or any(r.phase == ph for r in p.rows)]
+    for phase in shown:
         title = titles[phase]
         lines.append(f"{title + ' (per device)':<30}{_size(p.phase_bytes(phase))}")
         for r in p.rows:
@@ -819,7 +954,9 @@ def format_plan(p: Plan) -> str:
             lines.append(f"  {'':<28}{'':13}  activations: {p.activation_formula}")
         if phase == "rollout":
             lines.append(f"  {'':<28}{'':13}  prefill: {p.prefill_formula}")
-    phases = "forward/backward, update" + (", rollout" if p.rollout is not None else "")
+        if phase == "scoring":
+            lines.append(f"  {'':<28}{'':13}  scoring: {p.scoring_formula}")
+    phases = ", ".join(titles[phase] for phase in shown[1:])
     lines.append(
         f"{'peak (estimate)':<30}{_size(p.peak_bytes)}  state + max({phases}); "
         f"{titles[p.binding_phase]} binds"
@@ -843,7 +980,8 @@ def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
     bucket, full vision budgets) with the leading micro-batch axis of `stack_micro_batches`; DPO adds the
     `completion_mask` its step reads, GRPO the `advantages (B,)` and `sampling_per_token_logps (B, S-1)`
     of `rl.batch.micro_batches` (and `old_per_token_logps (B, S-1)` where `train.grpo.GrpoSource` computes
-    them: a generation batch served over more than one optimizer step)."""
+    them: a generation batch served over more than one optimizer step), PPO the per-response arrays of
+    `train.ppo.PpoSource.collate` (`ppo_step.PPO_KEYS`, `(B, T)`, T = `ppo.max_completion_length`)."""
     import jax
 
     from qwenvl_jax.processing.batch import BatchSpec, collate
@@ -883,6 +1021,12 @@ def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
         if accum % (int(g.get("steps_per_generation") or accum) * int(g.get("num_iterations", 1))):
             # The policy moves while a generation batch is still served: `GrpoSource` adds old log-probs.
             out["old_per_token_logps"] = out["sampling_per_token_logps"].copy()
+    if config.get("kind", "sft") == "ppo":
+        from qwenvl_jax.train.ppo_step import PPO_KEYS
+
+        t = int(ppo_settings(config)["max_completion_length"])
+        dtypes = {"response_index": np.int32, "padding_mask": bool, "padding_mask_p1": bool}
+        out.update({k: np.zeros((rows, t), dtypes.get(k, np.float32)) for k in PPO_KEYS})
     accum = int(config.get("grad_accum", 1))
     return {k: jax.ShapeDtypeStruct((accum, *np.shape(v)), np.asarray(v).dtype) for k, v in out.items()}
 
@@ -920,15 +1064,22 @@ def _step_and_args(config: dict, *, sharded: bool):
     step_kw: dict[str, Any] = {"chunk_size": int(config.get("chunk_size", 1024))}
     num_items = jax.ShapeDtypeStruct((), np.float32)  # the host's count (sft_step, grpo_step)
     lora = setup.lora_cfg is not None
-    ref = (nnx_full_params_like(setup.frozen, setup.state, None),) if _holds_reference(config, lora) else ()
+    # PPO's reference enters the scoring pass only, never the train step.
+    with_ref = _holds_reference(config, lora) and kind != "ppo"
+    ref = (nnx_full_params_like(setup.frozen, setup.state, None),) if with_ref else ()
     if kind == "sft":
         step_kw["loss_type"] = config.get("loss_type", "nll")
         extra: tuple = (num_items,)
     elif kind == "grpo":
         from qwenvl_jax.train.grpo import grpo_step_kw
 
-        step_kw = grpo_step_kw(_grpo_config(config))
+        step_kw = grpo_step_kw(_run_config(config))
         extra = (num_items, *ref)
+    elif kind == "ppo":
+        from qwenvl_jax.train.ppo import ppo_step_kw
+
+        step_kw = ppo_step_kw(_run_config(config))
+        extra = ()
     elif kind == "reward":
         reward = config.get("reward") or {}
         pad = int((config.get("batch") or {}).get("pad_token_id", 151643))  # shapes only: any id
@@ -954,9 +1105,9 @@ def _step_and_args(config: dict, *, sharded: bool):
 def check_step_shapes(config: dict) -> StepCheck:
     """`jax.eval_shape` of the config's real jitted train step (`make_train_step`, no mesh) on the abstract
     state and batch (plus the host's `num_items_in_batch` scalar for SFT/GRPO and the frozen reference
-    copy where the run holds one); raises if the new state's structure, shapes or dtypes differ from the
-    input state's (a donated state must come back alike). A `cudnn` config is traced with `xla` off GPU
-    (`StepCheck.attention_backend` says which).
+    copy where the step reads one: DPO, GRPO); raises if the new state's structure, shapes or dtypes
+    differ from the input state's (a donated state must come back alike). A `cudnn` config is traced with
+    `xla` off GPU (`StepCheck.attention_backend` says which).
     """
     import jax
 
