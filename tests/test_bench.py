@@ -193,3 +193,19 @@ def test_flops_and_bytes_by_hand():
 def test_bad_shape_is_named(text):
     with pytest.raises(SystemExit, match=re.escape(repr(text))):
         _common().shapes(text)
+
+
+def test_compute_at_scale_lora_at_tiny_size(tmp_path):
+    """`bench/compute_at_scale.py lora` runs end to end (tiny widths; the 7B figure is in
+    docs/benchmarks.md): the extrapolated counts are positive, and LoRA's vision blocks cost what their
+    forward costs, well under full fine-tuning's forward + backward (the frozen tower has no backward)."""
+    out = tmp_path / "lora.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "compute_at_scale.py"), "lora", "--preset", "tiny",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for side in ("full", "lora"):
+        assert all(math.isfinite(v) and v > 0 for v in figures[side].values()), figures[side]
+    assert figures["lora"]["per_vision_block"] < 0.5 * figures["full"]["per_vision_block"]
+    assert "LoRA / full" in proc.stdout

@@ -447,3 +447,38 @@ def test_dpo_dummy_pairs_carry_no_weight():
     for k in m1:
         np.testing.assert_allclose(float(m2[k]), float(m1[k]), rtol=1e-6, atol=1e-6, err_msg=k)
     assert_same_grads(g2, g1)
+
+
+def test_lora_dropout_is_peft_input_dropout():
+    """`dropout > 0` drops the adapter's input per element (PEFT's `B(A(dropout(x)))`): the base path is
+    untouched, each key gives its own mask per token and feature, and the mean over keys is the
+    dropout-free output."""
+    from flax import nnx
+
+    from qwenvl_jax.model.layers import Dense
+    from qwenvl_jax.train import lora as lora_lib
+
+    cfg = lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    dense = Dense(4, 8, use_bias=False, axes=("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32,
+                  rngs=nnx.Rngs(0))  # fmt: skip
+    ab = {"a": jax.random.normal(jax.random.key(1), (4, 4)), "b": jax.random.normal(jax.random.key(2), (4, 8))}
+    x = jax.random.normal(jax.random.key(3), (6, 4))
+    base = x @ dense.kernel[...]
+    full = base + cfg.scale * (x @ ab["a"]) @ ab["b"]
+
+    def out(key):
+        graphdef, state = nnx.split(dense)
+        fresh = nnx.merge(graphdef, state)
+        lora_lib.attach(fresh, {"kernel": ab}, cfg, dropout_key=key)
+        return fresh(x)
+
+    one, two = out(jax.random.key(10)), out(jax.random.key(11))
+    assert not np.allclose(one, two)
+    # Each token's delta is (x ⊙ m / (1 - p)) A B for a 0/1 mask m over its 4 features: solve for m.
+    delta = np.asarray(one - base, np.float64) / cfg.scale
+    masked_x = np.linalg.lstsq(np.asarray(ab["a"] @ ab["b"], np.float64).T, delta.T, rcond=None)[0].T
+    ratio = masked_x / np.asarray(x) * (1 - cfg.dropout)
+    np.testing.assert_allclose(np.minimum(np.abs(ratio), np.abs(ratio - 1)), 0, atol=1e-3)
+    assert 0 < (np.abs(ratio - 1) < 1e-3).mean() < 1 and len({tuple(r) for r in np.round(ratio)}) > 1
+    mean = np.mean([np.asarray(out(jax.random.key(100 + i))) for i in range(2000)], axis=0)
+    np.testing.assert_allclose(mean, full, atol=0.15 * np.abs(full - base).max())

@@ -238,7 +238,11 @@ def test_lora_adapters_stay_float32_on_a_bf16_base():
     p = plan(load("sft_7b_1xh100.yaml"))
     assert p.trainable_dtype == "float32"  # the adapters and their AdamW moments
     assert not any("moments in the same dtype" in n for n in p.notes)
-    assert [r.name for r in p.rows if r.phase == "backward"][-1] == "LoRA merged kernels"
+    # The adapters are applied, never merged: LoRA's own activations are rank-sized, not kernel-sized.
+    rows = {r.name: r for r in p.rows}
+    assert rows["LoRA activations"].phase == "backward" and not rows["LoRA activations"].exact
+    assert rows["LoRA activations"].bytes < 1e-3 * rows["frozen params"].bytes
+    assert not any("merged" in r.name for r in p.rows)
 
 
 def test_model_path_config_json_is_read(tmp_path):
@@ -395,7 +399,7 @@ def test_ppo_plan_rows(tmp_path):
     gradients and AdamW moments, plus the value head), the initial policy as the reference and the reward
     model at the compute dtype; LoRA PPO holds two adapter sets and the head on one base, no reference
     copy, and its sampler view reads the policy's adapters only. Per micro-batch the forward/backward is
-    twice SFT's (two models' activations, two adapter sets merged); the scoring pass stays below it."""
+    twice SFT's (two models' activations, two adapter sets'); the scoring pass stays below it."""
     full = plan(load("ppo_7b_8xh100.yaml"))
     grpo = plan(load("grpo_7b_8xh100.yaml"))  # the same model, mesh and optimizer, one trainable tree
     rows, grpo_rows = {r.name: r.bytes for r in full.rows}, {r.name: r.bytes for r in grpo.rows}
@@ -417,7 +421,7 @@ def test_ppo_plan_rows(tmp_path):
     sft = plan({k: v for k, v in load("ppo_7b_8xh100.yaml").items() if k != "ppo"} | {"kind": "sft"})
     (act,) = [r.bytes for r in sft.rows if r.name == "activations"]
     assert rows["activations"] == 2 * act  # the policy's and the value model's, same micro-batch
-    assert "LoRA merged kernels" not in rows and "scoring merged kernels" not in rows
+    assert "LoRA activations" not in rows and "scoring LoRA activations" not in rows
 
     config = load("ppo_3b_lora_1xh100.yaml")
     lora = plan(config)
@@ -432,9 +436,9 @@ def test_ppo_plan_rows(tmp_path):
     sft = plan({k: v for k, v in config.items() if k != "ppo"} | {"kind": "sft"})
     sft_rows = {r.name: r.bytes for r in sft.rows}
     assert rows["activations"] == 2 * sft_rows["activations"]
-    assert rows["LoRA merged kernels"] == 2 * sft_rows["LoRA merged kernels"]
-    # Scoring merges both adapter sets without gradients: half of training's merge.
-    assert rows["scoring merged kernels"] == sft_rows["LoRA merged kernels"]
+    assert rows["LoRA activations"] == 2 * sft_rows["LoRA activations"]
+    # Scoring runs both adapter sets without a backward: nothing of theirs is saved across layers.
+    assert 0 < rows["scoring LoRA activations"] <= rows["LoRA activations"]
     assert lora.phase_bytes("scoring") < lora.phase_bytes("backward")
     assert (lora.rollout.prompts, lora.rollout.rows) == (32, 32)
 

@@ -88,7 +88,12 @@ class Dense(nnx.Module):
             y_nf = y_nf + self.bias[...].astype(self.dtype)
         lora_a = getattr(self, "lora_a", None)
         if lora_a is not None:
-            x_nr = jnp.einsum("...d,dr->...r", x_nd, lora_a[...].astype(self.dtype))
+            x_in = x_nd
+            if getattr(self, "lora_key", None) is not None:  # PEFT's dropout on the adapter's input
+                key = jax.random.wrap_key_data(self.lora_key[...])
+                keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x_nd.shape)
+                x_in = jnp.where(keep, x_nd / (1.0 - self.lora_dropout), 0).astype(x_nd.dtype)
+            x_nr = jnp.einsum("...d,dr->...r", x_in, lora_a[...].astype(self.dtype))
             y_nf = y_nf + self.lora_scale * jnp.einsum("...r,rf->...f", x_nr, self.lora_b[...].astype(self.dtype))
         return y_nf
 

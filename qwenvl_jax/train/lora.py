@@ -1,31 +1,22 @@
-"""LoRA (Hu et al. 2021, arXiv 2106.09685) as a separate parameter tree, applied functionally.
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) as a separate parameter tree, applied to the model's layers.
 
 The adapters live outside the model: `{"text/layers/self_attn/q_proj/kernel": {"a": A, "b": B}}` with
 `A (..., in, r)`, `B (..., r, out)` and the same leading axes as the kernel (the scanned `layers` axis of
-a stack). The train step builds the effective parameters
+a stack). The train step and the rollout's sampler view attach them to the frozen base (`attach`): each
+adapted `Dense` computes
 
-    W' = W + (alpha / r) · A @ B
+    y = x W + (alpha / r) · (x A) B
 
-before `nnx.merge`, so the model code is untouched and the backward pass reaches A and B through the
-merge. "LoRA disabled" is simply the base parameters (the DPO reference needs no second copy).
-
-Decoding applies the adapters instead (`attach`): each adapted `Dense` computes `x W + (alpha / r) (x A) B`
-as PEFT does, so the rollout's sampler view reads the base weights as they are and no merged copy of the
-base exists while generating (`train.grpo.sampler_view`).
+as PEFT's `Linear` does, so the base kernels are read as they are: no merged `W + A B` is materialised,
+no gradient of a frozen kernel is computed (only `dx`, `dA`, `dB`), and a bf16 base loses nothing of a
+small delta to rounding. "LoRA disabled" is simply the base (the DPO/GRPO reference needs no second copy).
+`apply_lora` / `merge_lora` fold the adapters in, for export and serving only.
 
 Initialisation as PEFT: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform with a = sqrt(5)), B = 0, so the
 initial adapted model equals the base model exactly.
 
-Dropout: PEFT drops the layer INPUT per token (`B(A(dropout(x)))`), which has no effective-kernel form.
-Here `dropout > 0` zeroes (and rescales) rows of A, i.e. input features, with one mask per step shared by
-every token: a weight-space approximation, not PEFT's numbers. Keep `dropout=0` for parity runs.
-
-Cost: the merged kernels are materialised once per forward, all layers at once (the stacked kernels are
-merged before the layer scan), and live through the backward pass: for 7B with every text projection
-adapted that is 38.5 GiB, more than the bf16 base itself (`train.plan` counts it). Merging per layer
-inside the scan would remove most of it. On a bf16 base, `W + delta` is rounded to bf16 in the forward
-pass, so deltas far below W's bf16 resolution do not show in the outputs until they grow (the gradients
-of A and B are exact); PEFT's separate `x A B` path has no such rounding.
+Dropout as PEFT: `dropout > 0` drops the adapter's INPUT per element, `B(A(dropout(x)))`, with a key per
+adapted layer (and per layer of a stack) derived from the step's key.
 """
 
 from __future__ import annotations
@@ -111,46 +102,41 @@ def leaf_logical_axes(
     return lora_logical_axes(logical_axes[kernel_path])[which]
 
 
-def delta(
-    lora_ab: Mapping[str, jax.Array], cfg: LoraConfig, dropout_key: jax.Array | None = None
-) -> jax.Array:
+def delta(lora_ab: Mapping[str, jax.Array], cfg: LoraConfig) -> jax.Array:
     """`(alpha / r) · A @ B` over the leading (layer) axes, in float32."""
-    a = lora_ab["a"].astype(jnp.float32)
-    if cfg.dropout > 0 and dropout_key is not None:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - cfg.dropout, (*a.shape[:-1], 1))
-        a = jnp.where(keep, a / (1.0 - cfg.dropout), 0.0)
-    return cfg.scale * jnp.einsum("...ir,...ro->...io", a, lora_ab["b"].astype(jnp.float32))
+    a, b = lora_ab["a"].astype(jnp.float32), lora_ab["b"].astype(jnp.float32)
+    return cfg.scale * jnp.einsum("...ir,...ro->...io", a, b)
 
 
 def apply_lora(
-    base_params: Mapping[str, Any],
-    lora_params: Mapping[str, Mapping[str, jax.Array]],
-    cfg: LoraConfig,
-    *,
-    dropout_key: jax.Array | None = None,
+    base_params: Mapping[str, Any], lora_params: Mapping[str, Mapping[str, jax.Array]], cfg: LoraConfig
 ) -> dict[str, Any]:
-    """The effective nested params: base with `W + delta` at every adapted kernel (traceable, pure)."""
-    keys = (
-        {path: jax.random.fold_in(dropout_key, i) for i, path in enumerate(sorted(lora_params))}
-        if (dropout_key is not None)
-        else {}
-    )
+    """The merged nested params, `W + delta` at every adapted kernel (traceable, pure): for export and
+    serving (`merge_lora`); training and decoding attach the adapters instead (`attach`)."""
 
     def one(path, w):
         if path not in lora_params:
             return w
-        return (w.astype(jnp.float32) + delta(lora_params[path], cfg, keys.get(path))).astype(w.dtype)
+        return (w.astype(jnp.float32) + delta(lora_params[path], cfg)).astype(w.dtype)
 
     return map_with_path(one, dict(base_params))
 
 
-def attach(model, lora_params: Mapping[str, Mapping[str, Any]], cfg: LoraConfig):
+def attach(
+    model,
+    lora_params: Mapping[str, Mapping[str, Any]],
+    cfg: LoraConfig,
+    *,
+    dropout_key: jax.Array | None = None,
+):
     """Attach the adapters to `model` in place (traceable): the `Dense` owning each adapted kernel gets
     `lora_a`, `lora_b` (as `LoraWeight`s, with the kernel's leading layer axis) and `lora_scale`, and then
-    computes `x W + scale (x A) B` (`model.layers.Dense`). Returns `model`."""
+    computes `x W + scale (x A) B` (`model.layers.Dense`), PEFT's `Linear`. With `cfg.dropout > 0` and a
+    `dropout_key`, each adapted layer also gets its own key (`lora_key`, one per layer of a stack) and
+    drops the adapter's input per element, PEFT's `B(A(dropout(x)))`. Returns `model`."""
     from qwenvl_jax.model.layers import Dense, LoraWeight
 
-    for path, ab in lora_params.items():
+    for i, (path, ab) in enumerate(sorted(lora_params.items())):
         *owner, leaf = path.split("/")
         module = model
         for name in owner:
@@ -160,6 +146,11 @@ def attach(model, lora_params: Mapping[str, Mapping[str, Any]], cfg: LoraConfig)
         module.lora_a = LoraWeight(ab["a"])
         module.lora_b = LoraWeight(ab["b"])
         module.lora_scale = cfg.scale
+        if cfg.dropout > 0 and dropout_key is not None:
+            lead = tuple(ab["a"].shape[:-2])
+            keys = jax.random.split(jax.random.fold_in(dropout_key, i), max(1, math.prod(lead)))
+            module.lora_key = LoraWeight(jax.random.key_data(keys).reshape(*lead, -1))
+            module.lora_dropout = cfg.dropout
     return model
 
 

@@ -21,7 +21,8 @@ Per device, each row of `Plan.rows` in one phase:
   arrays for the largest bucket, x grad_accum). `Plan.state_bytes`.
 - "backward", live during forward and backward only: the micro-batch gradient being added to the running
   sum (`grad_accum > 1`, exact), and the ESTIMATES of one micro-batch's activations
-  (`activation_estimate`) and of LoRA's merged kernels (`_lora_merged_bytes`).
+  (`activation_estimate`) and of LoRA's own (`_lora_activation_bytes`: the adapters are applied, so no
+  merged kernel exists).
 - "update", live during the optimizer update only: its temporaries (an ESTIMATE, `UPDATE_TEMP_COPIES`).
 - "rollout" (GRPO and PPO), live while the step's completions are generated, before the
   forward/backward: the KV cache of `P x G` rows (PPO: G = 1; exact: `generation.cache`'s layout, k/v
@@ -35,8 +36,8 @@ Per device, each row of `Plan.rows` in one phase:
 - "scoring" (PPO only), live while the generation batch is scored (`ppo_step.score_fn`), after the
   rollout (whose sampler view and cache are gone) and before the first train step: one forward-only
   micro-batch of `batch.batch_size` rows through the policy, the reference, the value model and the reward
-  model, one after another (ESTIMATE, `_scoring_estimate`), and with LoRA the policy's and the value
-  model's adapted kernels (`_lora_merged_bytes` without gradients). Without a backward pass nothing is
+  model, one after another (ESTIMATE, `_scoring_estimate`), and with LoRA the adapters' own transient
+  activations (`_lora_activation_bytes` without a backward). Without a backward pass nothing is
   saved across layers and nothing is differentiated, so this phase stays below the forward/backward's
   (two models' forward and backward on a micro-batch of the same shape) and does not bind; it is planned
   to show that, not to find a peak.
@@ -44,8 +45,7 @@ Per device, each row of `Plan.rows` in one phase:
 PPO trains the policy and the value model in one loss (`ppo_step.ppo_step`): their params, gradients and
 AdamW moments are one trainable tree (`{**policy, "value": ..., "score": head}`: a second full tree, or
 with LoRA a second adapter set on the one frozen base), and each micro-batch runs both models' forward
-and backward, so "backward" counts two micro-batches' activations and, with LoRA, two sets of merged
-kernels.
+and backward, so "backward" counts two micro-batches' activations (with LoRA, both adapter sets').
 
 `peak = state + max(backward, update, rollout, scoring)`. A config FITS when `peak <= USABLE_FRACTION *
 HBM`; the other 10% is for what no formula here sees (allocator fragmentation, cuBLAS/cuDNN workspaces,
@@ -365,9 +365,10 @@ class AbstractSetup:
     param_count: int
 
 
-def abstract_setup(config: dict) -> AbstractSetup:
+def abstract_setup(config: dict, model_cfg=None) -> AbstractSetup:
     """The model, the train state and the frozen params as `init_train_state` makes them (PPO:
-    `ppo_step.abstract_ppo_state`, the policy and the value model in one state), all abstract."""
+    `ppo_step.abstract_ppo_state`, the policy and the value model in one state), all abstract.
+    `model_cfg`: a `Qwen25VLConfig` to use instead of the config's model (analyses at other depths)."""
     import jax
     from flax import nnx
 
@@ -375,7 +376,10 @@ def abstract_setup(config: dict) -> AbstractSetup:
     from qwenvl_jax.train.optim import OptimConfig
     from qwenvl_jax.train.state import init_train_state, param_logical_axes
 
-    model_cfg, source = model_config(config)
+    if model_cfg is None:
+        model_cfg, source = model_config(config)
+    else:
+        source = "given config"
     model = abstract_model(model_cfg)
     logical_axes = param_logical_axes(model)
     param_count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
@@ -674,28 +678,29 @@ def jax_leaves(tree):
     return jax.tree.leaves(tree)
 
 
-def _lora_merged_bytes(
-    setup: AbstractSetup, frozen_fractions, adapters, *, sets: int = 1, backward: bool = True
+def _lora_activation_bytes(
+    setup: AbstractSetup, adapters, rows: int, seq: int, mesh: dict[str, int], *, sets: int = 1,
+    backward: bool = True,
 ) -> tuple[int, str]:
-    """LoRA's merge of whole stacked kernels (`lora.apply_lora`, outside the layer scan) for `sets`
-    adapter sets shaped like `adapters` (PPO: the policy's and the value model's, both merged in one
-    function): the adapted kernels `W + delta` of every target (the layer scan reads them in forward and
-    backward), their gradients (the scan's stacked cotangents), and two fp32 `(layers, in, out)` buffers of
-    the widest target (its `delta` and the cotangent of `delta`, one target at a time); `backward=False`
-    (a forward-only pass): the kernels and one fp32 `delta`."""
+    """LoRA's own activations for `sets` adapter sets shaped like `adapters` (PPO: the policy's and the
+    value model's). The adapters are applied, never merged (`lora.attach`: `y = x W + s (x A) B`), so no
+    kernel-sized buffer exists: per adapted layer the rank-r product `x A` of the micro-batch's tokens is
+    saved for the backward (remat none/dots; remat full recomputes it), and with dropout one dropped copy
+    of the widest adapted input lives at a time. ESTIMATE."""
     from qwenvl_jax.train import lora as lora_lib
 
+    a = np.dtype(setup.model_cfg.dtype).itemsize
+    tokens = rows / (mesh["data"] * mesh["fsdp"]) * seq
+    rank = setup.lora_cfg.rank
     flat = lora_lib.flatten(setup.frozen)
-    fractions = lora_lib.flatten(frozen_fractions)
-    targets = list(adapters)
-    merged = sum(_bytes(flat[t], fractions[t]) for t in targets)
-    widest32 = round(4 * max(int(np.prod(flat[t].shape)) * fractions[t] for t in targets))
-    copies = 2 if backward else 1
-    what = "adapted kernels and gradients" if backward else "adapted kernels"
-    note = f"{copies} x {_size(merged).strip()} {what} + {copies} x {_size(widest32).strip()} fp32"
+    layers = sum(int(np.prod(flat[t].shape[:-2])) for t in adapters)  # adapted (layer, kernel) pairs
+    widest = max(flat[t].shape[-2] for t in adapters)
+    saved = layers * tokens * rank * a if backward and setup.model_cfg.remat != "full" else 0.0
+    transient = tokens * (rank + (widest if setup.lora_cfg.dropout > 0 else 0)) * a
+    note = f"x A of {layers} adapted layers ({'saved' if saved else 'recomputed'}), rank {rank}"
     if sets > 1:
         note = f"{sets} adapter sets x ({note})"
-    return sets * copies * (merged + widest32), note
+    return round(sets * (saved + transient)), note
 
 
 def _reward_model_bytes(config: dict, setup: AbstractSetup, mesh) -> tuple[int, str] | None:
@@ -797,15 +802,15 @@ def plan(config: dict) -> Plan:
     chunk = int(config.get("chunk_size", 1024))
     act, formula = activation_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
     # PPO differentiates the policy's and the value model's forward in one loss: both models' saved
-    # activations live until the backward, and both adapter sets are merged.
+    # activations live until the backward, both adapter sets' among them.
     models = 2 if kind == "ppo" else 1
     if models > 1:
         formula = f"2 models (policy, value) x [{formula}]"
     what = "one micro-batch" if models == 1 else "one micro-batch through the policy and the value model"
     rows.append(Row("activations", models * act, "backward", False, what))
     if lora:
-        merged, note = _lora_merged_bytes(setup, frozen_fr, policy, sets=models)
-        rows.append(Row("LoRA merged kernels", merged, "backward", False, note))
+        own, note = _lora_activation_bytes(setup, policy, rows_mb, seq, shape, sets=models)
+        rows.append(Row("LoRA activations", own, "backward", False, note))
     rows.append(
         Row(
             "update temporaries",
@@ -840,9 +845,9 @@ def plan(config: dict) -> Plan:
     if kind == "ppo":
         score, scoring_formula = _scoring_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
         rows.append(Row("scoring activations", score, "scoring", False, "one micro-batch, forward only"))
-        if lora:  # the policy's and the value model's adapters merged; the reference is the bare base
-            merged, note = _lora_merged_bytes(setup, frozen_fr, policy, sets=2, backward=False)
-            rows.append(Row("scoring merged kernels", merged, "scoring", False, note))
+        if lora:  # the policy's and the value model's adapters; the reference is the bare base
+            own, note = _lora_activation_bytes(setup, policy, rows_mb, seq, shape, sets=2, backward=False)
+            rows.append(Row("scoring LoRA activations", own, "scoring", False, note))
 
     notes = []
     if any(np.dtype(d).itemsize < 4 for d in dtypes):
@@ -1050,15 +1055,17 @@ def _traceable(config: dict) -> dict:
     return config
 
 
-def _step_and_args(config: dict, *, sharded: bool):
+def step_and_args(config: dict, *, sharded: bool, model_cfg=None):
     """`(setup, jitted step, abstract args)` of the config's real train step; `sharded`: on a mesh of the
-    config's shape over the available devices, with the step's explicit shardings."""
+    config's shape over the available devices, with the step's explicit shardings; `model_cfg` as
+    `abstract_setup`'s. `step.lower(*args).compile()` gives XLA's cost and memory analysis of the real
+    program without allocating it (`bench/compute_at_scale.py`)."""
     import jax
 
     from qwenvl_jax import sharding as shd
     from qwenvl_jax.train.step import make_train_step, nnx_full_params_like
 
-    setup = abstract_setup(config)
+    setup = abstract_setup(config, model_cfg)
     kind = config.get("kind", "sft")
     batch = abstract_batch(config, setup.model_cfg)
     step_kw: dict[str, Any] = {"chunk_size": int(config.get("chunk_size", 1024))}
@@ -1111,7 +1118,7 @@ def check_step_shapes(config: dict) -> StepCheck:
     """
     import jax
 
-    setup, step, args = _step_and_args(_traceable(config), sharded=False)
+    setup, step, args = step_and_args(_traceable(config), sharded=False)
     new_state, metrics = jax.eval_shape(step, *args)
     before = jax.tree_util.tree_flatten_with_path(setup.state)[0]
     after = jax.tree_util.tree_flatten_with_path(new_state)[0]
@@ -1135,7 +1142,7 @@ def compiled_memory(config: dict) -> dict[str, int]:
     bf16 models (docs/training.md).
     """
     sharded = math.prod(mesh_shape(config).values()) > 1
-    _, step, args = _step_and_args(_traceable(config), sharded=sharded)
+    _, step, args = step_and_args(_traceable(config), sharded=sharded)
     stats = step.lower(*args).compile().memory_analysis()
     out = {
         "argument": int(stats.argument_size_in_bytes),

@@ -46,12 +46,14 @@ from qwenvl_jax.train.state import TrainState
 
 
 def build_model(graphdef, params, frozen, lora_cfg=None, *, dropout_key=None, lora_enabled=True):
-    """The model of one step: `nnx.merge(graphdef, trainable, frozen)`, or, with LoRA, the base params
-    with the adapters folded in (`lora_enabled=False`: the base model, e.g. the DPO reference)."""
+    """The model of one step: `nnx.merge(graphdef, trainable, frozen)`, or, with LoRA, the frozen base with
+    the adapters attached to its `Dense` layers (`lora.attach`: `x W + scale (x A) B`, so no merged kernel
+    exists and no gradient of a frozen kernel is computed); `lora_enabled=False`: the base model, e.g. the
+    DPO reference."""
     if lora_cfg is None:
         return nnx.merge(graphdef, params, frozen)
-    base = lora_lib.apply_lora(frozen, params, lora_cfg, dropout_key=dropout_key) if lora_enabled else frozen
-    return nnx.merge(graphdef, {}, base)
+    model = nnx.merge(graphdef, {}, frozen)
+    return lora_lib.attach(model, params, lora_cfg, dropout_key=dropout_key) if lora_enabled else model
 
 
 def token_stats(
