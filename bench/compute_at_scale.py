@@ -2,6 +2,7 @@
 
     python bench/compute_at_scale.py lora [--preset 7B] [--json OUT]
     python bench/compute_at_scale.py vision [--patches 16384 65536] [--max-frame-patches 1024] [--json OUT]
+    python bench/compute_at_scale.py decode [--preset 3B] [--batch 64] [--cached 1024] [--json OUT]
 
 `lora`: FLOPs of one SFT step of the real config, LoRA (rank 16 on every text projection, the adapters
 applied as `x W + (x A) B`, `train.lora.attach`) against full fine-tuning, at the preset's widths, one row
@@ -17,6 +18,14 @@ rows; backward = 2 x forward), and XLA:CPU's temporaries at each budget (linear 
 windowed blocks attend band by band (3 x 64 keys per query); the full blocks too when the frames are
 bounded (`--max-frame-patches`, `BatchSpec.max_frame_patches`: 3 x bound keys per query), else over the
 whole budget with a segment mask (`--max-frame-patches 0`).
+
+`decode`: one decode step (`Qwen25VL.decode_step`: the new token through every layer against the KV
+cache, the cache updated, the logits) at the preset's widths, `batch` rows with
+`cached` filled slots (the cache holds exactly those), float32 weights and cache by default (XLA:CPU
+converts bf16 dot operands to float32, whole stacked arrays at a time, which a GPU does not; the ratio is
+the figure): XLA's "bytes accessed" against what a decode step
+must read, the weights plus the live cache (the goal: within 1.3x). Layers unrolled (XLA counts a scan
+body once).
 
 How (`lora`): XLA counts a `lax.scan` body once, so the step is compiled with the layers unrolled
 (`scan_layers=False`) at three small depths, (1, 1), (2, 1) and (1, 2) text layers and vision blocks, and
@@ -157,6 +166,44 @@ def cmd_vision(args) -> dict:
     return out
 
 
+def cmd_decode(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.generation.cache import cache_shape
+    from qwenvl_jax.loading import abstract_model
+
+    dtype = args.dtype
+    cfg = Qwen25VLConfig.preset(args.preset, dtype=dtype, param_dtype=dtype).replace(scan_layers=False)
+    graphdef, params = nnx.split(abstract_model(cfg))
+    b, t = args.batch, args.cached
+    kv = jax.ShapeDtypeStruct(cache_shape(cfg, b, t), jnp.dtype(dtype))
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+
+    def step(params, ids, pos, k, v, mask, index):
+        return nnx.merge(graphdef, params).decode_step(ids, pos, k, v, mask, index)
+
+    compiled = jax.jit(step, donate_argnums=(3, 4)).lower(params, i32(b), i32(3, b), kv, kv, i32(b, t), i32()).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    accessed = float(cost["bytes accessed"])
+    weights = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+    vision = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in jax.tree.leaves(nnx.state(abstract_model(cfg).visual)))  # fmt: skip
+    text_weights = weights - vision  # a decode step never reads the vision tower
+    cache = 2 * int(np.prod(kv.shape)) * np.dtype(kv.dtype).itemsize
+    need = text_weights + cache
+    out = {"preset": args.preset, "dtype": dtype, "batch": b, "cached": t, "bytes_accessed": accessed, "weights": text_weights,
+           "cache": cache, "ratio": accessed / need}  # fmt: skip
+    print(f"decode step, {args.preset} {dtype}, batch {b}, {t} cached tokens: XLA bytes accessed {accessed / 2**30:.2f} GiB; "
+          f"weights {text_weights / 2**30:.2f} + live cache {cache / 2**30:.2f} = {need / 2**30:.2f} GiB: "
+          f"{accessed / need:.2f}x (goal: at most 1.3x)")  # fmt: skip
+    return out
+
+
 def cmd_lora(args) -> dict:
     shape = dict(rows=1, seq=2048, patches=1024)
     out = {"preset": args.preset, "remat": args.remat, **shape}
@@ -182,8 +229,15 @@ def main(argv=None) -> int:
     vision.add_argument("--patches", type=int, nargs="+", default=[16384, 65536])
     vision.add_argument("--max-frame-patches", type=int, default=1024, help="0: full blocks unbounded")
     vision.add_argument("--json", help="write the figures here as JSON")
+    decode = sub.add_parser("decode", help="bytes accessed by one decode step")
+    decode.add_argument("--preset", default="3B")
+    decode.add_argument("--batch", type=int, default=64)
+    decode.add_argument("--cached", type=int, default=1024)
+    decode.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="weights and cache; XLA:CPU converts bf16 operands to f32, which inflates its count")
+    decode.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    out = {"lora": cmd_lora, "vision": cmd_vision}[args.what](args)
+    out = {"lora": cmd_lora, "vision": cmd_vision, "decode": cmd_decode}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
     return 0
