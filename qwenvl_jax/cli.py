@@ -1,6 +1,6 @@
 """`qwenvl-jax` command line.
 
-qwenvl-jax demo [--out DIR] [--fast] [--grpo]   # offline, CPU: SFT then DPO (or GRPO) of a tiny model
+qwenvl-jax demo [--out DIR] [--fast] [--grpo | --ppo]   # offline, CPU: SFT then DPO/GRPO/PPO, tiny model
 qwenvl-jax demo --processor [--model DIR]  # offline: the host pipeline on synthetic images and a video
 qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
 qwenvl-jax generate --model DIR --image PATH_OR_URL [--video PATH] --prompt "..." [--json]
@@ -49,9 +49,9 @@ def _describe(batch: dict[str, np.ndarray]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.processor:
-        if args.fast or args.grpo or args.out is not None:
+        if args.fast or args.grpo or args.ppo or args.out is not None:
             print(
-                "error: --out, --fast and --grpo apply to the training demo, not to --processor",
+                "error: --out, --fast, --grpo and --ppo apply to the training demo, not to --processor",
                 file=sys.stderr,
             )
             return 2
@@ -61,11 +61,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "error: --model applies to the processor demo only (qwenvl-jax demo --processor)", file=sys.stderr
         )
         return 2
-    from qwenvl_jax.demo import FAST, FULL, GRPO, GRPO_FAST, run_demo
+    if args.grpo and args.ppo:
+        print("error: --grpo and --ppo are two demos; choose one", file=sys.stderr)
+        return 2
+    from qwenvl_jax.demo import FAST, FULL, GRPO, GRPO_FAST, PPO, PPO_FAST, run_demo
 
-    settings = {(False, False): FULL, (True, False): FAST, (False, True): GRPO, (True, True): GRPO_FAST}
+    method = "grpo" if args.grpo else "ppo" if args.ppo else "dpo"
+    settings = {("dpo", False): FULL, ("dpo", True): FAST, ("grpo", False): GRPO, ("grpo", True): GRPO_FAST,
+                ("ppo", False): PPO, ("ppo", True): PPO_FAST}  # fmt: skip
     try:
-        run_demo(args.out or "qwenvl_jax_demo", settings[args.fast, args.grpo])
+        run_demo(args.out or "qwenvl_jax_demo", settings[method, args.fast])
     except FileExistsError as err:  # an --out that is not the demo's own
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -355,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="offline, on the CPU: SFT then DPO of a tiny random-weight model on synthetic images",
+        help="offline, on the CPU: SFT then DPO, GRPO or PPO of a tiny random-weight model on synthetic images",
         **fmt,
     )
     demo.add_argument("--out", help="output directory (default: ./qwenvl_jax_demo)")
@@ -364,6 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--grpo",
         action="store_true",
         help="SFT then GRPO on the task's reward alone, instead of SFT then DPO",
+    )
+    demo.add_argument(
+        "--ppo",
+        action="store_true",
+        help="SFT, a reward model on the preference pairs, then PPO against it, instead of SFT then DPO",
     )
     demo.add_argument(
         "--processor", action="store_true", help="instead: the host pipeline on a tiny checkpoint (no model)"
@@ -457,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     parity.set_defaults(func=cmd_parity)
     trn = sub.add_parser(
         "train",
-        help="SFT, DPO, GRPO or reward-model run from a YAML config (resumes from run_dir)",
+        help="SFT, DPO, GRPO, reward-model or PPO run from a YAML config (resumes from run_dir)",
         epilog=TRAIN_EPILOG,
         **fmt,
     )

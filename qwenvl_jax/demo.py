@@ -1,5 +1,5 @@
-"""`qwenvl-jax demo`: SFT then DPO, or with `--grpo` SFT then GRPO, of a tiny random-weight Qwen2.5-VL on
-synthetic shape images, on CPU.
+"""`qwenvl-jax demo`: SFT then DPO, with `--grpo` SFT then GRPO, with `--ppo` SFT, a reward model and PPO,
+of a tiny random-weight Qwen2.5-VL on synthetic shape images, on CPU.
 
 Offline and measured: every figure it prints comes from the runs it makes.
 
@@ -12,6 +12,10 @@ Offline and measured: every figure it prints comes from the runs it makes.
    (`grpo.jsonl`), each sampled answer scored by `data.synthetic.shape_reward` (+0.5 per right colour or
    shape word, -0.5 per wrong one, 1.0 for the whole answer), the only signal it learns from; evaluates
    `grpo/final`, then, for comparison, plain SFT from `sft/final` for the same steps (`more_sft/`).
+   With `--ppo` (`PPO`): a reward model (`kind: reward`, the SFT model plus a scalar head) from `sft/final`
+   on the training pairs, and its accuracy on the held-out pairs; PPO (`kind: ppo`) from `sft/final` on the
+   training prompts, each sampled answer scored by that reward model alone (no reward function), the value
+   model starting from it (TRL's default); evaluates `ppo/final`, then the same comparison.
 5. Prints the held-out figures of the models side by side, with sample answers, and writes them to
    `report.json` beside the runs.
 
@@ -51,6 +55,34 @@ one number per sampled answer teaches it more slowly than a target for every tok
   tokens of the byte-level vocabulary), score the same whatever the image, and so carry no signal.
 - 1500 training images. With the DPO demo's 300 (`num_train=300`) the held-out answers do not improve
   (8/48 -> 7/48), although the training reward rises about as much.
+
+PPO (seed 0, `qwenvl-jax demo --ppo --out /tmp/demo_ppo`, 3m11s on two shared CPU cores, the same figures
+on a rerun; variants measured with `run_demo(out, replace(PPO, ...))` or the same run configs
+edited). The SFT phase is the GRPO demo's: 11/48 exact, mean reward -0.17. The reward model, 500 steps of
+8 training pairs (true answer vs a wrong shape) at lr 1e-3, ranks 77% of the held-out pairs right as the
+reward run scores a row: at its last token, the "\n" the chat template writes after "<|im_end|>". PPO's
+answers end at the "<|im_end|>" where sampling stopped, and scored there, as PPO scores them, the same
+model ranks 56% right (both printed): its head was trained on another token's hidden state. (TRL does the
+same: RewardTrainer applies the chat template, PPOTrainer scores at the stop token.) PPO, 200 steps (50
+generation batches of 16 answers at temperature 0.7, 2 epochs x 2 mini-batches each), lr 3e-5, kl_coef
+0.05: 18/48 exact (colour 52% -> 69%, shape 31% -> 40%), mean reward 0.08; plain SFT for the same 200 steps
+reaches 35/48 (0.73). What this shows: the SFT -> reward model -> PPO pipeline running through the loop,
+measured. What it does not: that PPO learned the task from the reward model. The reward model's score of
+the sampled answers stays flat (0.42 -> 0.42), and where PPO reads it, it barely looks at the image: in
+`ppo/completions.jsonl` an answer scores the same whatever the image ("A red circle." 0.46 +- 0.09, "A blue
+circle." 0.77-0.78), so the answers drift towards the words it likes ("A blue circle." for four of the six
+samples shown). Gains of this size come and go: with seed 1 the reward model ranks 81% (79% at the stop
+token), and PPO goes 11/48 -> 12/48 while more SFT reaches 46/48. Measured besides:
+- A reward model trained on rows that end at "<|im_end|>", as PPO's do (the tiny chat template without
+  the final "\n"; an experiment, not a setting): 77% at PPO's token. PPO raises its score 0.26 -> 0.58
+  and answers "A blue circle." to every held-out image (9/48): the pairs reject only wrong shapes, so
+  the colour is free to exploit. With pairs that reject a colour or a shape (71% of those held-out pairs at
+  the stop token), every answer becomes "A red circle." (10/48), at kl_coef 0.2 and lr 1e-5 too.
+- SFT for 150 steps (32/48): the reward model ranks 88% (73% at the stop token); PPO takes the policy to
+  19/48 (shape 67% -> 40%), more SFT to 41/48.
+- PPO with `rewards: [shape_reward]` in place of the reward model, lr 1e-4: 14/48, mean reward 0.23
+  (colour 90%); at 3e-5, 10/48 (reward 0.00). The loop's PPO learns from a reward that is right, less than
+  GRPO (24/48) here, from an eighth of GRPO's sampled answers.
 """
 
 from __future__ import annotations
@@ -75,15 +107,18 @@ from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.pipeline import make_batches
 from qwenvl_jax.data.synthetic import QUESTION, ShapeExample, ShapeTask, shape_reward, write_shape_task
 from qwenvl_jax.loading import param_count, random_model
+from qwenvl_jax.model.value_head import reward_scores
 from qwenvl_jax.processing import BatchSpec, Processor
+from qwenvl_jax.reward_model import load_reward_model
 from qwenvl_jax.tiny import write_tiny_checkpoint
 from qwenvl_jax.train.logger import format_duration, read_metrics
 from qwenvl_jax.train.loop import train
 from qwenvl_jax.train.step import token_stats
 
 MARKER = ".qwenvl_jax_demo"  # marks a directory the demo may clear and rewrite
-_OWNED = (MARKER, "processor", "data", "sft", "dpo", "grpo", "more_sft", "report.json")
+_OWNED = (MARKER, "processor", "data", "sft", "dpo", "grpo", "reward", "ppo", "more_sft", "report.json")
 REWARD = "qwenvl_jax.data.synthetic:shape_reward"  # GRPO's only training signal
+METHODS = ("dpo", "grpo", "ppo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +136,10 @@ class DemoSettings:
     dpo_lr: float = 3e-4
     dpo_beta: float = 0.5
     dpo_loss: tuple[str, ...] = ("sigmoid", "sft")  # `losses.dpo_objective` loss types, weight 1 each
-    method: str = "dpo"  # what follows SFT: "dpo" (preference pairs) or "grpo" (the task's reward alone)
+    # What follows SFT: "dpo" (preference pairs), "grpo" (the task's reward alone) or "ppo" (a reward model
+    # trained on the preference pairs, then PPO against it).
+    method: str = "dpo"
+    rejected: str = "shape"  # the attribute a pair's rejected answer gets wrong (`write_shape_task`)
     # GRPO: prompts only; `shape_reward` of each sampled answer is the whole training signal. The lr and the
     # temperature are measured (module docstring): at lr 1e-4 it learns to misspell the shape word, which
     # the reward pays more than a wrong shape; at temperature 1 it barely learns.
@@ -110,8 +148,23 @@ class DemoSettings:
     grpo_prompts: int = 4  # prompts per step, each with grpo_generations sampled answers
     grpo_generations: int = 8
     grpo_temperature: float = 0.7
-    # After GRPO, plain SFT on the true answers from the same model for the same steps: the comparison.
-    grpo_control: bool = True
+    # Reward model (PPO's only signal): the SFT model plus a scalar head, on the training pairs. At lr 1e-4
+    # for 100 steps it ranked 46% of the held-out pairs right, at 1e-3 for 200 steps 58%.
+    reward_steps: int = 500
+    reward_lr: float = 1e-3
+    # PPO from the SFT model against the reward model; the value model starts from the reward model.
+    # `ppo_steps` are optimizer steps: a generation batch of `batch_size x ppo_mini_batches` prompts (one
+    # answer each) serves `ppo_epochs x ppo_mini_batches` of them. lr and temperature as GRPO's, kl_coef
+    # TRL's default.
+    ppo_steps: int = 200
+    ppo_lr: float = 3e-5
+    ppo_mini_batches: int = 2
+    ppo_epochs: int = 2
+    ppo_temperature: float = 0.7
+    ppo_kl_coef: float = 0.05
+    # After GRPO or PPO, plain SFT on the true answers from the same model for the same steps: the
+    # comparison.
+    control: bool = True
     seed: int = 0
     samples: int = 6  # held-out answers shown
 
@@ -127,6 +180,10 @@ FAST = DemoSettings(
 # held-out answers (module docstring).
 GRPO = dataclasses.replace(FULL, method="grpo", num_train=1500, sft_steps=50)
 GRPO_FAST = dataclasses.replace(FAST, method="grpo", grpo_steps=4, grpo_prompts=2, grpo_generations=4)
+# From the GRPO demo's SFT, so that the two read side by side (module docstring).
+PPO = dataclasses.replace(GRPO, method="ppo")
+# No control run: it is the GRPO demo's code, and its compile would add a quarter to the smoke run.
+PPO_FAST = dataclasses.replace(FAST, method="ppo", reward_steps=3, ppo_steps=4, ppo_epochs=1, control=False)
 
 MAX_NEW_TOKENS = 16  # "A green triangle." is 10 tokens of the tiny vocabulary, then <|im_end|>
 
@@ -205,6 +262,53 @@ def pair_margins(
     return np.asarray(margins, np.float64)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _reward_scores(graphdef, params, head, pad_token_id, batch):
+    return reward_scores(nnx.merge(graphdef, params), head, batch, pad_token_id)
+
+
+def _end_at_stop(batch: dict, pad_token_id: int, stop_token_ids: Sequence[int]) -> dict:
+    """`batch` with each row's last token cut, so that it ends at its stop token as a PPO rollout does:
+    the chat template closes a turn with "<|im_end|>\\n", while sampling stops at the "<|im_end|>"."""
+    ids = batch["input_ids"].copy()
+    rows = np.arange(len(ids))
+    last = np.argmax(np.arange(ids.shape[1]) * (ids != pad_token_id), axis=1)
+    real = batch["attention_mask"].any(axis=1)
+    if not np.isin(ids[rows, last - 1], stop_token_ids)[real].all():
+        raise RuntimeError("a pair's answer does not end with the stop token and one more token")
+    ids[rows[real], last[real]] = pad_token_id
+    mask = batch["attention_mask"].copy()
+    mask[rows[real], last[real]] = 0
+    return {**batch, "input_ids": ids, "attention_mask": mask}
+
+
+def reward_margins(
+    path: Path, processor: Processor, pairs_path: Path, *, pairs_per_batch: int, spec_kw: dict
+) -> tuple[np.ndarray, np.ndarray]:
+    """r(chosen) - r(rejected) under the reward model at `path` for every pair of a DPO JSONL file, in file
+    order: each row scored as the reward run trained on it (the head at its last token, the "\\n" after
+    "<|im_end|>"), and as PPO scores an answer (at the "<|im_end|>" where sampling stopped)."""
+    model, head = load_reward_model(path, dtype="float32")
+    spec = BatchSpec(
+        batch_size=2 * pairs_per_batch,
+        pad_token_id=processor.pad_token_id,
+        image_token_id=processor.image_token_id,
+        video_token_id=processor.video_token_id,
+        **spec_kw,
+    )
+    graphdef, params = nnx.split(model)
+    pad = int(processor.pad_token_id)
+    stop = list(model.config.eos_token_id)
+    trained, at_stop = [], []
+    for batch in make_batches([str(pairs_path)], processor, spec, kind="dpo", shuffle=False, num_epochs=1):
+        n = int(batch["example_mask"][:pairs_per_batch].sum())
+        arrays = {k: v for k, v in batch.items() if v is not None}
+        for out, rows in ((trained, arrays), (at_stop, _end_at_stop(arrays, pad, stop))):
+            scores = np.asarray(_reward_scores(graphdef, params, head, pad, rows))
+            out.extend(scores[:n] - scores[pairs_per_batch : pairs_per_batch + n])
+    return np.asarray(trained, np.float64), np.asarray(at_stop, np.float64)
+
+
 def evaluate(
     model, processor: Processor, task: ShapeTask, *, spec_kw: dict, pairs_per_batch: int
 ) -> Evaluation:
@@ -244,9 +348,14 @@ def _curve(rows: list[dict], key: str, parts: int = 5) -> list[float]:
     return [float(v.mean()) for v in np.array_split(values, min(parts, len(values)))]
 
 
+def rl_steps(settings: DemoSettings) -> int:
+    """The steps of the phase after SFT that the control (`more_sft`) matches."""
+    return settings.ppo_steps if settings.method == "ppo" else settings.grpo_steps
+
+
 def run_configs(out: Path, task: ShapeTask, settings: DemoSettings, processor_dir: Path) -> dict[str, dict]:
-    """The demo's run configs (`train.loop` schema) by run directory: "sft", "dpo", "grpo", and "more_sft"
-    (the GRPO demo's comparison: SFT from `sft/final` for GRPO's steps)."""
+    """The demo's run configs (`train.loop` schema) by run directory: "sft", "dpo", "grpo", "reward",
+    "ppo", and "more_sft" (the GRPO and PPO demos' comparison: SFT from `sft/final` for their steps)."""
     s = settings
     patches = (s.image_size // 14) ** 2
     # One sequence bucket: a record is ~70 tokens (template, question, 4 image tokens, answer).
@@ -255,7 +364,11 @@ def run_configs(out: Path, task: ShapeTask, settings: DemoSettings, processor_di
         "processor": str(processor_dir),
         "data": {"shuffle": True, "num_epochs": None},
         # One checkpoint, at the end: the runs are short and `final/` is what the next phase loads.
-        "checkpoint": {"every": max(s.sft_steps, s.dpo_steps, s.grpo_steps), "keep": 1, "async": True},
+        "checkpoint": {
+            "every": max(s.sft_steps, s.dpo_steps, s.grpo_steps, s.reward_steps, s.ppo_steps),
+            "keep": 1,
+            "async": True,
+        },
         "logging": {"progress": True, "tensorboard": True, "plot": True},
     }
 
@@ -302,8 +415,36 @@ def run_configs(out: Path, task: ShapeTask, settings: DemoSettings, processor_di
                  "log_completions_every": max(1, s.grpo_steps // 10)},
         "rewards": [REWARD],
     }  # fmt: skip
-    more_sft = {**sft, "run_dir": str(out / "more_sft"), "steps": s.grpo_steps, "model": from_sft}
-    return {"sft": sft, "dpo": dpo, "grpo": grpo, "more_sft": more_sft}
+    reward = {
+        **common,
+        "kind": "reward",
+        "run_dir": str(out / "reward"),
+        "steps": s.reward_steps,
+        "model": from_sft,
+        "data": {**common["data"], "paths": [str(task.dpo)]},
+        "batch": {"batch_size": s.batch_size, **budget(2 * s.batch_size)},
+        "optim": {"learning_rate": s.reward_lr, "schedule": "cosine", "end_lr_ratio": 0.1},
+    }
+    # TRL's setup: the reward model alone scores the answers (no `rewards:`) and starts the value model.
+    ppo = {
+        **common,
+        "kind": "ppo",
+        "run_dir": str(out / "ppo"),
+        "steps": s.ppo_steps,
+        "model": from_sft,
+        "data": {**common["data"], "paths": [str(task.grpo)]},
+        # The training rows: prompt + answer; a generation batch is `ppo_mini_batches` of these.
+        "batch": {"batch_size": s.batch_size, **budget(s.batch_size)},
+        "trainable": "full",
+        "optim": {"learning_rate": s.ppo_lr, "schedule": "cosine", "end_lr_ratio": 0.1},
+        "ppo": {"reward_model": str(out / "reward" / "final"), "value_init": "reward_model",
+                "max_prompt_length": 96 - MAX_NEW_TOKENS, "max_completion_length": MAX_NEW_TOKENS,
+                "temperature": s.ppo_temperature, "num_ppo_epochs": s.ppo_epochs,
+                "num_mini_batches": s.ppo_mini_batches, "kl_coef": s.ppo_kl_coef,
+                "log_completions_every": max(1, s.ppo_steps // (10 * s.ppo_epochs * s.ppo_mini_batches))},
+    }  # fmt: skip
+    more_sft = {**sft, "run_dir": str(out / "more_sft"), "steps": rl_steps(s), "model": from_sft}
+    return {"sft": sft, "dpo": dpo, "grpo": grpo, "reward": reward, "ppo": ppo, "more_sft": more_sft}
 
 
 def _prepare(out: Path) -> None:
@@ -338,8 +479,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
     stream = sys.stdout if stream is None else stream
     start = time.perf_counter()
     s = settings
-    if s.method not in ("dpo", "grpo"):
-        raise ValueError(f"method must be 'dpo' or 'grpo', got {s.method!r}")
+    if s.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {s.method!r}")
     out = Path(out_dir).absolute()
 
     def say(text: str = "") -> None:
@@ -349,7 +490,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
     proc_dir = write_tiny_checkpoint(out / "processor")
     processor = Processor.from_pretrained(proc_dir)
     task = write_shape_task(out / "data", num_train=s.num_train, num_heldout=s.num_heldout, size=s.image_size,
-                            radius=s.radius, rejected="shape", seed=s.seed)  # fmt: skip
+                            radius=s.radius, rejected=s.rejected, seed=s.seed)  # fmt: skip
     configs = run_configs(out, task, s, proc_dir)
     pairs_per_batch = min(16, s.num_heldout)
     rows = 2 * pairs_per_batch
@@ -374,9 +515,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
         phase_eval(name, qwenvl_jax.load(out / name / "final", dtype="float32"))
         return {"loss_first": loss[0], "loss_last": loss[1], "steps": len(metrics)}
 
-    grpo = s.method == "grpo"
-    control = grpo and s.grpo_control
-    total = 4 if control else 3
+    control = s.method != "dpo" and s.control
+    total = {"dpo": 3, "grpo": 3, "ppo": 4}[s.method] + control
     config = Qwen25VLConfig.preset("tiny", dtype="float32", param_dtype="float32")
     model = random_model(config, s.seed)
     say(
@@ -397,7 +537,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
     report: dict[str, Any] = {"sft": sft_run("sft")}
 
     say()
-    if not grpo:
+    if s.method == "dpo":
         say(f"[3/3] DPO from the SFT model: {s.dpo_steps} steps of {s.batch_size} pairs (true answer vs a wrong "
             f"shape), beta {s.dpo_beta:g}, lr {s.dpo_lr:g}, loss {' + '.join(s.dpo_loss)}")  # fmt: skip
         _run_phase(configs["dpo"])
@@ -412,7 +552,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
         report["dpo"] = {"loss_first": dpo_loss[0], "loss_last": dpo_loss[1], "reward_accuracy_first": reward_acc[0],
                          "reward_accuracy_last": reward_acc[1], "reward_margin_first": reward_margin[0],
                          "reward_margin_last": reward_margin[1], "steps": len(dpo_rows)}  # fmt: skip
-    else:
+    elif s.method == "grpo":
         say(f"[3/{total}] GRPO from the SFT model: {s.grpo_steps} steps of {s.grpo_prompts} prompts x "
             f"{s.grpo_generations} sampled answers (temperature {s.grpo_temperature:g}), lr {s.grpo_lr:g}; "
             "trained on the reward alone (shape_reward), never on a true answer")  # fmt: skip
@@ -427,14 +567,58 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
         phase_eval("grpo", qwenvl_jax.load(out / "grpo" / "final", dtype="float32"))
         report["grpo"] = {"reward_first": reward[0], "reward_last": reward[1], "reward_curve": curve,
                           "zero_std_first": flat[0], "zero_std_last": flat[1], "steps": len(grpo_rows)}  # fmt: skip
-        if control:
-            say()
-            say(f"[4/4] for comparison, plain SFT on the true answers from the same SFT model for GRPO's "
-                f"{s.grpo_steps} steps: {s.batch_size} records a step, lr {s.sft_lr:g} (cosine)")  # fmt: skip
-            report["more_sft"] = sft_run("more_sft")
+    else:
+        wrong = {"shape": "a wrong shape", "color": "a wrong colour", "either": "a wrong colour or shape"}
+        say(f"[3/{total}] reward model from the SFT model (a scalar head on its last token): "
+            f"{s.reward_steps} steps of {s.batch_size} pairs (true answer vs {wrong[s.rejected]}), "
+            f"lr {s.reward_lr:g}")  # fmt: skip
+        _run_phase(configs["reward"])
+        rm_rows = read_metrics(out / "reward" / "metrics.jsonl")
+        rm_loss = _window_means(rm_rows, "loss")
+        rm_acc = _window_means(rm_rows, "accuracy")
+        say(f"  loss {rm_loss[0]:.3f} -> {rm_loss[1]:.3f}; training pair accuracy {rm_acc[0]:.2f} -> "
+            f"{rm_acc[1]:.2f} ({rm_loss[2]})")  # fmt: skip
+        margins, at_stop = reward_margins(out / "reward" / "final", processor, task.heldout_dpo,
+                                          pairs_per_batch=pairs_per_batch, spec_kw=spec_kw)  # fmt: skip
+        if len(margins) != len(task.heldout):
+            raise RuntimeError(f"{len(margins)} held-out reward margins for {len(task.heldout)} pairs")
+        say(f"  held-out: scores the true answer above the wrong one in {np.mean(margins > 0):.0%} of "
+            f"{len(margins)} pairs (mean r(true) - r(wrong) {np.mean(margins):.2f}); scored as PPO scores an "
+            f"answer, at its <|im_end|>: {np.mean(at_stop > 0):.0%} ({np.mean(at_stop):.2f})")  # fmt: skip
+        report["reward"] = {"loss_first": rm_loss[0], "loss_last": rm_loss[1], "accuracy_first": rm_acc[0],
+                            "accuracy_last": rm_acc[1], "steps": len(rm_rows),
+                            "heldout_margins": [float(m) for m in margins],
+                            "heldout_accuracy": float(np.mean(margins > 0)),
+                            "heldout_margins_at_stop": [float(m) for m in at_stop],
+                            "heldout_accuracy_at_stop": float(np.mean(at_stop > 0))}  # fmt: skip
+
+        say()
+        prompts = s.batch_size * s.ppo_mini_batches
+        say(f"[4/{total}] PPO from the SFT model against the reward model: {s.ppo_steps} steps, each of "
+            f"{s.batch_size} answers; {prompts} answers sampled (temperature {s.ppo_temperature:g}) serve "
+            f"{s.ppo_epochs * s.ppo_mini_batches} steps; kl_coef {s.ppo_kl_coef:g}, lr {s.ppo_lr:g}; the "
+            "value model starts from the reward model; trained on the reward model's scores alone")  # fmt: skip
+        _run_phase(configs["ppo"])
+        ppo_rows = read_metrics(out / "ppo" / "metrics.jsonl")
+        score = _window_means(ppo_rows, "objective/scores")
+        curve = _curve(ppo_rows, "objective/scores")
+        kl = _window_means(ppo_rows, "objective/kl")
+        say(f"  reward-model score of the sampled answers {score[0]:.3f} -> {score[1]:.3f} ({score[2]} that "
+            f"sampled); over {len(curve)} equal stretches: {' -> '.join(f'{v:.2f}' for v in curve)}; "
+            f"KL to the SFT model {kl[0]:.3f} -> {kl[1]:.3f}")  # fmt: skip
+        phase_eval("ppo", qwenvl_jax.load(out / "ppo" / "final", dtype="float32"))
+        report["ppo"] = {"score_first": score[0], "score_last": score[1], "score_curve": curve,
+                         "kl_first": kl[0], "kl_last": kl[1], "steps": len(ppo_rows),
+                         "generations": sum("objective/scores" in r for r in ppo_rows)}  # fmt: skip
+    if control:
+        say()
+        say(f"[{total}/{total}] for comparison, plain SFT on the true answers from the same SFT model for "
+            f"{s.method.upper()}'s {rl_steps(s)} steps: {s.batch_size} records a step, lr {s.sft_lr:g} (cosine)")  # fmt: skip
+        report["more_sft"] = sft_run("more_sft")
 
     elapsed = time.perf_counter() - start
     phases = ["before", "sft", s.method] + (["more_sft"] if control else [])
+    runs = phases[1:2] + (["reward"] if s.method == "ppo" else []) + phases[2:]
     report = {
         "settings": dataclasses.asdict(s),
         "phases": phases,
@@ -448,22 +632,21 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
     say()
     say(format_report(report))
     say()
-    runs = ", ".join(f"{out}/{p}" for p in phases[1:])
     say(f"took {format_duration(elapsed)}. Runs (metrics.jsonl, tensorboard/, loss_curves.png, final/) under "
-        f"{runs}; the figures in {out / 'report.json'}")  # fmt: skip
+        f"{', '.join(f'{out}/{r}' for r in runs)}; the figures in {out / 'report.json'}")  # fmt: skip
     return report
 
 
 # ---------------------------------------------------------------------------------------- the report
 def _labels(report: dict) -> dict[str, str]:
-    steps = report["settings"]["grpo_steps"]
+    steps = report["more_sft"]["steps"] if "more_sft" in report else 0
     return {"before": "before", "sft": "after SFT", "dpo": "after DPO", "grpo": "after GRPO",
-            "more_sft": f"SFT+{steps}"}  # fmt: skip
+            "ppo": "after PPO", "more_sft": f"SFT+{steps}"}  # fmt: skip
 
 
 def format_report(report: dict) -> str:
-    """The table of held-out figures of each evaluated model, and sample answers; for the GRPO demo, what
-    GRPO did and what the same steps of plain SFT did."""
+    """The table of held-out figures of each evaluated model, and sample answers; for the GRPO and PPO
+    demos, what GRPO or PPO (and the reward model) did and what the same steps of plain SFT did."""
     ev = report["evaluations"]
     phases = report["phases"]
     labels = _labels(report)
@@ -479,7 +662,10 @@ def format_report(report: dict) -> str:
     row("  right shape", [f"{ev[p]['shape']:.0%}" for p in phases])
     row("mean reward (shape_reward, greedy answers)", [f"{ev[p]['reward']:.2f}" for p in phases])
     row("pairs preferring the true answer", [f"{ev[p]['prefers']:.0%}" for p in phases])
-    row("mean log p(true) - log p(wrong shape)", [f"{ev[p]['mean_margin']:.2f}" for p in phases])
+    wrong = {"shape": "wrong shape", "color": "wrong colour", "either": "wrong"}[
+        report["settings"]["rejected"]
+    ]
+    row(f"mean log p(true) - log p({wrong})", [f"{ev[p]['mean_margin']:.2f}" for p in phases])
     lines.append("")
     shown = report["settings"]["samples"]
     width = 22
@@ -492,10 +678,18 @@ def format_report(report: dict) -> str:
         lines += ["", f"GRPO, by reward alone: held-out exact answers {round(before['exact'] * n)}/{n} -> "
                   f"{round(after['exact'] * n)}/{n}, mean reward {before['reward']:.2f} -> {after['reward']:.2f}; "
                   f"training reward {run['reward_first']:.2f} -> {run['reward_last']:.2f}"]  # fmt: skip
-        if "more_sft" in ev:
-            more = ev["more_sft"]
-            lines.append(f"{labels['more_sft']} (plain SFT on the true answers, same steps from the same model): "
-                         f"{round(more['exact'] * n)}/{n} exact, mean reward {more['reward']:.2f}")  # fmt: skip
+    if "ppo" in report:
+        before, after, rm = ev["sft"], ev["ppo"], report["reward"]
+        lines += ["", f"reward model: true answer scored above the wrong one in {rm['heldout_accuracy']:.0%} of "
+                  f"the {len(rm['heldout_margins'])} held-out pairs, in {rm['heldout_accuracy_at_stop']:.0%} "
+                  "scored at the answer's <|im_end|> as PPO scores it",
+                  f"PPO, by the reward model alone: held-out exact answers {round(before['exact'] * n)}/{n} -> "
+                  f"{round(after['exact'] * n)}/{n}, mean reward {before['reward']:.2f} -> {after['reward']:.2f}; "
+                  f"reward-model score {report['ppo']['score_first']:.2f} -> {report['ppo']['score_last']:.2f}"]  # fmt: skip
+    if "more_sft" in ev:
+        more = ev["more_sft"]
+        lines.append(f"{labels['more_sft']} (plain SFT on the true answers, same steps from the same model): "
+                     f"{round(more['exact'] * n)}/{n} exact, mean reward {more['reward']:.2f}")  # fmt: skip
     return "\n".join(lines)
 
 

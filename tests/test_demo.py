@@ -1,5 +1,5 @@
-"""`qwenvl-jax demo` (SFT then DPO, or with --grpo SFT then GRPO, on the shape task) and the shape-task
-generator.
+"""`qwenvl-jax demo` (SFT then DPO, with --grpo SFT then GRPO, with --ppo SFT, a reward model and PPO, on
+the shape task) and the shape-task generator.
 
 - the fast demo end to end as a user runs it (a subprocess of the CLI): the SFT loss falls, the DPO reward
   margin rises, both final models are written, and every printed figure is the one recomputed from the
@@ -7,6 +7,11 @@ generator.
 - the fast GRPO demo end to end: the GRPO run trains from `sft/final` on the prompts and `shape_reward`
   only, its reward curve is the one its metrics and logged samples give, and every printed held-out
   figure (exact answers, mean reward) is the one recomputed from the answers in `report.json`;
+- the fast PPO demo end to end: the reward model trains from `sft/final` on the training pairs, PPO from
+  `sft/final` against it alone (no reward function; the value model from the reward model), the reward
+  model's held-out accuracy is what its scores of the held-out pairs give, and every printed held-out
+  figure is the one recomputed from the answers in `report.json`;
+- the demo's flags: --grpo with --ppo, and the training flags with --processor, are refused;
 - the demo's output directory: an earlier demo's runs are cleared, a foreign directory is refused;
 - the generator: deterministic, held-out images unlike any training image, labels that match the pixels,
   preference pairs whose rejected answer is wrong in exactly the requested attribute.
@@ -160,6 +165,88 @@ def test_fast_grpo_demo_end_to_end(tmp_path):
     assert f"step {settings['grpo_steps']}/{settings['grpo_steps']}" in proc.stderr
 
 
+def test_fast_ppo_demo_end_to_end(tmp_path):
+    from qwenvl_jax.demo import reward_margins
+    from qwenvl_jax.processing import Processor
+
+    out = tmp_path / "demo"
+    proc = _cli("demo", "--ppo", "--fast", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    settings, phases = report["settings"], report["phases"]
+    assert settings["method"] == "ppo" and phases == ["before", "sft", "ppo"]  # no control when fast
+    assert "dpo" not in report and "grpo" not in report and "more_sft" not in report
+    assert not any((out / run).exists() for run in ("dpo", "grpo", "more_sft"))
+    n = settings["num_heldout"]
+    truths = [h["answer"] for h in report["heldout"]]
+    assert len(truths) == n == 8
+    for run in ("sft", "reward", "ppo"):
+        assert (out / run / "final" / "config.json").is_file()
+
+    # The reward model: the SFT model plus a head, on the training pairs.
+    config = json.loads((out / "reward" / "config.json").read_text())
+    assert config["kind"] == "reward" and config["model"]["path"] == str(out / "sft" / "final")
+    assert config["data"]["paths"] == [str(out / "data" / "dpo.jsonl")]
+    rm = report["reward"]
+    rows = [json.loads(line) for line in (out / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == rm["steps"] == settings["reward_steps"]
+    assert rm["accuracy_first"] == pytest.approx(rows[0]["accuracy"])
+    # Its held-out accuracy is what its scores give (recomputed here in batches of another size).
+    processor = Processor.from_pretrained(out / "processor")
+    margins, at_stop = reward_margins(
+        out / "reward" / "final",
+        processor,
+        out / "data" / "heldout_dpo.jsonl",
+        pairs_per_batch=3,
+        spec_kw={"seq_buckets": (96,), "image_patches": 96, "max_images": 6},
+    )
+    assert rm["heldout_margins"] == pytest.approx(margins.tolist(), abs=1e-4)
+    assert rm["heldout_margins_at_stop"] == pytest.approx(at_stop.tolist(), abs=1e-4)
+    assert rm["heldout_accuracy"] == pytest.approx(np.mean(margins > 0))
+    assert rm["heldout_accuracy_at_stop"] == pytest.approx(np.mean(at_stop > 0))
+    assert not np.allclose(margins, at_stop)  # another token scored
+    assert f"above the wrong one in {rm['heldout_accuracy']:.0%} of {n} pairs" in proc.stdout
+    assert f"at its <|im_end|>: {rm['heldout_accuracy_at_stop']:.0%}" in proc.stdout
+
+    # PPO starts from the SFT model and is scored by the reward model alone.
+    config = json.loads((out / "ppo" / "config.json").read_text())
+    assert config["kind"] == "ppo" and config["model"]["path"] == str(out / "sft" / "final")
+    assert not config.get("rewards") and config["trainable"] == "full"
+    assert config["ppo"]["reward_model"] == str(out / "reward" / "final")
+    assert config["ppo"]["value_init"] == "reward_model"
+    assert config["data"]["paths"] == [str(out / "data" / "grpo.jsonl")]
+    ppo = report["ppo"]
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == ppo["steps"] == settings["ppo_steps"]
+    scores = np.asarray([r["objective/scores"] for r in rows if "objective/scores" in r])
+    assert (
+        len(scores)
+        == ppo["generations"]
+        == settings["ppo_steps"] // (settings["ppo_epochs"] * settings["ppo_mini_batches"])
+    )
+    assert ppo["score_first"] == pytest.approx(scores[0]) and ppo["score_last"] == pytest.approx(scores[-1])
+    assert ppo["score_curve"] == pytest.approx(scores.tolist())
+    assert not any(k.startswith("rewards/") for r in rows for k in r)  # no reward function ran
+
+    # Every held-out figure is what the answers give.
+    ev = report["evaluations"]
+    for phase in phases:
+        answers = ev[phase]["answers"]
+        assert ev[phase]["exact"] == pytest.approx(
+            np.mean([a == t for a, t in zip(answers, truths, strict=True)])
+        )
+        assert ev[phase]["reward"] == pytest.approx(np.mean(shape_reward(answers, truths)))
+    lines = proc.stdout.splitlines()
+    exact_row = next(line for line in lines if line.startswith("exact answer"))
+    assert exact_row.split()[2:] == [f"{round(ev[p]['exact'] * n)}/{n}" for p in phases]
+    reward_row = next(line for line in lines if line.startswith("mean reward"))
+    assert reward_row.split()[-3:] == [f"{ev[p]['reward']:.2f}" for p in phases]
+    summary = (f"held-out exact answers {round(ev['sft']['exact'] * n)}/{n} -> {round(ev['ppo']['exact'] * n)}/{n}, "
+               f"mean reward {ev['sft']['reward']:.2f} -> {ev['ppo']['reward']:.2f}")  # fmt: skip
+    assert summary in proc.stdout
+    assert f"step {settings['ppo_steps']}/{settings['ppo_steps']}" in proc.stderr
+
+
 def test_demo_out_dir(tmp_path):
     from qwenvl_jax.demo import MARKER, _prepare
 
@@ -182,9 +269,14 @@ def test_demo_out_dir(tmp_path):
 def test_demo_cli_options():
     proc = _cli("demo", "--model", "/nonexistent")
     assert proc.returncode == 2 and "--model applies to the processor demo only" in proc.stderr
-    for flag in ("--fast", "--grpo"):
+    for flag in ("--fast", "--grpo", "--ppo"):
         proc = _cli("demo", "--processor", flag)
-        assert proc.returncode == 2 and "--out, --fast and --grpo apply to the training demo" in proc.stderr
+        assert (
+            proc.returncode == 2
+            and "--out, --fast, --grpo and --ppo apply to the training demo" in proc.stderr
+        )
+    proc = _cli("demo", "--grpo", "--ppo", "--fast")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --grpo and --ppo are two demos; choose one"
 
 
 # ------------------------------------------------------------------------------------------- generator
