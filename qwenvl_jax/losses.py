@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenvl_jax import sharding as shd
+
 IGNORE_INDEX = -100
 TOKEN_STAT_KEYS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
@@ -57,29 +59,47 @@ def logits_logprobs(logits_bsv, labels_bs, temperature=1.0):
 def token_logprobs(hidden_bsd, lm_head_dv, labels_bs, *, temperature=1.0, chunk_size=1024):
     """Fused LM head: `_token_stats(hidden @ lm_head)` without materialising the `(B, S, V)` logits.
 
-    The `B*(S-1)` shifted tokens are cut into chunks of `chunk_size`; `lax.map` runs one chunk at a time and
+    The shifted tokens of each batch shard (the rows one device holds under the step's mesh; all `B*(S-1)`
+    on one device) are cut into chunks of `chunk_size`; `lax.map` runs one chunk at a time and
     `jax.checkpoint` makes the backward pass recompute each chunk's logits instead of storing them, so peak
-    memory is one `(chunk_size, V)` fp32 tile. The matmul runs in the hidden dtype with fp32 accumulation;
-    the softmax statistics are fp32. For tied embeddings pass `embedding.T` as `lm_head_dv`.
+    memory is one `(chunk_size, V)` fp32 tile per device. The matmul runs in the hidden dtype with fp32
+    accumulation; the softmax statistics are fp32. For tied embeddings pass `embedding.T` as `lm_head_dv`.
+
+    Layout under a mesh (FSDP): the head is `(D, V)` with D split over the batch axes like every weight.
+    Contracting that split D would leave each device a partial sum of every chunk's logits and GSPMD would
+    all-reduce `(chunk, V)` fp32 tiles, forward and again in the recomputing backward (3B: ~35 GB per
+    micro-batch). Instead every batch shard gets one whole-D copy, `w_gdv`, split along V by `tensor` only:
+    one all-gather of the weight per micro-batch, each device's logits come from its own rows and the copy
+    with no reduction, and in the backward each device accumulates its copy's gradient locally over the
+    chunks; the sum over the copies (the transpose of the broadcast) is one reduction of a weight-sized
+    gradient, FSDP's reduce-scatter. Without a mesh there is one copy and nothing changes.
     """
     b, s, d = hidden_bsd.shape
-    n = b * (s - 1)
-    h_nd = hidden_bsd[:, :-1].reshape(n, d)
-    labels_n = labels_bs[:, 1:].reshape(n)
+    v = lm_head_dv.shape[1]
+    g = shd.batch_shards(b)  # rows are split g ways; each group of b/g rows stays on its devices
+    n = (b // g) * (s - 1)
+    h_gnd = hidden_bsd[:, :-1].reshape(g, n, d)
+    labels_gn = labels_bs[:, 1:].reshape(g, n)
     chunk = max(1, min(chunk_size, n))
     n_chunks = -(-n // chunk)
     pad = n_chunks * chunk - n
-    h_kcd = jnp.pad(h_nd, ((0, pad), (0, 0))).reshape(n_chunks, chunk, d)
-    labels_kc = jnp.pad(labels_n, (0, pad), constant_values=IGNORE_INDEX).reshape(n_chunks, chunk)
+    h_kgcd = jnp.pad(h_gnd, ((0, 0), (0, pad), (0, 0))).reshape(g, n_chunks, chunk, d).transpose(1, 0, 2, 3)
+    labels_kgc = jnp.pad(labels_gn, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    labels_kgc = labels_kgc.reshape(g, n_chunks, chunk).transpose(1, 0, 2)
+    h_kgcd = shd.constrain_activation(h_kgcd, (None, "batch", None, None))
+    labels_kgc = shd.constrain_activation(labels_kgc, (None, "batch", None))
     w_dv = lm_head_dv.astype(hidden_bsd.dtype)
+    w_gdv = shd.constrain_activation(jnp.broadcast_to(w_dv, (g, d, v)), ("batch", None, "vocab"))
 
     @jax.checkpoint
-    def one_chunk(w, h_cd, labels_c):
-        logits_cv = jnp.einsum("cd,dv->cv", h_cd, w, preferred_element_type=jnp.float32)
-        return _token_stats(logits_cv, labels_c, temperature)
+    def one_chunk(w, h_gcd, labels_gc):
+        logits_gcv = jnp.einsum("gcd,gdv->gcv", h_gcd, w, preferred_element_type=jnp.float32)
+        return _token_stats(logits_gcv, labels_gc, temperature)
 
-    out = jax.lax.map(lambda xs: one_chunk(w_dv, *xs), (h_kcd, labels_kc))
-    return {k: v.reshape(n_chunks * chunk)[:n].reshape(b, s - 1) for k, v in out.items()}
+    out = jax.lax.map(lambda xs: one_chunk(w_gdv, *xs), (h_kgcd, labels_kgc))
+    return {
+        k: x.transpose(1, 0, 2).reshape(g, n_chunks * chunk)[:, :n].reshape(b, s - 1) for k, x in out.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------

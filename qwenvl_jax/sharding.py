@@ -393,6 +393,19 @@ def constrain_activation(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     return constrain(x, logical_axes, rules=ACTIVATION_RULES)
 
 
+def batch_shards(rows: int) -> int:
+    """How many ways `constrain_activation(x, ("batch", ...))` splits `rows` rows under the abstract mesh a
+    sharded step traces in: the product of the batch mesh axes the activation rules keep for that size
+    (1 outside any mesh). Code that regroups rows per device (`losses.token_logprobs`) needs the count."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    spec = ACTIVATION_RULES.resolve(("batch",), (rows,), mesh).spec
+    axes = spec[0] or ()
+    sizes = _mesh_shape(mesh)
+    return math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 # ------------------------------------------------------------------------------------------ batches
 
 # Keys of the packed vision inputs (`collate` / `host_inputs`): their leading axis is the patch or unit

@@ -125,7 +125,8 @@ def check_activation_hints():
             text.constrain_activation = original
 
     on, off = lowered(True), lowered(False)
-    hint = '{"data", "fsdp"}, {}, {}]>'  # (B, S, D): rows over data x fsdp
+    # (B, S, D): rows over data x fsdp (the "[": not the loss head's (chunk, rows, ...) layouts).
+    hint = '[{"data", "fsdp"}, {}, {}]>'
     assert on.as_text().count(hint) >= 1 and off.as_text().count(hint) == 0
     temp_on = on.compile().memory_analysis().temp_size_in_bytes
     temp_off = off.compile().memory_analysis().temp_size_in_bytes
