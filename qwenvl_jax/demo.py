@@ -56,33 +56,26 @@ one number per sampled answer teaches it more slowly than a target for every tok
 - 1500 training images. With the DPO demo's 300 (`num_train=300`) the held-out answers do not improve
   (8/48 -> 7/48), although the training reward rises about as much.
 
-PPO (seed 0, `qwenvl-jax demo --ppo --out /tmp/demo_ppo`, 3m11s on two shared CPU cores, the same figures
-on a rerun; variants measured with `run_demo(out, replace(PPO, ...))` or the same run configs
-edited). The SFT phase is the GRPO demo's: 11/48 exact, mean reward -0.17. The reward model, 500 steps of
-8 training pairs (true answer vs a wrong shape) at lr 1e-3, ranks 77% of the held-out pairs right as the
-reward run scores a row: at its last token, the "\n" the chat template writes after "<|im_end|>". PPO's
-answers end at the "<|im_end|>" where sampling stopped, and scored there, as PPO scores them, the same
-model ranks 56% right (both printed): its head was trained on another token's hidden state. (TRL does the
-same: RewardTrainer applies the chat template, PPOTrainer scores at the stop token.) PPO, 200 steps (50
-generation batches of 16 answers at temperature 0.7, 2 epochs x 2 mini-batches each), lr 3e-5, kl_coef
-0.05: 18/48 exact (colour 52% -> 69%, shape 31% -> 40%), mean reward 0.08; plain SFT for the same 200 steps
-reaches 35/48 (0.73). What this shows: the SFT -> reward model -> PPO pipeline running through the loop,
-measured. What it does not: that PPO learned the task from the reward model. The reward model's score of
-the sampled answers stays flat (0.42 -> 0.42), and where PPO reads it, it barely looks at the image: in
-`ppo/completions.jsonl` an answer scores the same whatever the image ("A red circle." 0.46 +- 0.09, "A blue
-circle." 0.77-0.78), so the answers drift towards the words it likes ("A blue circle." for four of the six
-samples shown). Gains of this size come and go: with seed 1 the reward model ranks 81% (79% at the stop
-token), and PPO goes 11/48 -> 12/48 while more SFT reaches 46/48. Measured besides:
-- A reward model trained on rows that end at "<|im_end|>", as PPO's do (the tiny chat template without
-  the final "\n"; an experiment, not a setting): 77% at PPO's token. PPO raises its score 0.26 -> 0.58
-  and answers "A blue circle." to every held-out image (9/48): the pairs reject only wrong shapes, so
-  the colour is free to exploit. With pairs that reject a colour or a shape (71% of those held-out pairs at
-  the stop token), every answer becomes "A red circle." (10/48), at kl_coef 0.2 and lr 1e-5 too.
-- SFT for 150 steps (32/48): the reward model ranks 88% (73% at the stop token); PPO takes the policy to
-  19/48 (shape 67% -> 40%), more SFT to 41/48.
-- PPO with `rewards: [shape_reward]` in place of the reward model, lr 1e-4: 14/48, mean reward 0.23
-  (colour 90%); at 3e-5, 10/48 (reward 0.00). The loop's PPO learns from a reward that is right, less than
-  GRPO (24/48) here, from an eighth of GRPO's sampled answers.
+PPO (seed 0, `qwenvl-jax demo --ppo --out /tmp/demo_ppo`, 2m09s on two shared CPU cores). The SFT phase
+is the GRPO demo's (50 steps; 9/48 exact here, mean reward -0.08: the pairs' wrong answers draw from the
+same generator, so the images differ from the GRPO demo's). The reward model, 500 steps of 8 training
+pairs (the true answer against one with the colour or the shape wrong) at lr 1e-3 from the SFT model,
+ranks 73% of the held-out pairs right. PPO, 200 steps (50 generation batches of 16 answers at temperature
+0.7, 2 epochs x 2 mini-batches each), lr 3e-5, kl_coef 0.05, the value model starting from the reward
+model, trained on the reward model's scores alone: its score of the sampled answers -0.69 -> -0.47, held-out
+exact answers 9/48 -> 12/48, mean reward -0.08 -> 0.04; plain SFT for the same 200 steps reaches 37/48
+(0.77). What this shows: SFT -> reward model -> PPO through the loop, PPO raising the reward model's score
+and, a little, the held-out figures. What it does not: that it learns the task well: a 73% reward model is
+a weak signal, and the answers drift towards what it over-rates ("A blue circle." for 5 of the 6 samples
+printed). Measured besides (the same runs, `run_demo(out, replace(PPO, ...))`):
+- Pairs that reject only a wrong shape (`rejected="shape"`, the DPO demo's): the reward model ranks 77%,
+  ignores the colour, and PPO exploits it: every answer becomes "A red circle." (11/48 -> 10/48, mean
+  reward -0.17 -> -0.27) while its score rises -0.31 -> -0.18.
+- Where the reward model is read matters: trained on templated rows it reads its head on the chat
+  template's "\n" after "<|im_end|>", while sampling stops at "<|im_end|>". Scored there (TRL 0.22.1's
+  choice), the shape-only reward model ranked 56% instead of 77% and PPO did not raise its score (0.42 ->
+  0.42); PPO now appends the template's ending to a finished answer before scoring (`train.ppo.turn_suffix`).
+- PPO with `rewards: [shape_reward]` in place of the reward model, lr 1e-4: 14/48, mean reward 0.23.
 """
 
 from __future__ import annotations
@@ -181,9 +174,9 @@ FAST = DemoSettings(
 GRPO = dataclasses.replace(FULL, method="grpo", num_train=1500, sft_steps=50)
 GRPO_FAST = dataclasses.replace(FAST, method="grpo", grpo_steps=4, grpo_prompts=2, grpo_generations=4)
 # From the GRPO demo's SFT, so that the two read side by side (module docstring).
-PPO = dataclasses.replace(GRPO, method="ppo")
+PPO = dataclasses.replace(GRPO, method="ppo", rejected="either")
 # No control run: it is the GRPO demo's code, and its compile would add a quarter to the smoke run.
-PPO_FAST = dataclasses.replace(FAST, method="ppo", reward_steps=3, ppo_steps=4, ppo_epochs=1, control=False)
+PPO_FAST = dataclasses.replace(FAST, method="ppo", rejected="either", reward_steps=3, ppo_steps=4, ppo_epochs=1, control=False)
 
 MAX_NEW_TOKENS = 16  # "A green triangle." is 10 tokens of the tiny vocabulary, then <|im_end|>
 
@@ -267,27 +260,13 @@ def _reward_scores(graphdef, params, head, pad_token_id, batch):
     return reward_scores(nnx.merge(graphdef, params), head, batch, pad_token_id)
 
 
-def _end_at_stop(batch: dict, pad_token_id: int, stop_token_ids: Sequence[int]) -> dict:
-    """`batch` with each row's last token cut, so that it ends at its stop token as a PPO rollout does:
-    the chat template closes a turn with "<|im_end|>\\n", while sampling stops at the "<|im_end|>"."""
-    ids = batch["input_ids"].copy()
-    rows = np.arange(len(ids))
-    last = np.argmax(np.arange(ids.shape[1]) * (ids != pad_token_id), axis=1)
-    real = batch["attention_mask"].any(axis=1)
-    if not np.isin(ids[rows, last - 1], stop_token_ids)[real].all():
-        raise RuntimeError("a pair's answer does not end with the stop token and one more token")
-    ids[rows[real], last[real]] = pad_token_id
-    mask = batch["attention_mask"].copy()
-    mask[rows[real], last[real]] = 0
-    return {**batch, "input_ids": ids, "attention_mask": mask}
-
-
 def reward_margins(
     path: Path, processor: Processor, pairs_path: Path, *, pairs_per_batch: int, spec_kw: dict
-) -> tuple[np.ndarray, np.ndarray]:
+) -> np.ndarray:
     """r(chosen) - r(rejected) under the reward model at `path` for every pair of a DPO JSONL file, in file
-    order: each row scored as the reward run trained on it (the head at its last token, the "\\n" after
-    "<|im_end|>"), and as PPO scores an answer (at the "<|im_end|>" where sampling stopped)."""
+    order, each row scored as the reward run trained on it and as PPO scores an answer: the head at the
+    row's last token (the chat template's newline after "<|im_end|>", which PPO appends to a finished
+    answer, `train.ppo.turn_suffix`)."""
     model, head = load_reward_model(path, dtype="float32")
     spec = BatchSpec(
         batch_size=2 * pairs_per_batch,
@@ -298,15 +277,13 @@ def reward_margins(
     )
     graphdef, params = nnx.split(model)
     pad = int(processor.pad_token_id)
-    stop = list(model.config.eos_token_id)
-    trained, at_stop = [], []
+    margins = []
     for batch in make_batches([str(pairs_path)], processor, spec, kind="dpo", shuffle=False, num_epochs=1):
         n = int(batch["example_mask"][:pairs_per_batch].sum())
         arrays = {k: v for k, v in batch.items() if v is not None}
-        for out, rows in ((trained, arrays), (at_stop, _end_at_stop(arrays, pad, stop))):
-            scores = np.asarray(_reward_scores(graphdef, params, head, pad, rows))
-            out.extend(scores[:n] - scores[pairs_per_batch : pairs_per_batch + n])
-    return np.asarray(trained, np.float64), np.asarray(at_stop, np.float64)
+        scores = np.asarray(_reward_scores(graphdef, params, head, pad, arrays))
+        margins.extend(scores[:n] - scores[pairs_per_batch : pairs_per_batch + n])
+    return np.asarray(margins, np.float64)
 
 
 def evaluate(
@@ -578,19 +555,16 @@ def run_demo(out_dir: str | Path, settings: DemoSettings = FULL, *, stream: Text
         rm_acc = _window_means(rm_rows, "accuracy")
         say(f"  loss {rm_loss[0]:.3f} -> {rm_loss[1]:.3f}; training pair accuracy {rm_acc[0]:.2f} -> "
             f"{rm_acc[1]:.2f} ({rm_loss[2]})")  # fmt: skip
-        margins, at_stop = reward_margins(out / "reward" / "final", processor, task.heldout_dpo,
-                                          pairs_per_batch=pairs_per_batch, spec_kw=spec_kw)  # fmt: skip
+        margins = reward_margins(out / "reward" / "final", processor, task.heldout_dpo,
+                                 pairs_per_batch=pairs_per_batch, spec_kw=spec_kw)  # fmt: skip
         if len(margins) != len(task.heldout):
             raise RuntimeError(f"{len(margins)} held-out reward margins for {len(task.heldout)} pairs")
         say(f"  held-out: scores the true answer above the wrong one in {np.mean(margins > 0):.0%} of "
-            f"{len(margins)} pairs (mean r(true) - r(wrong) {np.mean(margins):.2f}); scored as PPO scores an "
-            f"answer, at its <|im_end|>: {np.mean(at_stop > 0):.0%} ({np.mean(at_stop):.2f})")  # fmt: skip
+            f"{len(margins)} pairs (mean r(true) - r(wrong) {np.mean(margins):.2f})")  # fmt: skip
         report["reward"] = {"loss_first": rm_loss[0], "loss_last": rm_loss[1], "accuracy_first": rm_acc[0],
                             "accuracy_last": rm_acc[1], "steps": len(rm_rows),
                             "heldout_margins": [float(m) for m in margins],
-                            "heldout_accuracy": float(np.mean(margins > 0)),
-                            "heldout_margins_at_stop": [float(m) for m in at_stop],
-                            "heldout_accuracy_at_stop": float(np.mean(at_stop > 0))}  # fmt: skip
+                            "heldout_accuracy": float(np.mean(margins > 0))}  # fmt: skip
 
         say()
         prompts = s.batch_size * s.ppo_mini_batches
@@ -681,8 +655,7 @@ def format_report(report: dict) -> str:
     if "ppo" in report:
         before, after, rm = ev["sft"], ev["ppo"], report["reward"]
         lines += ["", f"reward model: true answer scored above the wrong one in {rm['heldout_accuracy']:.0%} of "
-                  f"the {len(rm['heldout_margins'])} held-out pairs, in {rm['heldout_accuracy_at_stop']:.0%} "
-                  "scored at the answer's <|im_end|> as PPO scores it",
+                  f"the {len(rm['heldout_margins'])} held-out pairs",
                   f"PPO, by the reward model alone: held-out exact answers {round(before['exact'] * n)}/{n} -> "
                   f"{round(after['exact'] * n)}/{n}, mean reward {before['reward']:.2f} -> {after['reward']:.2f}; "
                   f"reward-model score {report['ppo']['score_first']:.2f} -> {report['ppo']['score_last']:.2f}"]  # fmt: skip

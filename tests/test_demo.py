@@ -193,7 +193,7 @@ def test_fast_ppo_demo_end_to_end(tmp_path):
     assert rm["accuracy_first"] == pytest.approx(rows[0]["accuracy"])
     # Its held-out accuracy is what its scores give (recomputed here in batches of another size).
     processor = Processor.from_pretrained(out / "processor")
-    margins, at_stop = reward_margins(
+    margins = reward_margins(
         out / "reward" / "final",
         processor,
         out / "data" / "heldout_dpo.jsonl",
@@ -201,12 +201,8 @@ def test_fast_ppo_demo_end_to_end(tmp_path):
         spec_kw={"seq_buckets": (96,), "image_patches": 96, "max_images": 6},
     )
     assert rm["heldout_margins"] == pytest.approx(margins.tolist(), abs=1e-4)
-    assert rm["heldout_margins_at_stop"] == pytest.approx(at_stop.tolist(), abs=1e-4)
     assert rm["heldout_accuracy"] == pytest.approx(np.mean(margins > 0))
-    assert rm["heldout_accuracy_at_stop"] == pytest.approx(np.mean(at_stop > 0))
-    assert not np.allclose(margins, at_stop)  # another token scored
     assert f"above the wrong one in {rm['heldout_accuracy']:.0%} of {n} pairs" in proc.stdout
-    assert f"at its <|im_end|>: {rm['heldout_accuracy_at_stop']:.0%}" in proc.stdout
 
     # PPO starts from the SFT model and is scored by the reward model alone.
     config = json.loads((out / "ppo" / "config.json").read_text())

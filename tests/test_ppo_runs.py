@@ -224,16 +224,43 @@ def test_reward_model_scores_and_starts_the_value_model(setup, tmp_path):
 
     ref = split_model(model, "full")[1]
     got = score(state.params, ref, (reward[1], reward[2]), src.collate(np.arange(2)))
-    for r in range(2):
-        n = int(out.lengths[r])
-        if n < src.T and out.completion(r)[-1] != processor.pad_token_id:
-            np.testing.assert_allclose(float(got["values"][r, n]), float(got["scores"][r]), rtol=1e-5, atol=1e-6)
+    for r in range(2):  # the score sits on the row's last token: the template's ending after a finished turn
+        completion = out.completion(r)
+        t = completion.size + (src.suffix.size if completion[-1] == src.turn_end else 0)
+        if t < src.T and completion[-1] != processor.pad_token_id:
+            np.testing.assert_allclose(float(got["values"][r, t]), float(got["scores"][r]), rtol=1e-5, atol=1e-6)
     assert np.abs(np.asarray(got["scores"])).max() > 0
     # Through the loop, scored by the reward model alone, over two generation batches.
     run, rows = _ppo(tmp_path / "loop", 5, "rewards=null", f"ppo.reward_model={rm_dir / 'final'}")
     gens = [r for r in rows if "objective/scores" in r]
     assert [r["step"] for r in gens] == [1, 5] and all(np.isfinite(r["objective/scores"]) for r in gens)
     assert gens[0]["objective/scores"] != 0.0 and (run / "final").is_dir()
+
+
+def test_finished_turns_are_scored_where_the_reward_model_was_trained(setup, tmp_path):
+    """A reward model trained on templated pairs reads its head at the row's last token, the "\n" the chat
+    template writes after `<|im_end|>`; a completion that ended on `<|im_end|>` gets that ending appended
+    (no label), so the reward model reads it at the same token; a cut-off completion gets nothing."""
+    from qwenvl_jax.rl.batch import Rollouts
+
+    _, processor, prompts = setup
+    model = random_model(Qwen25VLConfig.preset("tiny", dtype="float32", param_dtype="float32"), 0)
+    src, _ = _source(tmp_path, processor, prompts, model)
+    end = processor.tokenizer.token_to_id("<|im_end|>")
+    assert src.turn_end == end and src.suffix.tolist() == [int(i) for i in processor.tokenizer.encode("\n")]
+    tokens = np.full((4, src.T), processor.pad_token_id, np.int32)
+    tokens[:, :3] = [[5, 6, end], [5, end, 9], [7, 8, 9], [end, 0, 0]]
+    lengths = np.asarray([3, 2, src.T, 1])
+    tokens[2] = 7
+    rollouts = Rollouts(tokens, lengths, np.zeros((4, src.T), np.float32), np.asarray([True, True, False, True]), 1)
+    buffer = src._buffer(prompts, rollouts, {}, b"", 1)
+    for r, ex in enumerate(buffer["examples"]):
+        prompt = np.asarray(prompts[r]["input_ids"]).reshape(-1)
+        tail = ex["input_ids"][prompt.size :].tolist()
+        completion = rollouts.completion(r).tolist()
+        ended = completion[-1] == end
+        assert tail == completion + (src.suffix.tolist() if ended else [])
+        assert (ex["labels"][prompt.size :] != -100).sum() == len(completion)
 
 
 def _ppo(tmp_path, steps, *sets):

@@ -88,6 +88,21 @@ def ppo_step_kw(config: dict) -> dict[str, Any]:
             **{k: s[k] for k in PPO_LOSS_KEYS}}  # fmt: skip
 
 
+def turn_suffix(processor) -> tuple[int, np.ndarray]:
+    """`(turn-end id, the ids the chat template writes after it)`: for Qwen `<|im_end|>` and `"\n"`. A
+    reward model trained on templated pairs reads its head at the last token of the row, the template's
+    `"\n"` after `<|im_end|>`; a rollout stops AT `<|im_end|>`. PPO appends these ids to every completion
+    that ended on the turn-end id, so the reward model scores it where it was trained to (TRL 0.22.1 reads
+    the `<|im_end|>` itself). They carry no label and, the model being causal, change nothing before them."""
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    ids = np.asarray(processor.encode_chat([conv], padding=False)["input_ids"]).reshape(-1)
+    end = processor.tokenizer.token_to_id("<|im_end|>")
+    if end is None or end not in ids:
+        return -1, np.zeros(0, ids.dtype)
+    last = int(np.nonzero(ids == end)[0][-1])
+    return int(end), ids[last + 1 :]
+
+
 def response_index(prompt_len: int, seq: int, t: int) -> np.ndarray:
     """`(t,)` int32: the shifted position that scores response token k, `prompt_len - 1 + k`, clipped to
     the row (positions past the row's end are masked by `padding_mask`)."""
@@ -111,6 +126,7 @@ class PpoSource:
         self.T = int(s["max_completion_length"])
         self.eos_token_id, self.pad_token_id = int(eos_token_id), int(processor.pad_token_id)
         self.kl_coef = float(s["kl_coef"])
+        self.turn_end, self.suffix = turn_suffix(processor)
         self.buffer: dict[str, Any] | None = None
         batch = {k: v for k, v in config["batch"].items() if k != "pack"}
         ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
@@ -180,6 +196,11 @@ class PpoSource:
         from qwenvl_jax.rl.batch import training_examples
 
         examples = training_examples(prompts, rollouts)
+        if self.suffix.size:  # the template's turn ending after a completed turn (`turn_suffix`)
+            for r, ex in enumerate(examples):
+                if rollouts.lengths[r] and rollouts.completion(r)[-1] == self.turn_end:
+                    ex["input_ids"] = np.concatenate([ex["input_ids"], self.suffix.astype(ex["input_ids"].dtype)])
+                    ex["labels"] = np.concatenate([ex["labels"], np.full(self.suffix.size, -100, ex["labels"].dtype)])
         seq = self.train_spec.bucket(max(ex["input_ids"].size for ex in examples))
         starts = [np.asarray(prompts[i]["input_ids"]).size for i in range(len(prompts))]
         index = np.stack([response_index(n, seq, self.T) for n in starts])
