@@ -186,7 +186,11 @@ def cmd_decode(args) -> dict:
     def step(params, ids, pos, k, v, mask, index):
         return nnx.merge(graphdef, params).decode_step(ids, pos, k, v, mask, index)
 
-    compiled = jax.jit(step, donate_argnums=(3, 4)).lower(params, i32(b), i32(3, b), kv, kv, i32(b, t), i32()).compile()
+    compiled = (
+        jax.jit(step, donate_argnums=(3, 4))
+        .lower(params, i32(b), i32(3, b), kv, kv, i32(b, t), i32())
+        .compile()
+    )
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     accessed = float(cost["bytes accessed"])
@@ -233,8 +237,12 @@ def main(argv=None) -> int:
     decode.add_argument("--preset", default="3B")
     decode.add_argument("--batch", type=int, default=64)
     decode.add_argument("--cached", type=int, default=1024)
-    decode.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="weights and cache; XLA:CPU converts bf16 operands to f32, which inflates its count")
+    decode.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="weights and cache; XLA:CPU converts bf16 operands to f32, which inflates its count",
+    )
     decode.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
     out = {"lora": cmd_lora, "vision": cmd_vision, "decode": cmd_decode}[args.what](args)

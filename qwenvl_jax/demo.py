@@ -176,7 +176,9 @@ GRPO_FAST = dataclasses.replace(FAST, method="grpo", grpo_steps=4, grpo_prompts=
 # From the GRPO demo's SFT, so that the two read side by side (module docstring).
 PPO = dataclasses.replace(GRPO, method="ppo", rejected="either")
 # No control run: it is the GRPO demo's code, and its compile would add a quarter to the smoke run.
-PPO_FAST = dataclasses.replace(FAST, method="ppo", rejected="either", reward_steps=3, ppo_steps=4, ppo_epochs=1, control=False)
+PPO_FAST = dataclasses.replace(
+    FAST, method="ppo", rejected="either", reward_steps=3, ppo_steps=4, ppo_epochs=1, control=False
+)
 
 MAX_NEW_TOKENS = 16  # "A green triangle." is 10 tokens of the tiny vocabulary, then <|im_end|>
 

@@ -218,7 +218,9 @@ def test_max_frame_patches_bands_the_full_blocks_exactly(proc, monkeypatch):
     monkeypatch.setattr(vision, "banded_attention", spy)
 
     def hidden(batch):
-        return np.asarray(model.hidden_states(**{k: jnp.asarray(v) for k, v in batch.items() if k in CORE_KEYS}))
+        return np.asarray(
+            model.hidden_states(**{k: jnp.asarray(v) for k, v in batch.items() if k in CORE_KEYS})
+        )
 
     want = hidden(plain)
     assert set(blocks) == {64}  # windows banded, full blocks over the whole budget
@@ -226,5 +228,7 @@ def test_max_frame_patches_bands_the_full_blocks_exactly(proc, monkeypatch):
     got = hidden(banded)
     assert set(blocks) == {64, 144}  # windows and the bounded frames
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
-    with pytest.raises(InputError, match="an image frame of 140 patches exceeds batch.max_frame_patches=128"):
+    with pytest.raises(
+        InputError, match=r"an image frame of 140 patches exceeds batch\.max_frame_patches=128"
+    ):
         collate(examples, _spec(proc, max_frame_patches=128))

@@ -105,7 +105,11 @@ def _models(graphdef, params, frozen, lora_cfg):
     from qwenvl_jax.train.step import build_model
 
     policy, value, head = split_ppo(params)
-    return build_model(graphdef, policy, frozen, lora_cfg), build_model(graphdef, value, frozen, lora_cfg), head
+    return (
+        build_model(graphdef, policy, frozen, lora_cfg),
+        build_model(graphdef, value, frozen, lora_cfg),
+        head,
+    )
 
 
 def _moved(params, key, lora_cfg):
@@ -114,6 +118,7 @@ def _moved(params, key, lora_cfg):
 
     keys = iter(jax.random.split(key, 4096))
     if lora_cfg is not None:
+
         def move(tree):
             return {p: {"a": ab["a"], "b": ab["b"] + 0.05 * jax.random.normal(next(keys), ab["b"].shape)}
                     for p, ab in tree.items()}  # fmt: skip
@@ -228,7 +233,9 @@ def test_reward_model_scores_and_starts_the_value_model(setup, tmp_path):
         completion = out.completion(r)
         t = completion.size + (src.suffix.size if completion[-1] == src.turn_end else 0)
         if t < src.T and completion[-1] != processor.pad_token_id:
-            np.testing.assert_allclose(float(got["values"][r, t]), float(got["scores"][r]), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                float(got["values"][r, t]), float(got["scores"][r]), rtol=1e-5, atol=1e-6
+            )
     assert np.abs(np.asarray(got["scores"])).max() > 0
     # Through the loop, scored by the reward model alone, over two generation batches.
     run, rows = _ppo(tmp_path / "loop", 5, "rewards=null", f"ppo.reward_model={rm_dir / 'final'}")
@@ -252,7 +259,9 @@ def test_finished_turns_are_scored_where_the_reward_model_was_trained(setup, tmp
     tokens[:, :3] = [[5, 6, end], [5, end, 9], [7, 8, 9], [end, 0, 0]]
     lengths = np.asarray([3, 2, src.T, 1])
     tokens[2] = 7
-    rollouts = Rollouts(tokens, lengths, np.zeros((4, src.T), np.float32), np.asarray([True, True, False, True]), 1)
+    rollouts = Rollouts(
+        tokens, lengths, np.zeros((4, src.T), np.float32), np.asarray([True, True, False, True]), 1
+    )
     buffer = src._buffer(prompts, rollouts, {}, b"", 1)
     for r, ex in enumerate(buffer["examples"]):
         prompt = np.asarray(prompts[r]["input_ids"]).reshape(-1)
@@ -343,7 +352,11 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     assert [r["step"] for r in rb] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "grad_norm", "loss/value_avg", "policy/approxkl_avg"):
         assert [r[key] for r in rb] == [r[key] for r in ra], key  # float equality
-    gens = [(r["step"], r["objective/scores"], r["objective/kl"], r["objective/kl_coef"]) for r in ra if "objective/kl" in r]
+    gens = [
+        (r["step"], r["objective/scores"], r["objective/kl"], r["objective/kl_coef"])
+        for r in ra
+        if "objective/kl" in r
+    ]
     assert gens == [(r["step"], r["objective/scores"], r["objective/kl"], r["objective/kl_coef"])
                     for r in rb if "objective/kl" in r]  # fmt: skip
     assert gens[1][3] != gens[0][3]  # the adaptive coefficient moved, and was restored
@@ -354,9 +367,14 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     ("sets", "message"),
     [
         (["rewards=null"], "kind: ppo needs ppo.reward_model"),
-        (["trainable=lora", "ppo.value_init=reward_model", "ppo.reward_model=/nonexistent"],
-         "ppo.value_init: reward_model with trainable: lora"),
-        (["ppo.reward_model=/nonexistent/rm"], "ppo.reward_model /nonexistent/rm: no such checkpoint directory"),
+        (
+            ["trainable=lora", "ppo.value_init=reward_model", "ppo.reward_model=/nonexistent"],
+            "ppo.value_init: reward_model with trainable: lora",
+        ),
+        (
+            ["ppo.reward_model=/nonexistent/rm"],
+            "ppo.reward_model /nonexistent/rm: no such checkpoint directory",
+        ),
         (["trainable=frozen_vision"], "kind: ppo trains with trainable: full or lora"),
         (["ppo.cliprange=0"], "config ppo.cliprange=0"),
     ],

@@ -461,7 +461,10 @@ def test_lora_dropout_is_peft_input_dropout():
     cfg = lora_lib.LoraConfig(rank=4, alpha=8.0, dropout=0.5)
     dense = Dense(4, 8, use_bias=False, axes=("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32,
                   rngs=nnx.Rngs(0))  # fmt: skip
-    ab = {"a": jax.random.normal(jax.random.key(1), (4, 4)), "b": jax.random.normal(jax.random.key(2), (4, 8))}
+    ab = {
+        "a": jax.random.normal(jax.random.key(1), (4, 4)),
+        "b": jax.random.normal(jax.random.key(2), (4, 8)),
+    }
     x = jax.random.normal(jax.random.key(3), (6, 4))
     base = x @ dense.kernel[...]
     full = base + cfg.scale * (x @ ab["a"]) @ ab["b"]

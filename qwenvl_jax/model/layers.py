@@ -94,7 +94,9 @@ class Dense(nnx.Module):
                 keep = jax.random.bernoulli(key, 1.0 - self.lora_dropout, x_nd.shape)
                 x_in = jnp.where(keep, x_nd / (1.0 - self.lora_dropout), 0).astype(x_nd.dtype)
             x_nr = jnp.einsum("...d,dr->...r", x_in, lora_a[...].astype(self.dtype))
-            y_nf = y_nf + self.lora_scale * jnp.einsum("...r,rf->...f", x_nr, self.lora_b[...].astype(self.dtype))
+            y_nf = y_nf + self.lora_scale * jnp.einsum(
+                "...r,rf->...f", x_nr, self.lora_b[...].astype(self.dtype)
+            )
         return y_nf
 
 

@@ -12,7 +12,6 @@ conv weight dtype, spec 6.5); the rope tables and the q/k rotation are float32 (
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -151,7 +150,9 @@ class VisionTower(nnx.Module):
             def step(block, x_pd, _, seg_p=seg_p, band=band):
                 return block(x_pd, cos_ph, sin_ph, seg_p, band)
 
-            x_pd = run_stack(self.blocks, step, x_pd, scan=cfg.scan_layers, remat=cfg.remat, layers=(start, stop))
+            x_pd = run_stack(
+                self.blocks, step, x_pd, scan=cfg.scan_layers, remat=cfg.remat, layers=(start, stop)
+            )
         return self.merger(x_pd)[unit_unperm_u]
 
 

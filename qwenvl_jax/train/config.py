@@ -449,7 +449,9 @@ def _cross_checks(config: dict, given: dict) -> None:
 def _ppo_checks(config: dict) -> None:
     p = config["ppo"]
     if not p.get("reward_model") and not config.get("rewards"):
-        raise ConfigError("kind: ppo needs ppo.reward_model: DIR (a reward run's final/) or rewards: [...], or both")
+        raise ConfigError(
+            "kind: ppo needs ppo.reward_model: DIR (a reward run's final/) or rewards: [...], or both"
+        )
     if config["trainable"] not in ("full", "lora"):
         raise ConfigError(f"kind: ppo trains with trainable: full or lora (got {config['trainable']!r})")
     if p.get("value_init") == "reward_model":
@@ -462,7 +464,9 @@ def _ppo_checks(config: dict) -> None:
             )
     weights = p.get("reward_weights")
     if weights is not None and len(weights) != len(config.get("rewards") or []):
-        raise ConfigError(f"ppo.reward_weights has {len(weights)} weights for {len(config.get('rewards') or [])} rewards")
+        raise ConfigError(
+            f"ppo.reward_weights has {len(weights)} weights for {len(config.get('rewards') or [])} rewards"
+        )
 
 
 # --------------------------------------------------------------------------------------------- YAML

@@ -139,10 +139,15 @@ def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_a
 
     kept = {p for p in flat if as_is(p)}
     changed = {p: x for p, x in flat.items() if p not in kept}
+
     def make(params):
         if "fn" not in cache:
-            shardings = None if mesh is None else (layouts(params, True), {p: flat_layout[p] for p in changed})
-            cache["fn"] = jax.jit(lambda adapters, base: (cast(adapters), cast(base)), out_shardings=shardings)
+            shardings = (
+                None if mesh is None else (layouts(params, True), {p: flat_layout[p] for p in changed})
+            )
+            cache["fn"] = jax.jit(
+                lambda adapters, base: (cast(adapters), cast(base)), out_shardings=shardings
+            )
         adapters, base = cache["fn"](params, changed)
         base = lora_lib.unflatten({**{p: flat[p] for p in kept}, **base})
         return lora_lib.attach(nnx.merge(graphdef, {}, base), adapters, lora_cfg)

@@ -233,7 +233,6 @@ def _ppo_models(config: dict, model, mesh) -> tuple[Any, dict[str, Any]]:
     it starts from the reward model, TRL's default with full fine-tuning; `{}` from the policy)."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from qwenvl_jax import sharding as shd
     from qwenvl_jax.safetensors_io import CheckpointError
@@ -252,7 +251,9 @@ def _ppo_models(config: dict, model, mesh) -> tuple[Any, dict[str, Any]]:
     from qwenvl_jax.reward_model import load_reward_model
 
     try:
-        rm, head = load_reward_model(path, dtype=dtype, param_dtype=model.config.param_dtype if keep else dtype)
+        rm, head = load_reward_model(
+            path, dtype=dtype, param_dtype=model.config.param_dtype if keep else dtype
+        )
     except (CheckpointError, CheckpointMismatchError, FileNotFoundError) as err:
         raise ConfigError(f"ppo.reward_model: {err}") from None
     if mesh is not None:

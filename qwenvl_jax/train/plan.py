@@ -679,7 +679,13 @@ def jax_leaves(tree):
 
 
 def _lora_activation_bytes(
-    setup: AbstractSetup, adapters, rows: int, seq: int, mesh: dict[str, int], *, sets: int = 1,
+    setup: AbstractSetup,
+    adapters,
+    rows: int,
+    seq: int,
+    mesh: dict[str, int],
+    *,
+    sets: int = 1,
     backward: bool = True,
 ) -> tuple[int, str]:
     """LoRA's own activations for `sets` adapter sets shaped like `adapters` (PPO: the policy's and the

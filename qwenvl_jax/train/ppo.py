@@ -56,7 +56,11 @@ def ppo_settings(config: dict) -> dict[str, Any]:
 
 def rows_per_generation(config: dict) -> int:
     """TRL's `batch_size`: rows (= prompts) per generation batch."""
-    return int(config["batch"]["batch_size"]) * int(config["grad_accum"]) * int(ppo_settings(config)["num_mini_batches"])
+    return (
+        int(config["batch"]["batch_size"])
+        * int(config["grad_accum"])
+        * int(ppo_settings(config)["num_mini_batches"])
+    )
 
 
 def steps_per_generation(config: dict) -> int:
@@ -145,7 +149,9 @@ class PpoSource:
             repetition_penalty=float(s["repetition_penalty"]),
         )  # fmt: skip
         try:
-            self.rewards = load_rewards(config["rewards"], base_dir=Path.cwd()) if config.get("rewards") else []
+            self.rewards = (
+                load_rewards(config["rewards"], base_dir=Path.cwd()) if config.get("rewards") else []
+            )
         except RewardError as err:
             raise ConfigError(f"rewards: {err}") from None
         weights = s.get("reward_weights")
@@ -163,7 +169,9 @@ class PpoSource:
     # ----------------------------------------------------------------------------------- checkpoint
     def get_state(self) -> bytes:
         if not self._in_use():
-            return json.dumps({"prompts": self.prompts.get_state().decode("utf-8"), "kl_coef": self.kl_coef}).encode()
+            return json.dumps(
+                {"prompts": self.prompts.get_state().decode("utf-8"), "kl_coef": self.kl_coef}
+            ).encode()
         b = self.buffer
         r = b["rollouts"]
         arrays = {"tokens": r.tokens, "lengths": r.lengths, "sampler_logprobs": r.logprobs, "stopped": r.stopped,
@@ -188,8 +196,12 @@ class PpoSource:
             arrays = {k: f[k] for k in f.files}
         before = self.prompts.get_state()
         prompts = next(self.prompts)  # the same prompts, pulled again from the same position
-        rollouts = Rollouts(arrays["tokens"], arrays["lengths"], arrays["sampler_logprobs"], arrays["stopped"], 1)
-        self.buffer = self._buffer(prompts, rollouts, {k: arrays[k] for k in ROW_ARRAYS}, before, value["step"])
+        rollouts = Rollouts(
+            arrays["tokens"], arrays["lengths"], arrays["sampler_logprobs"], arrays["stopped"], 1
+        )
+        self.buffer = self._buffer(
+            prompts, rollouts, {k: arrays[k] for k in ROW_ARRAYS}, before, value["step"]
+        )
         self.buffer["position"] = int(value["position"])
 
     def _buffer(self, prompts, rollouts, arrays, prompts_state, step) -> dict[str, Any]:
@@ -199,8 +211,12 @@ class PpoSource:
         if self.suffix.size:  # the template's turn ending after a completed turn (`turn_suffix`)
             for r, ex in enumerate(examples):
                 if rollouts.lengths[r] and rollouts.completion(r)[-1] == self.turn_end:
-                    ex["input_ids"] = np.concatenate([ex["input_ids"], self.suffix.astype(ex["input_ids"].dtype)])
-                    ex["labels"] = np.concatenate([ex["labels"], np.full(self.suffix.size, -100, ex["labels"].dtype)])
+                    ex["input_ids"] = np.concatenate(
+                        [ex["input_ids"], self.suffix.astype(ex["input_ids"].dtype)]
+                    )
+                    ex["labels"] = np.concatenate(
+                        [ex["labels"], np.full(self.suffix.size, -100, ex["labels"].dtype)]
+                    )
         seq = self.train_spec.bucket(max(ex["input_ids"].size for ex in examples))
         starts = [np.asarray(prompts[i]["input_ids"]).size for i in range(len(prompts))]
         index = np.stack([response_index(n, seq, self.T) for n in starts])
@@ -264,7 +280,9 @@ class PpoSource:
         del model
         t1 = time.perf_counter()
         decode = self.processor.tokenizer.decode
-        texts = [decode(rollouts.completion(r).tolist(), skip_special_tokens=True) for r in range(len(prompts))]
+        texts = [
+            decode(rollouts.completion(r).tolist(), skip_special_tokens=True) for r in range(len(prompts))
+        ]
         fn_scores, metrics = self._reward_functions(prompts, rollouts, texts, step)
         t2 = time.perf_counter()
         # The scoring pass, micro-batch by micro-batch in row order.
@@ -325,7 +343,9 @@ class PpoSource:
         total = np.nansum(per_func * np.asarray(scores.weights, np.float32)[None], axis=1)
         metrics = {}
         for j, label in enumerate(scores.labels):
-            metrics[f"rewards/{label}/mean"] = float(np.nanmean(per_func[:, j])) if np.isfinite(per_func[:, j]).any() else float("nan")
+            metrics[f"rewards/{label}/mean"] = (
+                float(np.nanmean(per_func[:, j])) if np.isfinite(per_func[:, j]).any() else float("nan")
+            )
         metrics.update({f"rewards/{label}/failures": float(n) for label, n in scores.failures.items() if n})
         return total.astype(np.float32), metrics
 

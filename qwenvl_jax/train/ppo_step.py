@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from qwenvl_jax import losses
 from qwenvl_jax.losses_ppo import ppo_loss
 from qwenvl_jax.model.qwen2_5_vl import CORE_KEYS
 from qwenvl_jax.model.value_head import INIT_STD, SCORE, VALUE, init_head, reward_scores
@@ -43,7 +42,15 @@ from qwenvl_jax.train.step import _next_rng, accumulate, apply_update, build_mod
 
 TEMPERATURE_EPS = 1e-7  # TRL 0.22.1 divides logits by (temperature + 1e-7)
 # Per-response keys of a PPO micro-batch (row-sharded like the rows).
-PPO_KEYS = ("response_index", "logprobs", "values", "advantages", "returns", "padding_mask", "padding_mask_p1")
+PPO_KEYS = (
+    "response_index",
+    "logprobs",
+    "values",
+    "advantages",
+    "returns",
+    "padding_mask",
+    "padding_mask_p1",
+)
 
 
 def split_ppo(params: Mapping[str, Any]) -> tuple[dict, Any, Any]:
@@ -58,7 +65,9 @@ def _gather(x_bs: jax.Array, index_bt: jax.Array) -> jax.Array:
 
 def response_logprobs(model, mb, *, temperature: float, chunk_size: int):
     """`(logprobs (B, T), entropy (B, T))` of the response tokens under `model` (tempered)."""
-    st = token_stats(model, mb, mb["labels"], chunk_size=chunk_size, temperature=temperature + TEMPERATURE_EPS)
+    st = token_stats(
+        model, mb, mb["labels"], chunk_size=chunk_size, temperature=temperature + TEMPERATURE_EPS
+    )
     index = mb["response_index"]
     return _gather(st["log_probs"], index), _gather(st["entropy"], index)
 
@@ -94,7 +103,9 @@ def ppo_loss_fn(
 
     def loss_fn(params, mb, key):
         policy_model, value_model, head = _models(graphdef, params, frozen, lora_cfg, key)
-        new_logprobs, entropy = response_logprobs(policy_model, mb, temperature=temperature, chunk_size=chunk_size)
+        new_logprobs, entropy = response_logprobs(
+            policy_model, mb, temperature=temperature, chunk_size=chunk_size
+        )
         vpred = response_values(value_model, head, mb)
         loss, m = ppo_loss(
             new_logprobs, vpred, mb["logprobs"], mb["values"], mb["advantages"], mb["returns"],
@@ -168,7 +179,9 @@ def score_fn(graphdef, frozen, *, lora_cfg=None, temperature=0.7, chunk_size=102
         out["ref_logprobs"] = response_logprobs(ref_model, mb, **kw)[0]
         if reward is not None:
             reward_params, reward_head = reward
-            out["scores"] = reward_scores(nnx.merge(reward_graphdef, reward_params), reward_head, mb, pad_token_id)
+            out["scores"] = reward_scores(
+                nnx.merge(reward_graphdef, reward_params), reward_head, mb, pad_token_id
+            )
         return out
 
     return score
