@@ -125,7 +125,7 @@ def test_update_overflow_stops_without_saving(tmp_path):
         ({"batch": {"batch_size": 2, "seq_bucket": [96]}}, r"unknown batch keys \['seq_bucket'\]"),
         ({"lora": {"rank": 4}}, "a lora section needs trainable: lora"),
         ({"kind": "dpo", "dpo": {"betta": 0.1}}, r"unknown dpo keys \['betta'\]"),
-        ({"kind": "ppo"}, r"config kind='ppo': input should be 'sft', 'dpo', 'grpo' or 'reward'"),
+        ({"kind": "rlhf"}, r"config kind='rlhf': input should be 'sft', 'dpo', 'grpo', 'reward' or 'ppo'"),
         ({"steps": 0}, r"config steps=0: input should be greater than 0"),
         ({"mesh": {"data": 2, "model": 4}}, r"unknown mesh keys \['model'\]"),
     ],
