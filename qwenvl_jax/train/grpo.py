@@ -69,9 +69,14 @@ def prompt_budgets(config: dict) -> tuple[int, dict[str, int], dict[str, int]]:
     merge blocks; `max_images / B`); the P prompts of a generation batch then fit P such shares.
     """
     g = grpo_settings(config)
-    batch = config["batch"]
+    prompts = int(config["batch"]["batch_size"]) * steps_per_generation(config) // int(g["num_generations"])
+    return split_budgets(config["batch"], prompts)
+
+
+def split_budgets(batch: dict, prompts: int) -> tuple[int, dict[str, int], dict[str, int]]:
+    """`(prompts, generation-batch budget, per-prompt budget)` of `prompts` prompts, each holding a row's
+    share of the training micro-batch's vision budget (GRPO's and PPO's `prompt_budgets`)."""
     rows = int(batch["batch_size"])
-    prompts = rows * steps_per_generation(config) // int(g["num_generations"])
     unit = int(batch.get("merge_size") or 2) ** 2
     per_prompt = {
         "image_patches": int(batch.get("image_patches") or 0) // rows // unit * unit,
@@ -377,12 +382,16 @@ class GrpoSource:
                                         "advantage": float(advantages[r])}) + "\n")  # fmt: skip
 
     def truncate_log(self, step: int) -> None:
-        """Drop logged samples past `step` (a resumed run logs them again)."""
-        if not self.completions_path.exists():
-            return
-        keep = [line for line in self.completions_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]  # fmt: skip
-        self.completions_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        truncate_samples(self.completions_path, step)
+
+
+def truncate_samples(path: Path, step: int) -> None:
+    """Drop the samples logged past `step` from `path` (a resumed run logs them again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]  # fmt: skip
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def p_text(prompt) -> str:

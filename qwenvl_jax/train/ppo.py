@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from qwenvl_jax.train.config import PPO_LOSS_KEYS, ConfigError, PpoSection
-from qwenvl_jax.train.grpo import _RESERVED, _seed, p_text
+from qwenvl_jax.train.grpo import _RESERVED, _seed, p_text, split_budgets, truncate_samples
 
 # The per-row arrays a generation batch keeps (and a checkpoint stores) for its optimizer steps.
 ROW_ARRAYS = ("logprobs", "values", "advantages", "returns", "padding_mask", "padding_mask_p1")
@@ -72,17 +72,7 @@ def steps_per_generation(config: dict) -> int:
 def prompt_budgets(config: dict) -> tuple[int, dict[str, int], dict[str, int]]:
     """`(prompts per generation, generation-batch budget, per-prompt budget)`: a prompt holds at most a
     row's share of a training micro-batch's vision budget (as GRPO's, with one completion per prompt)."""
-    batch = config["batch"]
-    rows = int(batch["batch_size"])
-    prompts = rows_per_generation(config)
-    unit = int(batch.get("merge_size") or 2) ** 2
-    per_prompt = {
-        "image_patches": int(batch.get("image_patches") or 0) // rows // unit * unit,
-        "video_patches": int(batch.get("video_patches") or 0) // rows // unit * unit,
-        "max_images": int(batch.get("max_images", 16)) // rows,
-        "max_videos": int(batch.get("max_videos", 4)) // rows,
-    }
-    return prompts, {k: v * prompts for k, v in per_prompt.items()}, per_prompt
+    return split_budgets(config["batch"], rows_per_generation(config))
 
 
 def ppo_step_kw(config: dict) -> dict[str, Any]:
@@ -359,12 +349,7 @@ class PpoSource:
                                     "advantage_mean": float(advantages[r][real].mean()) if real.any() else 0.0}) + "\n")  # fmt: skip
 
     def truncate_log(self, step: int) -> None:
-        """Drop logged samples past `step` (a resumed run logs them again)."""
-        if not self.completions_path.exists():
-            return
-        keep = [line for line in self.completions_path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]  # fmt: skip
-        self.completions_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        truncate_samples(self.completions_path, step)
 
 
 def _sampling_gap(rollouts, logprobs_bt: np.ndarray) -> dict[str, float]:
