@@ -2,6 +2,7 @@
 
     python bench/compute_at_scale.py lora [--preset 7B] [--json OUT]
     python bench/compute_at_scale.py decode [--preset 3B] [--batch 64] [--cached 1024] [--json OUT]
+    python bench/compute_at_scale.py vision [--patches 16384 65536] [--max-frame-patches 1024] [--json OUT]
 
 `lora`: FLOPs of one SFT step of the real config, LoRA (rank 16 on every text projection, the adapters
 applied as `x W + (x A) B`, `train.lora.attach`) against full fine-tuning, at the preset's widths, one row
@@ -17,6 +18,14 @@ converts bf16 dot operands to float32, whole stacked arrays at a time, which a G
 the figure): XLA's "bytes accessed" against what a decode step
 must read, the weights plus the live cache (the goal: within 1.3x). Layers unrolled (XLA counts a scan
 body once).
+
+`vision`: the vision tower's forward + backward (gradients of every vision parameter) at 3B widths, on
+images of 448x448 (1,024 patches each) filling the patch budget: XLA's FLOPs against the analytic count
+(its linear layers, each window's attention over its own rows, each image's full attention over its own
+rows; backward = 2 x forward), and XLA:CPU's temporaries at each budget (linear growth is the goal). The
+windowed blocks attend band by band (3 x 64 keys per query); the full blocks too when the frames are
+bounded (`--max-frame-patches`, `BatchSpec.max_frame_patches`: 3 x bound keys per query), else over the
+whole budget with a segment mask (`--max-frame-patches 0`).
 
 How (`lora`): XLA counts a `lax.scan` body once, so the step is compiled with the layers unrolled
 (`scan_layers=False`) at three small depths, (1, 1), (2, 1) and (1, 2) text layers and vision blocks, and
@@ -121,6 +130,84 @@ def cmd_decode(args) -> dict:
     return out
 
 
+def vision_analytic_flops(vc, grids) -> dict[str, float]:
+    """Forward FLOPs of the vision tower on `grids` (exact count of its matmuls; norms and softmax
+    excluded): linear layers, windowed attention (each window's rows^2) and full attention (each frame's
+    rows^2), `2 x` per multiply-add."""
+    import numpy as np
+
+    from qwenvl_jax.processing.positions import vision_indices
+
+    vi = vision_indices(grids, merge_size=vc.spatial_merge_size, window_size=vc.window_size,
+                        patch_size=vc.patch_size)  # fmt: skip
+    n, d, inner = vi.num_patches, vc.hidden_size, vc.intermediate_size
+    unit = vc.spatial_merge_size**2
+    per_block = 2 * n * (d * 3 * d + d * d + 3 * d * inner)  # qkv, proj, gate/up/down
+    windows = np.diff(vi.cu_window_seqlens).astype(np.float64)
+    frames = np.diff(vi.cu_seqlens).astype(np.float64)
+    attn = lambda lens: 4 * float((lens**2).sum()) * d  # noqa: E731  (QK^T and PV, all heads)
+    full = len(vc.fullatt_block_indexes)
+    linear = vc.depth * per_block + 2 * n * vc.patch_dim * d
+    linear += 2 * (n // unit) * (unit * d * unit * d + unit * d * vc.out_hidden_size)  # the merger
+    return {"linear": linear, "window_attention": (vc.depth - full) * attn(windows),
+            "full_attention": full * attn(frames)}  # fmt: skip
+
+
+def vision_program(vc, grids, patches: int, full_block: int | None):
+    """`(flops, temp bytes)` of the compiled vision forward + backward on one device (XLA:CPU)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.model.vision import VisionTower
+    from qwenvl_jax.processing.positions import vision_indices
+
+    cfg = Qwen25VLConfig.preset("3B", dtype="bfloat16", param_dtype="float32").replace(scan_layers=False)
+    tower = nnx.eval_shape(lambda: VisionTower(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(tower)
+    vi = vision_indices(grids, merge_size=vc.spatial_merge_size, window_size=vc.window_size,
+                        patch_size=vc.patch_size, num_patches=patches)  # fmt: skip
+    ints = [jnp.asarray(x, jnp.int32) for x in (vi.rope_pos, vi.patch_perm, vi.window_seg, vi.full_seg,
+                                                  vi.unit_unperm)]  # fmt: skip
+    pixels = jax.ShapeDtypeStruct((patches, vc.patch_dim), np.float32)
+
+    def loss(params, pixels, *idx):
+        return nnx.merge(graphdef, params)(pixels, *idx, full_block=full_block).astype(jnp.float32).sum()
+
+    compiled = jax.jit(jax.grad(loss)).lower(params, pixels, *ints).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]), int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def cmd_vision(args) -> dict:
+    from qwenvl_jax.config import Qwen25VLConfig
+
+    vc = Qwen25VLConfig.preset("3B").vision
+    bound = args.max_frame_patches or None
+    out = {"image": "448x448 (grid 1x32x32)", "max_frame_patches": bound, "budgets": {}}
+    for patches in args.patches:
+        grids = [[1, 32, 32]] * (patches // 1024)
+        analytic = vision_analytic_flops(vc, grids)
+        total = 3 * sum(analytic.values())  # forward + backward
+        flops, temp = vision_program(vc, grids, patches, bound)
+        out["budgets"][patches] = {"analytic_fwd": analytic, "analytic_total": total, "xla_flops": flops,
+                                   "ratio": flops / total, "temp_bytes": temp}  # fmt: skip
+        print(f"{patches:>6} patches ({len(grids)} images): XLA {flops / 1e12:7.2f} TFLOP, analytic "
+              f"{total / 1e12:7.2f} (linear {3 * analytic['linear'] / 1e12:.2f}, windows "
+              f"{3 * analytic['window_attention'] / 1e12:.3f}, full {3 * analytic['full_attention'] / 1e12:.3f}): "
+              f"{flops / total:.2f}x (goal: at most 1.2x); temporaries {temp / 2**30:.2f} GiB", flush=True)  # fmt: skip
+    sizes = sorted(out["budgets"])
+    if len(sizes) > 1:
+        a, b = out["budgets"][sizes[0]]["temp_bytes"], out["budgets"][sizes[-1]]["temp_bytes"]
+        out["temp_growth"] = b / a
+        print(f"temporaries {sizes[-1]} / {sizes[0]} patches: {b / a:.2f}x (patches {sizes[-1] / sizes[0]:.0f}x; "
+              "goal: at most 4.5x for 4x)")  # fmt: skip
+    return out
+
+
 def cmd_lora(args) -> dict:
     shape = dict(rows=1, seq=2048, patches=1024)
     out = {"preset": args.preset, "remat": args.remat, **shape}
@@ -153,8 +240,12 @@ def main(argv=None) -> int:
         help="weights and cache; XLA:CPU converts bf16 operands to f32, which inflates its count",
     )
     decode.add_argument("--json", help="write the figures here as JSON")
+    vision = sub.add_parser("vision", help="vision tower forward + backward FLOPs and temporaries")
+    vision.add_argument("--patches", type=int, nargs="+", default=[16384, 65536])
+    vision.add_argument("--max-frame-patches", type=int, default=1024, help="0: full blocks unbounded")
+    vision.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    out = {"lora": cmd_lora, "decode": cmd_decode}[args.what](args)
+    out = {"lora": cmd_lora, "decode": cmd_decode, "vision": cmd_vision}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
     return 0

@@ -187,3 +187,48 @@ def test_shipped_batch_configs_load(name):
 def test_batch_config_refuses_unknown_keys():
     with pytest.raises(ValueError, match="unknown batch spec keys"):
         BatchSpec.from_dict({"batch_size": 2, "seq_bukets": [64]})
+
+
+def test_max_frame_patches_bands_the_full_blocks_exactly(proc, monkeypatch):
+    """`max_frame_patches` bounds every frame (the image of 140 patches is the longest here), so the
+    vision tower's full blocks attend band by band over blocks of that size (the bound travels as the
+    shape of `image_full_block`): the model's outputs equal the unbounded batch's; a frame over the
+    bound is refused by name."""
+    import jax.numpy as jnp
+
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.loading import random_model
+    from qwenvl_jax.model.qwen2_5_vl import CORE_KEYS
+
+    model = random_model(Qwen25VLConfig.preset("tiny", dtype="float32", param_dtype="float32"), 0)
+    examples = _examples(proc)
+    plain = collate(examples, _spec(proc))
+    banded = collate(examples, _spec(proc, max_frame_patches=144))
+    assert "image_full_block" not in plain and banded["image_full_block"].shape == (144,)
+    assert banded["video_full_block"].shape == (144,)
+
+    import qwenvl_jax.model.vision as vision
+
+    blocks, real = [], vision.banded_attention
+
+    def spy(*args, block, **kw):
+        blocks.append(block)
+        return real(*args, block=block, **kw)
+
+    monkeypatch.setattr(vision, "banded_attention", spy)
+
+    def hidden(batch):
+        return np.asarray(
+            model.hidden_states(**{k: jnp.asarray(v) for k, v in batch.items() if k in CORE_KEYS})
+        )
+
+    want = hidden(plain)
+    assert set(blocks) == {64}  # windows banded, full blocks over the whole budget
+    blocks.clear()
+    got = hidden(banded)
+    assert set(blocks) == {64, 144}  # windows and the bounded frames
+    np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    with pytest.raises(
+        InputError, match=r"an image frame of 140 patches exceeds batch\.max_frame_patches=128"
+    ):
+        collate(examples, _spec(proc, max_frame_patches=128))

@@ -182,6 +182,7 @@ def run_stack(
     scan: bool = True,
     remat: str = "none",
     collect: bool = False,
+    layers: tuple[int, int] | None = None,
 ) -> Any:
     """Apply `x = step(layer, x, per_layer[i])` for every layer i of a `stacked` module.
 
@@ -192,8 +193,12 @@ def run_stack(
 
     `collect=True`: `step` returns `(x, y)` and `run_stack` returns `(x, ys)`, the per-layer outputs `y`
     stacked on a leading layer axis (the keys and values that prefill and decode write to the cache).
+
+    `layers=(start, stop)` runs only those layers of the stack (`per_layer` then covers just them).
     """
     graphdef, state = nnx.split(stack)
+    if layers is not None:
+        state = jax.tree.map(lambda a: a[layers[0] : layers[1]], state)
 
     def body(x_carry, xs):
         layer_state, layer_extra = xs

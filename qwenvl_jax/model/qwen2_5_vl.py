@@ -41,7 +41,7 @@ CORE_KEYS = (
     *(
         key
         for kind in ("image", "video")
-        for key in (_PIXEL_KEY[kind], *(f"{kind}_{f}" for f in _VISION_FIELDS))
+        for key in (_PIXEL_KEY[kind], *(f"{kind}_{f}" for f in (*_VISION_FIELDS, "full_block")))
     ),
 )
 
@@ -119,6 +119,7 @@ class Qwen25VL(nnx.Module):
             if pixels is None:
                 continue
             idx = {f: vision[f"{kind}_{f}"] for f in _VISION_FIELDS}
+            bound = vision.get(f"{kind}_full_block")  # `BatchSpec.max_frame_patches`, by its shape
             feats_ud = self.visual(
                 pixels,
                 idx["rope_pos"],
@@ -126,6 +127,7 @@ class Qwen25VL(nnx.Module):
                 idx["window_seg"],
                 idx["full_seg"],
                 idx["unit_unperm"],
+                full_block=None if bound is None else int(bound.shape[0]),
             )
             # HF casts the features to the embedding dtype, then masked_scatter fills placeholder tokens in
             # row-major order; the host computed those slots, and unused ones (s == S) are dropped.

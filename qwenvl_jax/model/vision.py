@@ -11,6 +11,8 @@ conv weight dtype, spec 6.5); the rope tables and the q/k rotation are float32 (
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,7 +25,12 @@ from qwenvl_jax.model.rope import apply_vision_rope, vision_cos_sin
 
 
 class VisionAttention(nnx.Module):
-    """Fused qkv (columns q | k | v, each heads x head_dim), 2-D rope, segment-masked attention, proj."""
+    """Fused qkv (columns q | k | v, each heads x head_dim), 2-D rope, segment-masked attention, proj.
+
+    `band`: every segment is contiguous and at most `band` rows long (the windows, spec 2.3: 64 rows; the
+    frames, when the host bounds them), so it is attended band by band (`banded_attention` below:
+    3 x band keys per query, no P x P mask); None: a segment mask over all P rows.
+    """
 
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         vc = config.vision
@@ -33,12 +40,21 @@ class VisionAttention(nnx.Module):
         self.qkv = Dense(vc.hidden_size, 3 * vc.hidden_size, axes=("vision_embed", "vision_qkv"), **kw)
         self.proj = Dense(vc.hidden_size, vc.hidden_size, axes=("vision_qkv", "vision_embed"), **kw)
 
-    def __call__(self, x_pd, cos_ph, sin_ph, seg_p):
+    def __call__(self, x_pd, cos_ph, sin_ph, seg_p, band: int | None = None):
         num_rows = x_pd.shape[0]
         qkv_p3nh = self.qkv(x_pd).reshape(num_rows, 3, self.num_heads, self.head_dim)
         q_pnh = apply_vision_rope(qkv_p3nh[:, 0], cos_ph, sin_ph)
         k_pnh = apply_vision_rope(qkv_p3nh[:, 1], cos_ph, sin_ph)
-        # One "batch" row of P tokens: windows and frames are segments, never crossed (spec 2.3, 2.5).
+        if band is not None:
+            band_fn = functools.partial(
+                banded_attention, block=band, scale=self.head_dim**-0.5, backend=self.backend
+            )
+            # Rematerialised: the backward recomputes the band from q, k, v instead of keeping its
+            # probabilities, and XLA then lays out this forward as in a plain (undifferentiated) pass, so
+            # DPO's policy and frozen reference agree to the bit at step 1.
+            o_pnh = jax.checkpoint(band_fn)(q_pnh, k_pnh, qkv_p3nh[:, 2], seg_p)
+            return self.proj(o_pnh.reshape(num_rows, -1))
+        # One "batch" row of P tokens: frames are segments, never crossed (spec 2.5).
         o_1pnh = attention(
             q_pnh[None],
             k_pnh[None],
@@ -69,8 +85,8 @@ class VisionBlock(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x_pd, cos_ph, sin_ph, seg_p):
-        x_pd = x_pd + self.attn(self.norm1(x_pd), cos_ph, sin_ph, seg_p)
+    def __call__(self, x_pd, cos_ph, sin_ph, seg_p, band: int | None = None):
+        x_pd = x_pd + self.attn(self.norm1(x_pd), cos_ph, sin_ph, seg_p, band)
         return x_pd + self.mlp(self.norm2(x_pd))
 
 
@@ -118,23 +134,82 @@ class VisionTower(nnx.Module):
         window_seg_p: jax.Array,
         full_seg_p: jax.Array,
         unit_unperm_u: jax.Array,
+        full_block: int | None = None,
     ) -> jax.Array:
         """Merged features `(P/U, out_hidden_size)` in raster order of merge units; the first N/U are real.
 
         `pixel_values_pc` is in merge-block order (as the processor writes it); `rope_pos_p2`,
         `window_seg_p` and `full_seg_p` are in window order; `patch_perm_p` gathers window order from
         merge-block order and `unit_unperm_u` undoes it on merged units (HF's `argsort(window_index)`).
+        `full_block`: a bound on the rows of one frame (`BatchSpec.max_frame_patches`, checked on the host),
+        so the full blocks attend band by band over blocks of that size; None: over all P rows.
         """
         vc, cfg = self.config.vision, self.config
         # The patch embed is the Conv3d as a matmul; HF casts the pixels to the weight dtype first.
         x_pd = self.patch_embed(pixel_values_pc.astype(cfg.dtype))[patch_perm_p]
         cos_ph, sin_ph = vision_cos_sin(rope_pos_p2, head_dim=vc.head_dim, theta=vc.rope_theta)
-        is_full_l = jnp.asarray(np.isin(np.arange(vc.depth), vc.fullatt_block_indexes))
+        window_len = (vc.window_size // vc.patch_size) ** 2  # 8 x 8 patches: a window's most rows
 
-        def step(block, x_pd, is_full):
-            # One traced block for all depths: the per-layer flag picks full (per frame) or window segments.
-            seg_p = jnp.where(is_full, full_seg_p, window_seg_p)
-            return block(x_pd, cos_ph, sin_ph, seg_p)
+        # Runs of consecutive blocks of one kind (windowed, full), each one scan over its slice of the
+        # stack: the windowed blocks attend band by band, the full ones per frame.
+        for start, stop, full in block_runs(vc.depth, vc.fullatt_block_indexes):
+            seg_p, band = (full_seg_p, full_block) if full else (window_seg_p, window_len)
 
-        x_pd = run_stack(self.blocks, step, x_pd, is_full_l, scan=cfg.scan_layers, remat=cfg.remat)
+            def step(block, x_pd, _, seg_p=seg_p, band=band):
+                return block(x_pd, cos_ph, sin_ph, seg_p, band)
+
+            x_pd = run_stack(
+                self.blocks, step, x_pd, scan=cfg.scan_layers, remat=cfg.remat, layers=(start, stop)
+            )
         return self.merger(x_pd)[unit_unperm_u]
+
+
+def block_runs(depth: int, full_indexes) -> list[tuple[int, int, bool]]:
+    """`[(start, stop, is_full)]`: the maximal runs of consecutive windowed or full blocks."""
+    full = np.isin(np.arange(depth), list(full_indexes))
+    runs, start = [], 0
+    for i in range(1, depth + 1):
+        if i == depth or full[i] != full[start]:
+            runs.append((start, i, bool(full[start])))
+            start = i
+    return runs
+
+
+def banded_attention(
+    q_pnh: jax.Array,
+    k_pnh: jax.Array,
+    v_pnh: jax.Array,
+    segment_ids_p: jax.Array,
+    *,
+    block: int,
+    scale: float | None = None,
+    backend: str = "xla",
+) -> jax.Array:
+    """Attention of one row of P tokens within segments that are CONTIGUOUS and at most `block` long
+    (the vision tower's windows, spec 2.5), without a P x P mask: the rows are cut into blocks of `block`,
+    and the queries of block i attend to the keys of blocks i-1, i and i+1 (a segment of at most `block`
+    contiguous rows lies within them), masked by segment equality. Cost 3 `block` P per head instead of
+    P^2; the numbers are those of `attention` with the same segment ids (the same keys, the same masked
+    softmax). `(P, N, H)` in and out."""
+    num_rows, heads, head_dim = q_pnh.shape
+    nb = -(-num_rows // block)
+    pad = nb * block - num_rows
+    if pad:  # a segment of its own (-2), discarded below
+        q_pnh, k_pnh, v_pnh = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q_pnh, k_pnh, v_pnh))
+        segment_ids_p = jnp.pad(segment_ids_p, (0, pad), constant_values=-2)
+
+    def band(x_b):  # (nb, block, ...) -> (nb, 3 block, ...): the previous, own and next block
+        zero = jnp.zeros_like(x_b[:1])
+        prev = jnp.concatenate([zero, x_b[:-1]], axis=0)
+        nxt = jnp.concatenate([x_b[1:], zero], axis=0)
+        return jnp.concatenate([prev, x_b, nxt], axis=1)
+
+    blocks = lambda x: x.reshape(nb, block, *x.shape[1:])  # noqa: E731
+    seg_b = blocks(segment_ids_p)
+    # The missing neighbours of the first and last block get an id no query has.
+    seg_band = band(seg_b)
+    edge = jnp.zeros((nb, 3 * block), bool).at[0, :block].set(True).at[-1, 2 * block :].set(True)
+    seg_band = jnp.where(edge, jnp.iinfo(seg_band.dtype).min, seg_band)
+    out = attention(blocks(q_pnh), band(blocks(k_pnh)), band(blocks(v_pnh)), q_segment_ids=seg_b,
+                    kv_segment_ids=seg_band, scale=scale, backend=backend)  # fmt: skip
+    return out.reshape(nb * block, heads, head_dim)[:num_rows]

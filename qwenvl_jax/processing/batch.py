@@ -40,6 +40,10 @@ class BatchSpec:
     video_patches: int = 0  # patch rows per batch for videos (0: videos refused)
     max_images: int = 16  # rows of image_grid_thw
     max_videos: int = 4  # rows of video_grid_thw
+    # The most patches of one frame (an image, or one temporal step of a video): the vision tower's full
+    # blocks then attend band by band over blocks of this size instead of over the whole budget (a frame
+    # over it is refused); 0: no bound. For images of at most max_pixels: max_pixels // patch_size**2.
+    max_frame_patches: int = 0
     padding_side: str = "right"
     pad_token_id: int = 151643
     image_token_id: int = 151655
@@ -114,6 +118,8 @@ def _check_fields(spec: BatchSpec) -> None:
     for name in ("max_images", "max_videos"):
         if getattr(spec, name) < 0:
             _refuse(name, getattr(spec, name), "must be >= 0")
+    if spec.max_frame_patches < 0 or spec.max_frame_patches % unit:
+        _refuse("max_frame_patches", spec.max_frame_patches, f"must be a non-negative multiple of {unit}")
 
 
 def check_spec(
@@ -204,6 +210,15 @@ def _vision(examples, spec: BatchSpec, kind: str, budget: int, max_items: int, i
     for field in ("rope_pos", "patch_perm", "patch_inv", "unit_unperm", "window_seg", "full_seg", "valid"):
         value = getattr(idx, field)
         out[f"{kind}_{field}"] = value if value.dtype == bool else value.astype(np.int32)
+    if spec.max_frame_patches:
+        frames = grid_n3[:, 1] * grid_n3[:, 2] if len(grid_n3) else np.zeros(0, np.int64)
+        if frames.size and frames.max() > spec.max_frame_patches:
+            raise InputError(
+                f"an {kind} frame of {int(frames.max())} patches exceeds batch.max_frame_patches="
+                f"{spec.max_frame_patches}"
+            )
+        # Its SHAPE carries the bound into the jitted model (`VisionTower`'s full blocks); the values are unused.
+        out[f"{kind}_full_block"] = np.zeros(spec.max_frame_patches, np.int32)
     # Scatter slots: one per merged unit of the budget, row-major (batch, seq) as HF's masked_scatter.
     b_idx, s_idx = np.nonzero(ids_bs == token_id)
     units = budget // spec.merge_size**2

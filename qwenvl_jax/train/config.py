@@ -147,6 +147,7 @@ class BatchSection(_Section):
     video_patches: NonNegInt | None = None
     max_images: NonNegInt | None = None
     max_videos: NonNegInt | None = None
+    max_frame_patches: NonNegInt | None = None
     padding_side: Literal["left", "right"] | None = None
     pad_token_id: NonNegInt | None = None
     image_token_id: NonNegInt | None = None
