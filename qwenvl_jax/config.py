@@ -97,6 +97,12 @@ class TextConfig:
             )
 
 
+# `model.attention`'s backends: "xla" (reference, any platform), "cudnn" (GPU), "splash" (TPU), and their
+# CPU-testable twins "dpa_xla" (the cuDNN call's arguments on XLA) and "splash_interpret" (the Pallas
+# interpreter).
+ATTENTION_BACKENDS = ("xla", "cudnn", "dpa_xla", "splash", "splash_interpret")
+
+
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
     """The architecture (from `config.json`) plus the run-time numerics policy (ours, not HF's)."""
@@ -113,14 +119,16 @@ class Qwen25VLConfig:
     # Numerics and execution policy.
     dtype: str = "bfloat16"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"  # storage dtype of parameters (cast to `dtype` at use)
-    attention_backend: str = "xla"  # "xla" (reference, any platform) or "cudnn" (GPU)
+    attention_backend: str = "xla"  # one of ATTENTION_BACKENDS
     remat: str = "none"  # "none", "full" (recompute each layer) or "dots" (save matmul outputs)
     scan_layers: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "eos_token_id", _token_ids(self.eos_token_id, "eos_token_id"))
-        if self.attention_backend not in ("xla", "cudnn"):
-            raise ValueError(f"attention_backend must be 'xla' or 'cudnn', got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.vision.out_hidden_size != self.text.hidden_size:
