@@ -393,6 +393,22 @@ def constrain_activation(x: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
     return constrain(x, logical_axes, rules=ACTIVATION_RULES)
 
 
+# Weights at use under FSDP: whole along their FSDP-split dim, still split by tensor parallelism. FSDP's
+# schedule is one all-gather of each layer's weights before its matmuls (and its gradient reduce-scattered
+# after); left to itself, GSPMD instead keeps a matmul's contracted dim split and all-reduces its float32
+# partial activations, which for the vision tower (all patches on every device) moves ~5x more bytes.
+WEIGHT_AT_USE_RULES = ShardingRules(DECODE_RULES, indivisible="replicate")
+
+
+def constrain_weight_at_use(w: jax.Array, logical_axes: LogicalAxes) -> jax.Array:
+    """`w` (a parameter cast to the compute dtype, about to enter a matmul) pinned to its layout at use,
+    `WEIGHT_AT_USE_RULES`: gathered along the FSDP dim. Outside any mesh `w` comes back as it is."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return w
+    # A layer of a stack sees its own slice: the stacked parameter's leading "layers" name is not its.
+    return constrain(w, tuple(logical_axes)[-w.ndim :], rules=WEIGHT_AT_USE_RULES)
+
+
 def batch_shards(rows: int) -> int:
     """How many ways `constrain_activation(x, ("batch", ...))` splits `rows` rows under the abstract mesh a
     sharded step traces in: the product of the batch mesh axes the activation rules keep for that size

@@ -59,6 +59,34 @@ def compiled_collectives(mesh: str) -> dict:
     }
 
 
+def dense_collectives() -> dict:
+    """The subprocess side: two `Dense` layers as in the vision tower's blocks (down to the model width,
+    then up from it) on replicated rows (every patch on every device), their kernels split over FSDP along
+    the model width, compiled on a 1x8x1 mesh: the collectives they need."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.model.layers import Dense
+
+    mesh = shd.make_mesh(fsdp=8)
+    kw = dict(use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    layers = nnx.List([Dense(128, 64, axes=("vision_mlp", "vision_embed"), **kw),
+                       Dense(64, 128, axes=("vision_embed", "vision_mlp"), **kw)])  # fmt: skip
+    graphdef, params = nnx.split(layers)
+    params = jax.device_put(params, shd.param_shardings(params, mesh))
+    rows = jax.device_put(jnp.ones((1024, 128)), shd.named_sharding(mesh, shd.DEFAULT_RULES, (None, None)))
+
+    def apply(params, x):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            down, up = nnx.merge(graphdef, params)
+            return up(down(x))
+
+    colls, unknown = C.collectives(jax.jit(apply).lower(params, rows).compile().as_text(), 8)
+    return {"dense": sorted((c.op, [list(d) for _, d in c.arrays]) for c in colls), "unknown": unknown}
+
+
 @pytest.fixture(scope="module")
 def compiled():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -71,13 +99,16 @@ def compiled():
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             rec = json.loads(line)
+            if "dense" in rec:
+                out["dense"] = rec
+                continue
             rec["collectives"] = [
                 C.Collective(**{**c, "arrays": tuple((dt, tuple(d)) for dt, d in c["arrays"]),
                                 "sliced": tuple(c["sliced"])})
                 for c in rec["collectives"]
             ]  # fmt: skip
             out["x".join(str(v) for v in rec["mesh"].values())] = rec
-    assert set(out) == set(MESHES), proc.stdout[-3000:]
+    assert set(out) == {*MESHES, "dense"}, proc.stdout[-3000:]
     return out
 
 
@@ -102,6 +133,15 @@ def test_lm_head_all_reduces_no_logits(compiled, mesh):
     assert [(dims, c.count) for c, dims in gathers] == [((d, v), 1)], [(c.shape, c.count) for c, _ in gathers]
     # The walker multiplies the layer scan's collectives by its trip count.
     assert any(c.op == "all-gather" and c.count == rec["layers"] for c in rec["collectives"])
+
+
+def test_fsdp_kernel_is_gathered_at_use_not_its_activations_all_reduced(compiled):
+    """A kernel split over FSDP is all-gathered whole before its matmul (`sharding.constrain_weight_at_use`),
+    as FSDP does: left to GSPMD, a replicated input contracts the split dim and all-reduces the float32
+    activations instead (the vision tower's ~48 GB per 3B step, docs/benchmarks.md)."""
+    rec = compiled["dense"]
+    assert not rec["unknown"]
+    assert rec["dense"] == [["all-gather", [[64, 128]]], ["all-gather", [[128, 64]]]]
 
 
 def test_batch_shards_follows_the_activation_rules():
@@ -193,3 +233,4 @@ def test_walker_counts_loops_groups_and_slices():
 if __name__ == "__main__":
     for mesh in sys.argv[1:]:
         print(json.dumps(compiled_collectives(mesh)), flush=True)
+    print(json.dumps(dense_collectives()), flush=True)

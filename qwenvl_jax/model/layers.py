@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenvl_jax.sharding import constrain_weight_at_use
+
 Axes = tuple[str | None, ...]
 
 
@@ -83,7 +85,9 @@ class Dense(nnx.Module):
 
     def __call__(self, x_nd: jax.Array) -> jax.Array:
         x_nd = x_nd.astype(self.dtype)
-        y_nf = jnp.einsum("...d,df->...f", x_nd, self.kernel[...].astype(self.dtype))
+        # Under FSDP the kernel is gathered whole along its FSDP dim here, once per use (see sharding).
+        kernel_df = constrain_weight_at_use(self.kernel[...].astype(self.dtype), self.kernel.logical_axes)
+        y_nf = jnp.einsum("...d,df->...f", x_nd, kernel_df)
         if self.bias is not None:
             y_nf = y_nf + self.bias[...].astype(self.dtype)
         lora_a = getattr(self, "lora_a", None)
