@@ -3,6 +3,7 @@
     python bench/compute_at_scale.py lora [--preset 7B] [--json OUT]
     python bench/compute_at_scale.py decode [--preset 3B] [--batch 64] [--cached 1024] [--json OUT]
     python bench/compute_at_scale.py vision [--patches 16384 65536] [--max-frame-patches 1024] [--json OUT]
+    python bench/compute_at_scale.py dpo [--preset 3B] [--trainable full] [--json OUT]
 
 `lora`: FLOPs of one SFT step of the real config, LoRA (rank 16 on every text projection, the adapters
 applied as `x W + (x A) B`, `train.lora.attach`) against full fine-tuning, at the preset's widths, one row
@@ -27,7 +28,12 @@ windowed blocks attend band by band (3 x 64 keys per query); the full blocks too
 bounded (`--max-frame-patches`, `BatchSpec.max_frame_patches`: 3 x bound keys per query), else over the
 whole budget with a segment mask (`--max-frame-patches 0`).
 
-How (`lora`): XLA counts a `lax.scan` body once, so the step is compiled with the layers unrolled
+`dpo`: a DPO step (2 pairs x 2,048 tokens, one 448x448 image per pair, bf16, no remat; `--trainable
+full` or `lora`) with each pair's image encoded once (`data.collate_pairs`) against every row's images
+encoded (a stand-in for the former `collate_pairs`): the vision blocks' FLOPs (per block, from the depth
+extrapolation below, x 32) and the whole step's.
+
+How (`lora`, `dpo`): XLA counts a `lax.scan` body once, so the step is compiled with the layers unrolled
 (`scan_layers=False`) at three small depths, (1, 1), (2, 1) and (1, 2) text layers and vision blocks, and
 the cost `c + Lt ft + Lv fv`, exactly linear in the depths because the layers are identical, is
 extrapolated to the preset's depths. Each compile takes tens of seconds on CPU.
@@ -222,6 +228,56 @@ def cmd_lora(args) -> dict:
     return out
 
 
+def dpo_config(trainable: str, *, pairs: int, seq: int, patches: int) -> dict:
+    """A DPO run config (shapes only): `pairs` pairs, one image of `patches` patches per pair."""
+    config = {
+        "kind": "dpo", "run_dir": "unused", "trainable": trainable, "dpo": {"beta": 0.1},
+        "batch": {"batch_size": pairs, "seq_buckets": [seq], "image_patches": 2 * pairs * patches,
+                  "max_images": 2 * pairs},
+        "optim": {"learning_rate": 1e-5},
+    }  # fmt: skip
+    if trainable == "lora":
+        config["lora"] = {"rank": 16, "alpha": 32.0}
+    return config
+
+
+def every_row_encoded():
+    """A stand-in for `data.collate_pairs` as it was: every row's images encoded (the full budget)."""
+    from qwenvl_jax.processing.batch import collate
+
+    def collate_pairs(pairs, spec):
+        rows = [c for c, _ in pairs] + [r for _, r in pairs]
+        return collate(rows + [rows[0]] * (spec.batch_size - len(rows)), spec)
+
+    return collate_pairs
+
+
+def cmd_dpo(args) -> dict:
+    """Vision FLOPs of a DPO step with each pair's image encoded once, against every row's encoded."""
+    import qwenvl_jax.data.pipeline as pipeline
+
+    shape = dict(pairs=2, seq=2048, patches=1024)
+    out = {"preset": args.preset, "trainable": args.trainable, **shape}
+    shared_fn = pipeline.collate_pairs
+    for layout, fn in (("every row", every_row_encoded()), ("once per pair", shared_fn)):
+        pipeline.collate_pairs = fn
+        try:
+            out[layout] = extrapolated_flops(dpo_config(args.trainable, **shape), args.preset, remat="none")
+        finally:
+            pipeline.collate_pairs = shared_fn
+        vision = (
+            out[layout]["per_vision_block"] * model_at_depth(args.preset, 1, 1, remat="none")[0].vision.depth
+        )
+        out[layout]["vision"] = vision
+        print(f"{layout:>13}: step {out[layout]['total'] / 1e12:8.2f} TFLOP, vision blocks {vision / 1e12:.2f} "
+              f"TFLOP (per block {out[layout]['per_vision_block'] / 1e9:.1f} GFLOP)", flush=True)  # fmt: skip
+    out["vision_ratio"] = out["once per pair"]["vision"] / out["every row"]["vision"]
+    out["step_ratio"] = out["once per pair"]["total"] / out["every row"]["total"]
+    print(f"vision FLOPs once per pair / every row: {out['vision_ratio']:.3f} (goal: at most 0.5); "
+          f"whole step {out['step_ratio']:.3f}")  # fmt: skip
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -244,8 +300,12 @@ def main(argv=None) -> int:
     vision.add_argument("--patches", type=int, nargs="+", default=[16384, 65536])
     vision.add_argument("--max-frame-patches", type=int, default=1024, help="0: full blocks unbounded")
     vision.add_argument("--json", help="write the figures here as JSON")
+    dpo = sub.add_parser("dpo", help="a DPO step's vision FLOPs, each pair's image encoded once vs per row")
+    dpo.add_argument("--preset", default="3B")
+    dpo.add_argument("--trainable", default="full", choices=("full", "lora"))
+    dpo.add_argument("--json", help="write the figures here as JSON")
     args = parser.parse_args(argv)
-    out = {"lora": cmd_lora, "decode": cmd_decode, "vision": cmd_vision}[args.what](args)
+    out = {"lora": cmd_lora, "decode": cmd_decode, "vision": cmd_vision, "dpo": cmd_dpo}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2), encoding="utf-8")
     return 0

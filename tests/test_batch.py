@@ -232,3 +232,43 @@ def test_max_frame_patches_bands_the_full_blocks_exactly(proc, monkeypatch):
         InputError, match=r"an image frame of 140 patches exceeds batch\.max_frame_patches=128"
     ):
         collate(examples, _spec(proc, max_frame_patches=128))
+
+
+def test_pairs_encode_each_image_once_with_the_same_numbers(proc):
+    """DPO's chosen and rejected rows hold the same images: `collate_pairs` encodes them once, in half the
+    budget, and the rejected row reads the chosen row's features (`image_scatter_u`); the model's hidden
+    states equal those of the same rows collated with every image encoded (the pre-sharing layout)."""
+    import jax.numpy as jnp
+
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.data.pipeline import collate_pairs
+    from qwenvl_jax.loading import random_model
+    from qwenvl_jax.model.qwen2_5_vl import CORE_KEYS
+
+    examples = _examples(proc)
+    img, text = examples[0], examples[2]
+    pairs = [(img, {**img, "id": "rejected-0"}), (text, {**text, "id": "rejected-2"})]
+    spec = _spec(proc, video_patches=0, max_videos=0)
+    shared = collate_pairs(pairs, spec)
+    plain = collate([img, text, pairs[0][1], pairs[1][1]], spec)
+    assert shared["pixel_values"].shape == (256, 1176) and plain["pixel_values"].shape == (512, 1176)
+    assert shared["image_scatter_b"].shape == plain["image_scatter_b"].shape == (128,)
+    units = int(img["image_grid_thw"].prod()) // 4
+    np.testing.assert_array_equal(shared["image_scatter_u"][: 2 * units], np.tile(np.arange(units), 2))
+    for key in ("input_ids", "attention_mask", "position_ids", "labels"):
+        np.testing.assert_array_equal(shared[key], plain[key], err_msg=key)
+
+    model = random_model(Qwen25VLConfig.preset("tiny", dtype="float32", param_dtype="float32"), 0)
+
+    def hidden(batch):
+        inputs = {k: jnp.asarray(v) for k, v in batch.items() if k in CORE_KEYS}
+        return np.asarray(model.hidden_states(**inputs))
+
+    want = hidden(plain)
+    np.testing.assert_allclose(hidden(shared), want, atol=2e-5 * np.abs(want).max())
+
+    other = {**img, "id": "rejected-other", "pixel_values": img["pixel_values"] + 1.0}
+    with pytest.raises(InputError, match="its images are meant to be those of example record-0 but differ"):
+        collate_pairs([(img, other)], spec)
+    with pytest.raises(InputError, match=r"image_patches=500 must be a multiple of 8"):
+        collate_pairs(pairs, _spec(proc, image_patches=500, video_patches=0))

@@ -199,7 +199,8 @@ def test_dpo_batches_layout(data):
     assert ids == ["p0", "p1", "p2"] and len(batches) == 2
     full, short = batches
     for b in batches:
-        assert b["input_ids"].shape in ((4, 64), (4, 128)) and b["pixel_values"].shape == (256, 1176)
+        # Each pair's images once: half the spec's budget of 256 patch rows.
+        assert b["input_ids"].shape in ((4, 64), (4, 128)) and b["pixel_values"].shape == (128, 1176)
     # [chosen x 2, rejected x 2]: the rows of a pair share their prompt.
     for c, r in ((0, 2), (1, 3)):
         start = int(np.argmax(full["labels"][c] != -100))

@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from qwenvl_jax.config import Qwen25VLConfig
+from qwenvl_jax.data.pipeline import collate_pairs
 from qwenvl_jax.generation.cache import cache_bytes
-from qwenvl_jax.processing.batch import BatchSpec, collate
+from qwenvl_jax.processing.batch import BatchSpec
 from qwenvl_jax.train import plan as plan_lib
 from qwenvl_jax.train.plan import (
     GIB,
@@ -152,7 +153,8 @@ def test_abstract_batch_is_collate_output_stacked():
     seq = config["batch"]["seq_buckets"][-1]
     assert batch["input_ids"].shape == (accum, 2 * pairs, seq)
     assert batch["position_ids"].shape == (accum, 3, 2 * pairs, seq)
-    assert batch["pixel_values"].shape == (accum, config["batch"]["image_patches"], 1176)
+    # A pair's image is encoded once: half the budget of the 2 x pairs rows (`data.collate_pairs`).
+    assert batch["pixel_values"].shape == (accum, config["batch"]["image_patches"] // 2, 1176)
     assert batch["completion_mask"].shape == (accum, 2 * pairs, seq)
     # Same keys, shapes and dtypes as collate of real-looking rows (one 448x448 image each).
     spec = BatchSpec.from_dict(
@@ -161,18 +163,17 @@ def test_abstract_batch_is_collate_output_stacked():
         pad_token_id=cfg.bos_token_id,
     )
     rows = []
-    for _ in range(2 * pairs):
+    for _ in range(pairs):
         ids = np.full(seq - 7, 100, np.int64)
         ids[5 : 5 + 256] = cfg.image_token_id
-        rows.append(
-            {
-                "input_ids": ids,
-                "labels": ids,
-                "pixel_values": np.zeros((1024, 1176), np.float32),
-                "image_grid_thw": np.array([[1, 32, 32]]),
-            }
-        )
-    real = collate(rows, spec)
+        row = {
+            "input_ids": ids,
+            "labels": ids,
+            "pixel_values": np.zeros((1024, 1176), np.float32),
+            "image_grid_thw": np.array([[1, 32, 32]]),
+        }
+        rows.append((row, dict(row)))
+    real = collate_pairs(rows, spec)
     assert set(batch) - {"completion_mask"} == set(real)
     for key, value in real.items():
         assert batch[key].shape[1:] == value.shape and batch[key].dtype == value.dtype, key

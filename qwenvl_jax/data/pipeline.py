@@ -42,6 +42,7 @@ aligned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -494,17 +495,39 @@ def _dummy(pad_token_id: int) -> dict[str, Any]:
 
 
 def collate_pairs(pairs: Sequence[tuple[dict, dict]], spec: BatchSpec) -> dict[str, np.ndarray]:
-    """`[chosen x B, rejected x B]` rows, B = spec.batch_size // 2; missing pairs become masked dummy rows."""
+    """`[chosen x B, rejected x B]` rows, B = spec.batch_size // 2; missing pairs become masked dummy rows.
+
+    A pair's rows hold the same images (`encode_dpo`), so they are encoded once: the pixel budgets are half
+    the spec's (what the chosen rows need; the pair's two rows together fit the spec's whole budget) and
+    each rejected row reads its chosen row's features (`collate(share=...)`, `image_scatter_u`). The
+    vision tower's work per batch is half of encoding every row's images."""
     half = spec.batch_size // 2
     if spec.batch_size % 2 or len(pairs) > half or not pairs:
         raise InputError(f"{len(pairs)} pairs for a DPO batch spec of {spec.batch_size} rows")
     fill = [_dummy(spec.pad_token_id)] * (half - len(pairs))
-    batch = collate([c for c, _ in pairs] + fill + [r for _, r in pairs] + fill, spec)
+    share = [None] * half + list(range(len(pairs))) + [None] * len(fill)
+    batch = collate(
+        [c for c, _ in pairs] + fill + [r for _, r in pairs] + fill, pair_vision_spec(spec), share=share
+    )
     if fill:
         dead = np.r_[np.arange(len(pairs), half), np.arange(half + len(pairs), 2 * half)]
         for key in ("attention_mask", "example_mask"):
             batch[key][dead] = 0
     return batch
+
+
+def pair_vision_spec(spec: BatchSpec) -> BatchSpec:
+    """The spec a batch of pairs is collated with: the vision budgets halved (each pair's images once)."""
+    unit = spec.merge_size**2
+    for name in ("image_patches", "video_patches"):
+        if getattr(spec, name) % (2 * unit):
+            raise InputError(
+                f"batch.{name}={getattr(spec, name)} must be a multiple of {2 * unit} for pairs: each pair's "
+                "images are encoded once, in half the budget"
+            )
+    return dataclasses.replace(
+        spec, image_patches=spec.image_patches // 2, video_patches=spec.video_patches // 2
+    )
 
 
 class BatchIterator:

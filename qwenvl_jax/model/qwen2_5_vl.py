@@ -41,7 +41,7 @@ CORE_KEYS = (
     *(
         key
         for kind in ("image", "video")
-        for key in (_PIXEL_KEY[kind], *(f"{kind}_{f}" for f in (*_VISION_FIELDS, "full_block")))
+        for key in (_PIXEL_KEY[kind], *(f"{kind}_{f}" for f in (*_VISION_FIELDS, "full_block", "scatter_u")))
     ),
 )
 
@@ -77,7 +77,8 @@ class Qwen25VL(nnx.Module):
         ids 1, 2, ... of packed rows (`processing.packing`; those always come with their position ids);
         `position_ids (3, B, S)` M-RoPE positions (default: text-only `cumsum(mask) - 1`). For each
         modality present, `pixel_values[_videos] (P, 1176)` and `{image,video}_{rope_pos, patch_perm,
-        window_seg, full_seg, unit_unperm, scatter_b, scatter_s}` as `collate` documents them.
+        window_seg, full_seg, unit_unperm, scatter_b, scatter_s}` as `collate` documents them (and, for
+        rows that share their images, `{image,video}_scatter_u`: the feature unit each slot reads).
         """
         return self.logits(self.hidden_states(input_ids, attention_mask, position_ids, **vision))
 
@@ -86,12 +87,14 @@ class Qwen25VL(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        vision_features: dict[str, jax.Array] | None = None,
         **vision: jax.Array,
     ) -> jax.Array:
         """`forward` without the lm_head: the final-norm hidden states `(B, S, D)` in the compute dtype.
 
         Training feeds these to the chunked `losses.token_logprobs` with `lm_head_matrix()`, so the
-        `(B, S, V)` logits are never materialised. Same arguments as `forward`.
+        `(B, S, V)` logits are never materialised. Same arguments as `forward`, plus `vision_features`:
+        `vision_features(**vision)` computed once already (a reference pass on the same frozen tower).
         """
         batch, seq = input_ids.shape
         mask_bs = (
@@ -101,7 +104,7 @@ class Qwen25VL(nnx.Module):
             real_bs = (mask_bs > 0).astype(jnp.int32)
             pos_bs = jnp.maximum(jnp.cumsum(real_bs, axis=-1) - 1, 0) * real_bs
             position_ids = jnp.broadcast_to(pos_bs[None], (3, batch, seq))
-        return self.text(self.embed(input_ids, **vision), mask_bs, position_ids)
+        return self.text(self.embed(input_ids, vision_features, **vision), mask_bs, position_ids)
 
     def lm_head_matrix(self) -> jax.Array:
         """The lm_head as a `(D, V)` matrix in the compute dtype (the embedding transposed when tied)."""
@@ -111,9 +114,10 @@ class Qwen25VL(nnx.Module):
             w_dv = self.lm_head.kernel[...]
         return w_dv.astype(self.config.dtype)
 
-    def embed(self, input_ids: jax.Array, **vision: jax.Array) -> jax.Array:
-        """Token embeddings `(B, S, D)` with the vision features scattered into the placeholder slots."""
-        embeds_bsd = self.text.embed_tokens(input_ids)
+    def vision_features(self, **vision: jax.Array) -> dict[str, jax.Array]:
+        """The vision tower's merged features per modality present, `{"image": (P/U, D), ...}`, as the
+        scatter slots read them (`{kind}_scatter_u` applied), in the tower's compute dtype."""
+        out = {}
         for kind in ("image", "video"):
             pixels = vision.get(_PIXEL_KEY[kind])
             if pixels is None:
@@ -129,9 +133,22 @@ class Qwen25VL(nnx.Module):
                 idx["unit_unperm"],
                 full_block=None if bound is None else int(bound.shape[0]),
             )
+            shared = vision.get(f"{kind}_scatter_u")  # rows sharing images (`collate(share=...)`)
+            # Each slot reads its unit: an image encoded once fills several rows.
+            out[kind] = feats_ud if shared is None else feats_ud[shared]
+        return out
+
+    def embed(
+        self, input_ids: jax.Array, vision_features: dict[str, jax.Array] | None = None, **vision: jax.Array
+    ) -> jax.Array:
+        """Token embeddings `(B, S, D)` with the vision features scattered into the placeholder slots
+        (`vision_features` when given, else computed from `vision`)."""
+        embeds_bsd = self.text.embed_tokens(input_ids)
+        feats = self.vision_features(**vision) if vision_features is None else vision_features
+        for kind, feats_ud in feats.items():
             # HF casts the features to the embedding dtype, then masked_scatter fills placeholder tokens in
             # row-major order; the host computed those slots, and unused ones (s == S) are dropped.
-            embeds_bsd = embeds_bsd.at[idx["scatter_b"], idx["scatter_s"]].set(
+            embeds_bsd = embeds_bsd.at[vision[f"{kind}_scatter_b"], vision[f"{kind}_scatter_s"]].set(
                 feats_ud.astype(embeds_bsd.dtype), mode="drop"
             )
         return embeds_bsd

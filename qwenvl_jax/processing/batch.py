@@ -161,26 +161,54 @@ def _row(example: Mapping, key: str):
     return value[0] if value.ndim == 2 and value.shape[0] == 1 and key in ("input_ids", "labels") else value
 
 
-def _vision(examples, spec: BatchSpec, kind: str, budget: int, max_items: int, ids_bs: np.ndarray, seq: int):
-    """Pixel rows, grid rows, indices and scatter slots for one modality, padded to the budget."""
+def _vision(
+    examples,
+    spec: BatchSpec,
+    kind: str,
+    budget: int,
+    max_items: int,
+    ids_bs: np.ndarray,
+    seq: int,
+    share: Sequence[int | None] | None = None,
+):
+    """Pixel rows, grid rows, indices and scatter slots for one modality, padded to the budget.
+
+    Returns `(arrays, grids of every row in row order, seconds per grid)`: the grids of the rows whose
+    images are shared (`share`, see `collate`) are repeated there, as the M-RoPE positions need them."""
     pv_key, grid_key = (
         ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
     )
     token_id = spec.image_token_id if kind == "image" else spec.video_token_id
-    pvs, grids, spgs = [], [], []
-    for ex in examples:
+    # Sharing batches (`collate(share=...)`) always have twice the slots and `scatter_u`: a static shape.
+    copies = 1 if share is None else 2
+    share = [None] * len(examples) if share is None else list(share)
+    pvs, grids, spgs, row_grids, row_spgs = [], [], [], [], []
+    for i, ex in enumerate(examples):
         grid = ex.get(grid_key)
         if grid is None or len(grid) == 0:
             continue
-        pvs.append(np.asarray(ex[pv_key], dtype=np.float32))
-        grids.append(np.asarray(grid, dtype=np.int64).reshape(-1, 3))
+        grid = np.asarray(grid, dtype=np.int64).reshape(-1, 3)
+        seconds = None
         if kind == "video":
             spg = ex.get("second_per_grid_ts")
-            spgs.append(
-                np.ones(len(grids[-1]), np.float32)
-                if spg is None
-                else np.asarray(spg, np.float32).reshape(-1)
+            seconds = (
+                np.ones(len(grid), np.float32) if spg is None else np.asarray(spg, np.float32).reshape(-1)
             )
+        row_grids.append(grid)
+        row_spgs.append(seconds)
+        j = share[i]
+        if j is not None:  # encoded once, with row j's: the same images, never silently other ones
+            src = examples[j]
+            if not (np.array_equal(grid, np.asarray(src.get(grid_key)).reshape(-1, 3))
+                    and (ex[pv_key] is src[pv_key] or np.array_equal(ex[pv_key], src[pv_key]))):  # fmt: skip
+                raise InputError(
+                    f"example {ex.get('id', i)}: its {kind}s are meant to be those of example "
+                    f"{src.get('id', j)} but differ"
+                )
+            continue
+        pvs.append(np.asarray(ex[pv_key], dtype=np.float32))
+        grids.append(grid)
+        spgs.append(seconds)
     grid_n3 = np.concatenate(grids) if grids else np.zeros((0, 3), np.int64)
     n = int(grid_n3.prod(-1).sum())
     if n > budget:
@@ -220,25 +248,74 @@ def _vision(examples, spec: BatchSpec, kind: str, budget: int, max_items: int, i
         # Its SHAPE carries the bound into the jitted model (`VisionTower`'s full blocks); the values are unused.
         out[f"{kind}_full_block"] = np.zeros(spec.max_frame_patches, np.int32)
     # Scatter slots: one per merged unit of the budget, row-major (batch, seq) as HF's masked_scatter.
+    unit = spec.merge_size**2
     b_idx, s_idx = np.nonzero(ids_bs == token_id)
-    units = budget // spec.merge_size**2
-    if b_idx.size != n // spec.merge_size**2:
-        raise InputError(
-            f"{b_idx.size} {kind} placeholder tokens for {n // spec.merge_size**2} {kind} features"
-        )
-    scatter_b = np.zeros(units, np.int32)
-    scatter_s = np.full(units, seq, np.int32)  # out of range: dropped
+    units = budget // unit
+    if copies == 1:
+        if b_idx.size != n // unit:
+            raise InputError(f"{b_idx.size} {kind} placeholder tokens for {n // unit} {kind} features")
+        slot_units = None
+    else:  # a sharing row's slots read the features of the row it shares, in the same order
+        slot_units = _shared_slot_units(examples, share, b_idx, kind, unit, grid_key)
+        if len(slot_units) > copies * units:
+            raise InputError(f"{len(slot_units)} {kind} placeholder tokens for {copies} x {units} slots")
+    scatter_b = np.zeros(copies * units, np.int32)
+    scatter_s = np.full(copies * units, seq, np.int32)  # out of range: dropped
     scatter_b[: b_idx.size], scatter_s[: s_idx.size] = b_idx, s_idx
     out[f"{kind}_scatter_b"], out[f"{kind}_scatter_s"] = scatter_b, scatter_s
-    return out, grid_n3, (np.concatenate(spgs) if spgs else None)
+    if slot_units is not None:
+        scatter_u = np.zeros(copies * units, np.int32)
+        scatter_u[: slot_units.size] = slot_units
+        out[f"{kind}_scatter_u"] = scatter_u
+    all_grids = np.concatenate(row_grids) if row_grids else np.zeros((0, 3), np.int64)
+    seconds = np.concatenate(row_spgs) if row_spgs and kind == "video" else None
+    return out, all_grids, seconds
 
 
-def collate(examples: Sequence[Mapping], spec: BatchSpec) -> dict[str, np.ndarray]:
+def _shared_slot_units(examples, share, b_idx: np.ndarray, kind: str, unit: int, grid_key: str) -> np.ndarray:
+    """The feature unit each placeholder slot (row-major `b_idx`) reads when rows share images: a row
+    that owns its images reads the next units in order, a sharing row those of the row it shares."""
+    counts = np.bincount(b_idx, minlength=len(examples))[: len(examples)]
+    start, owned = {}, 0
+    for i, ex in enumerate(examples):
+        if share[i] is not None:
+            continue
+        grid = ex.get(grid_key)
+        need = (
+            0
+            if grid is None or len(grid) == 0
+            else int(np.asarray(grid).reshape(-1, 3).prod(-1).sum()) // unit
+        )
+        if counts[i] != need:
+            raise InputError(
+                f"example {ex.get('id', i)}: {counts[i]} {kind} placeholder tokens for {need} features"
+            )
+        start[i], owned = owned, owned + need
+    per_row = []
+    for i, ex in enumerate(examples):
+        j = i if share[i] is None else share[i]
+        if counts[i] != counts[j]:
+            raise InputError(
+                f"example {ex.get('id', i)}: {counts[i]} {kind} placeholder tokens, but the example whose "
+                f"{kind}s it shares has {counts[j]}"
+            )
+        per_row.append(start.get(j, 0) + np.arange(counts[i]))
+    return np.concatenate(per_row).astype(np.int32) if per_row else np.zeros(0, np.int32)
+
+
+def collate(
+    examples: Sequence[Mapping], spec: BatchSpec, *, share: Sequence[int | None] | None = None
+) -> dict[str, np.ndarray]:
     """Pad unpadded examples (processor output for one conversation each) into one static-shape batch.
 
     Each example holds 1-D `input_ids` (or `(1, L)`), optional `labels`, and optional `pixel_values` +
     `image_grid_thw`, `pixel_values_videos` + `video_grid_thw` + `second_per_grid_ts`, and an optional
     `id` used in error messages.
+
+    `share[i] = j` (j < i, an example that owns its images; None elsewhere): example i holds the same
+    images as example j (checked), and they are encoded once. The pixel budget then holds only the owned
+    images, the scatter slots are twice the budget's units (one source shared by one other row at most,
+    as DPO's chosen and rejected rows) and `{kind}_scatter_u` names the feature unit each slot reads.
     """
     if not examples:
         raise InputError("no examples to collate")
@@ -284,7 +361,9 @@ def collate(examples: Sequence[Mapping], spec: BatchSpec) -> dict[str, np.ndarra
         ("video", spec.video_patches, spec.max_videos),
     ):
         if budget:
-            part, grids[kind], seconds = _vision(examples, spec, kind, budget, max_items, ids * mask, seq)
+            part, grids[kind], seconds = _vision(
+                examples, spec, kind, budget, max_items, ids * mask, seq, share
+            )
             out.update(part)
             spg = seconds if kind == "video" else spg
         elif any(ex.get(f"{kind}_grid_thw") is not None and len(ex[f"{kind}_grid_thw"]) for ex in examples):

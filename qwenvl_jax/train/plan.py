@@ -805,6 +805,8 @@ def plan(config: dict) -> Plan:
     rows_mb = batch_rows(config)
     seq = max(batch.get("seq_buckets") or [1024])
     patches = int(batch.get("image_patches", 0)) + int(batch.get("video_patches", 0))
+    if kind in ("dpo", "reward"):  # a pair's images are encoded once (`data.collate_pairs`)
+        patches //= 2
     chunk = int(config.get("chunk_size", 1024))
     act, formula = activation_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
     # PPO differentiates the policy's and the value model's forward in one loss: both models' saved
@@ -1019,7 +1021,12 @@ def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
         ids[1] = model_cfg.image_token_id
         example["pixel_values"] = np.zeros((unit, model_cfg.vision.patch_dim), np.float32)
         example["image_grid_thw"] = np.array([[1, spec.merge_size, spec.merge_size]])
-    out = collate([example], spec)
+    if config.get("kind", "sft") in ("dpo", "reward"):  # pairs: `collate_pairs`' shapes (images once)
+        from qwenvl_jax.data.pipeline import collate_pairs
+
+        out = collate_pairs([(example, dict(example))], spec)
+    else:
+        out = collate([example], spec)
     if config.get("kind", "sft") == "dpo":
         out["completion_mask"] = (out["labels"] != -100).astype(np.int32)
     if config.get("kind", "sft") == "reward":  # scored at the last token: the loop drops the labels

@@ -57,11 +57,18 @@ def build_model(graphdef, params, frozen, lora_cfg=None, *, dropout_key=None, lo
 
 
 def token_stats(
-    model, batch: Mapping[str, jax.Array], labels_bs: jax.Array, *, chunk_size=1024, temperature=1.0
+    model,
+    batch: Mapping[str, jax.Array],
+    labels_bs: jax.Array,
+    *,
+    chunk_size=1024,
+    temperature=1.0,
+    vision_features=None,
 ):
-    """`losses.token_logprobs` of `model` on `batch` (shifted, `(B, S-1)`), without full logits."""
+    """`losses.token_logprobs` of `model` on `batch` (shifted, `(B, S-1)`), without full logits.
+    `vision_features`: the batch's `Qwen25VL.vision_features`, when another pass computed them already."""
     inputs = {k: batch[k] for k in CORE_KEYS if k in batch}
-    h_bsd = model.hidden_states(**inputs)
+    h_bsd = model.hidden_states(**inputs, vision_features=vision_features)
     return losses.token_logprobs(
         h_bsd, model.lm_head_matrix(), labels_bs, temperature=temperature, chunk_size=chunk_size
     )
@@ -220,8 +227,9 @@ def dpo_loss_fn(
     rl.md 2.5), so `accumulate` gives the loss, metrics and gradients of a whole step.
 
     Reference, in this order: the micro-batch's precomputed `ref_chosen_logps`/`ref_rejected_logps`;
-    with LoRA, the base model (adapters disabled, no second copy of weights); else `ref_params` (a full
-    nested param dict for `graphdef`, e.g. the initial policy). The reference pass is not differentiated.
+    with LoRA, the base model (adapters disabled, no second copy of weights; the vision tower, frozen and
+    without adapters, encodes the images once for both passes); else `ref_params` (a full nested param
+    dict for `graphdef`, e.g. the initial policy). The reference pass is not differentiated.
     A micro-batch's `example_mask` (its chosen half) marks the real pairs: the dummy pairs that fill a
     short batch get no weight (`dpo_objective`'s `pair_mask`).
     """
@@ -229,9 +237,17 @@ def dpo_loss_fn(
     def labels_of(mb):
         return jnp.where(mb["completion_mask"] > 0, mb["input_ids"], losses.IGNORE_INDEX)
 
+    # With LoRA on the decoder only, the policy and its reference (adapters off) share the frozen vision
+    # tower: the images are encoded once for both passes (XLA's CSE merged the two identical forwards
+    # already, `bench/compute_at_scale.py dpo --trainable lora`; this makes it a guarantee).
+    share_vision = lora_cfg is not None and not any(s.startswith("visual") for s in lora_cfg.scopes)
+
     def loss_fn(params, mb, key):
         model = build_model(graphdef, params, frozen, lora_cfg, dropout_key=key)
-        st = token_stats(model, mb, labels_of(mb), chunk_size=chunk_size)
+        feats = None
+        if share_vision and "ref_chosen_logps" not in mb:
+            feats = model.vision_features(**{k: mb[k] for k in CORE_KEYS if k in mb})
+        st = token_stats(model, mb, labels_of(mb), chunk_size=chunk_size, vision_features=feats)
         ref_kw = {}
         if "ref_chosen_logps" in mb:
             ref_kw = {
@@ -246,7 +262,7 @@ def dpo_loss_fn(
                 ref_model = nnx.merge(graphdef, ref_params)
             else:
                 raise ValueError("dpo_step needs a reference: ref_params, LoRA, or precomputed ref log-probs")
-            ref_st = token_stats(ref_model, mb, labels_of(mb), chunk_size=chunk_size)
+            ref_st = token_stats(ref_model, mb, labels_of(mb), chunk_size=chunk_size, vision_features=feats)
             ref_lp = jax.lax.stop_gradient(ref_st["log_probs"])
         if "example_mask" in mb:
             ref_kw["pair_mask"] = mb["example_mask"][: mb["example_mask"].shape[0] // 2]
