@@ -13,12 +13,13 @@ every weight gradient (forward 2NP, backward 4NP); LoRA computes only the input 
 frozen kernels and the adapters' own (backward ~2NP) and nothing of the frozen vision tower's backward.
 
 `decode`: one decode step (`Qwen25VL.decode_step`: the new token through every layer against the KV
-cache, the cache updated, the logits) at the preset's widths, `batch` rows with
-`cached` filled slots (the cache holds exactly those), float32 weights and cache by default (XLA:CPU
-converts bf16 dot operands to float32, whole stacked arrays at a time, which a GPU does not; the ratio is
-the figure): XLA's "bytes accessed" against what a decode step
-must read, the weights plus the live cache (the goal: within 1.3x). Layers unrolled (XLA counts a scan
-body once).
+cache, the cache updated in place, the logits) at the preset's widths, `batch` rows with `cached` filled
+slots (the cache's span holds exactly those), float32 weights and cache by default (XLA:CPU converts
+bf16 dot operands to float32, which a GPU does not; the ratio is the figure): XLA's "bytes accessed"
+against what a decode step must read, the weights plus the live cache (the goal: within 1.3x). The
+step runs over the per-layer weights and cache buffers the generation engine passes it (the layers
+unrolled by construction; XLA would count a scan body once), with the cache donated as the engine
+donates it; the script also lists any copy or transpose of cache data left in the optimized HLO.
 
 `vision`: the vision tower's forward + backward (gradients of every vision parameter) at 3B widths, on
 images of 448x448 (1,024 patches each) filling the patch budget: XLA's FLOPs against the analytic count
@@ -94,6 +95,26 @@ def extrapolated_flops(config: dict, preset: str, *, remat: str) -> dict[str, fl
     return {"constant": c, "per_text_layer": ft, "per_vision_block": fv, "total": c + lt * ft + lv * fv}
 
 
+def cache_copies(hlo: str, layer_shape: tuple[int, ...]) -> list[str]:
+    """`copy`/`transpose` instructions of an optimized HLO module, fused or not, whose result has the
+    element count of one layer's cache buffer or more (a copy or transpose of cache data)."""
+    import re
+
+    size = 1
+    for d in layer_shape:
+        size *= d
+    found = []
+    for line in hlo.splitlines():
+        m = re.match(r"\s*%\S+ = \w+\[([\d,]*)\]\S* (copy|transpose)\(", line)
+        if m and m.group(1):
+            elements = 1
+            for d in m.group(1).split(","):
+                elements *= int(d)
+            if elements >= size:
+                found.append(line.strip()[:160])
+    return found
+
+
 def cmd_decode(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -108,15 +129,17 @@ def cmd_decode(args) -> dict:
     cfg = Qwen25VLConfig.preset(args.preset, dtype=dtype, param_dtype=dtype).replace(scan_layers=False)
     graphdef, params = nnx.split(abstract_model(cfg))
     b, t = args.batch, args.cached
-    kv = jax.ShapeDtypeStruct(cache_shape(cfg, b, t), jnp.dtype(dtype))
+    layers = jax.eval_shape(lambda p: nnx.merge(graphdef, p).text.decode_layers(), params)
+    layer_kv = jax.ShapeDtypeStruct(cache_shape(cfg, b, t)[1:], jnp.dtype(dtype))  # one layer's buffer
+    kv = (layer_kv,) * cfg.text.num_hidden_layers
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
 
-    def step(params, ids, pos, k, v, mask, index):
-        return nnx.merge(graphdef, params).decode_step(ids, pos, k, v, mask, index)
+    def step(params, layers, ids, pos, k, v, mask, index):
+        return nnx.merge(graphdef, params).decode_step(layers, ids, pos, k, v, mask, index)
 
     compiled = (
-        jax.jit(step, donate_argnums=(3, 4))
-        .lower(params, i32(b), i32(3, b), kv, kv, i32(b, t), i32())
+        jax.jit(step, donate_argnums=(4, 5))
+        .lower(params, layers, i32(b), i32(3, b), kv, kv, i32(b, t), i32())
         .compile()
     )
     cost = compiled.cost_analysis()
@@ -126,13 +149,16 @@ def cmd_decode(args) -> dict:
     vision = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                  for x in jax.tree.leaves(nnx.state(abstract_model(cfg).visual)))  # fmt: skip
     text_weights = weights - vision  # a decode step never reads the vision tower
-    cache = 2 * int(np.prod(kv.shape)) * np.dtype(kv.dtype).itemsize
+    cache = 2 * int(np.prod(cache_shape(cfg, b, t))) * np.dtype(dtype).itemsize
     need = text_weights + cache
+    copies = cache_copies(compiled.as_text(), layer_kv.shape)
     out = {"preset": args.preset, "dtype": dtype, "batch": b, "cached": t, "bytes_accessed": accessed, "weights": text_weights,
-           "cache": cache, "ratio": accessed / need}  # fmt: skip
+           "cache": cache, "ratio": accessed / need, "cache_copies": len(copies)}  # fmt: skip
     print(f"decode step, {args.preset} {dtype}, batch {b}, {t} cached tokens: XLA bytes accessed {accessed / 2**30:.2f} GiB; "
           f"weights {text_weights / 2**30:.2f} + live cache {cache / 2**30:.2f} = {need / 2**30:.2f} GiB: "
-          f"{accessed / need:.2f}x (goal: at most 1.3x)")  # fmt: skip
+          f"{accessed / need:.2f}x (goal: at most 1.3x); copies or transposes of cache data: {len(copies)}")  # fmt: skip
+    for line in copies:
+        print("  ", line)
     return out
 
 

@@ -8,9 +8,11 @@ import json
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import qwenvl_jax
 from conversion import parity, tiny_hf
@@ -21,7 +23,7 @@ from qwenvl_jax.generation import (
     generate,
     generate_stream,
 )
-from qwenvl_jax.generation.cache import slot_bytes
+from qwenvl_jax.generation.cache import layer_copy_bytes, slot_bytes
 from qwenvl_jax.processing import BatchSpec, InputError, Processor, collate
 
 MAX_NEW = 32
@@ -389,12 +391,18 @@ def test_cache_memory_check_says_what_fits(setup):
     bucket = engine.default_bucket(batch["input_ids"].shape[1])
     slots = -(-(bucket + MAX_NEW) // 128) * 128
     per = slot_bytes(model.config)
-    prefill = 2 * bucket * per  # the prompt pass's own keys and values, beside the cache
+    # The prompt pass's own keys and values, beside the cache, and the decoder's per-layer weight copies
+    # that decode reads for the whole generation.
+    resident = layer_copy_bytes(model)
+    assert resident == sum(x.nbytes for x in jax.tree.leaves(nnx.state(model.text.layers)))
+    prefill = 2 * bucket * per + resident
     budget = prefill + 7 * slots * per + 100
     with pytest.raises(CacheMemoryError) as err:
         generate(model, batch, max_new_tokens=MAX_NEW, n=4, max_cache_bytes=budget)
     msg = str(err.value)
-    assert f"8 rows x {slots} slots" in msg and "max_cache_bytes" in msg
+    assert (
+        f"8 rows x {slots} slots" in msg and "max_cache_bytes" in msg and "per-layer decoder weights" in msg
+    )
     assert f"At {slots} slots at most 7 rows fit" in msg
     fit = (budget - prefill) // (8 * per)
     assert f"at 8 rows at most {fit} slots fit" in msg and f"max_new_tokens <= {fit - bucket}" in msg
@@ -446,3 +454,111 @@ def test_generate_command_line(untied_dir, tmp_path, capsys):
     assert record["text"] in streamed
     assert main([*base, "--top-p", "2"]) == 2
     assert re.search("top_p", capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------------------------------ decode shapes
+
+
+def test_prompt_counts_in_one_batch_bucket_reuse_the_compiled_programs(setup):
+    """3 and 4 prompts run as 4 rows (the padding row is not returned) with the same programs and the same
+    completions for the same prompts; 5 prompts take the next bucket, 8 rows."""
+    model, processor, _ = setup
+    texts = ["Hi", "Describe the cat.", "What is two plus two?", "Name a colour.", "Count to three."]
+    batches = [_text_batch(processor, texts[:count]) for count in (3, 4, 5)]
+    assert len({engine.default_bucket(b["input_ids"].shape[1]) for b in batches}) == 1  # one prompt bucket
+    assert [engine.default_batch_bucket(c) for c in (1, 2, 3, 4, 5, 8, 9, 17)] == [1, 2, 4, 4, 8, 8, 16, 24]
+    kw = dict(max_new_tokens=12, temperature=0.0, stop_token_ids=())
+    three = generate(model, batches[0], **kw)
+    before = dict(TRACE_COUNTS)
+    four = generate(model, batches[1], **kw)
+    assert dict(TRACE_COUNTS) == before
+    assert three.tokens.shape == (3, 12) and three.logprobs.shape == (3, 12) and four.tokens.shape == (4, 12)
+    assert three.prompt_index.tolist() == [0, 1, 2] and three.finish_reasons == ["length"] * 3
+    np.testing.assert_array_equal(three.tokens, four.tokens[:3])
+    np.testing.assert_allclose(three.logprobs, four.logprobs[:3], atol=1e-6)
+    five = generate(model, batches[2], **kw)
+    assert five.tokens.shape == (5, 12) and TRACE_COUNTS["prefill"] == before["prefill"] + 1
+    np.testing.assert_array_equal(five.tokens[:4], four.tokens)
+
+
+def test_decode_through_cache_spans_equals_the_teacher_forced_forward(setup):
+    """A request whose cache grows (its 128-slot first span fills before the end): the log-probs still
+    equal those of a full forward over prompt + completion, streaming draws what the loop draws, and a
+    second request of the same shapes compiles nothing."""
+    from qwenvl_jax.generation.cache import cache_spans
+
+    model, processor, _ = setup
+    batch = _text_batch(processor, ["Hi", "Describe the cat on the mat, please."])  # left-padded
+    sampling = dict(temperature=1.0, top_k=40, top_p=0.9)
+    kw = dict(max_new_tokens=120, stop_token_ids=(), seed=3, **sampling)
+    out = generate(model, batch, **kw)
+    assert cache_spans(out.prompt_len, out.cache_len) == (128, 256) and out.prompt_len + 119 > 128
+    assert out.finish_reasons == ["length", "length"]
+    cfg = model.config
+    ref = _reference_logprobs(
+        model, batch, out, suppress=(cfg.image_token_id, cfg.video_token_id), **sampling
+    )
+    np.testing.assert_allclose(out.logprobs, ref, atol=1e-4)
+    steps = list(generate_stream(model, batch, **kw))
+    np.testing.assert_array_equal(np.stack([s.tokens for s in steps], 1), out.tokens)
+    np.testing.assert_allclose(np.stack([s.logprobs for s in steps], 1), out.logprobs, atol=1e-5)
+    before = dict(TRACE_COUNTS)
+    again = generate(model, batch, **{**kw, "seed": 4})
+    assert dict(TRACE_COUNTS) == before and (again.tokens != out.tokens).any()
+
+
+# ------------------------------------------------------------------------------------------ top-k, top-p
+
+
+def _logits(kind: str, rng, rows: int, vocab: int) -> np.ndarray:
+    x = rng.normal(size=(rows, vocab)).astype(np.float32)
+    if kind == "peaked":  # a few tokens hold most of the mass
+        x[:, rng.integers(0, vocab, 3)] += 9.0
+    elif kind == "flat":  # the nucleus spans most of the vocabulary: the sort must run
+        x *= 0.01
+    elif kind == "ties":  # a coarse grid: many tied logits, at the top-k and top-p cuts too
+        x = np.round(x * 2) / 2
+    elif kind == "suppressed":  # -inf tokens, as suppression and earlier filters leave them
+        x[:, rng.integers(0, vocab, vocab // 3)] = -np.inf
+    return x
+
+
+def test_top_k_top_p_keeps_the_sorted_set_without_sorting():
+    """`_top_k_top_p` (the cut found among the largest logits, the sort only when it is not there) keeps
+    exactly the set of the sort-based definition, ties at the cut included, on random rows of every
+    shape of distribution; both of its paths run."""
+    from qwenvl_jax.generation import sampling
+
+    rng = np.random.default_rng(0)
+    fast = jax.jit(sampling._top_k_top_p)
+    exact = jax.jit(sampling._top_k_top_p_sorted)
+    found = jax.jit(lambda x, k, p: sampling._candidate_cut(x, k, p, sampling.NUCLEUS_CANDIDATES)[1])
+    paths = set()
+    every = (("normal", "peaked", "flat", "ties", "suppressed"), (0, 1, 7, 40, 256, 257, 1000),
+             (0.05, 0.3, 0.9, 0.95, 0.999, 1.0))  # fmt: skip
+    real = (("normal", "peaked", "ties"), (0, 40, 1000), (0.3, 0.95, 1.0))  # the real vocabulary, fewer
+    for (vocab, rows), (kinds, ks, ps) in (((4096, 32), every), ((151936, 4), real)):
+        for kind in kinds:
+            x = jnp.asarray(_logits(kind, rng, rows, vocab))
+            for top_k in ks:
+                for top_p in ps:
+                    k, p = jnp.int32(top_k), jnp.float32(top_p)
+                    got, want = np.asarray(fast(x, k, p)), np.asarray(exact(x, k, p))
+                    np.testing.assert_array_equal(got, want, err_msg=f"{vocab} {kind} k={top_k} p={top_p}")
+                    paths.add(bool(np.all(found(x, k, p))))
+    assert paths == {True, False}
+
+
+def test_top_k_top_p_common_path_has_no_sort():
+    """At the real vocabulary the cut's own computation is a partial top-k (XLA's TopK), and the whole
+    filter's program sorts only inside the fallback branch of its conditional."""
+    from qwenvl_jax.generation import sampling
+
+    x = jax.ShapeDtypeStruct((64, 151936), jnp.float32)
+    k, p = jax.ShapeDtypeStruct((), jnp.int32), jax.ShapeDtypeStruct((), jnp.float32)
+    cut = jax.jit(lambda x, k, p: sampling._candidate_cut(x, k, p, sampling.NUCLEUS_CANDIDATES))
+    cut_hlo = cut.lower(x, k, p).compile().as_text()
+    assert "TopK" in cut_hlo and " sort(" not in cut_hlo
+    full_hlo = jax.jit(sampling._top_k_top_p).lower(x, k, p).compile().as_text()
+    entry = full_hlo[full_hlo.index("\nENTRY") :]
+    assert " sort(" in full_hlo and " sort(" not in entry and " conditional(" in entry

@@ -7,9 +7,11 @@ sampled tokens (the GRPO/PPO old log-probs) and timings; `generate_stream` yield
 
 from qwenvl_jax.generation.cache import (
     CACHE_AXES,
+    LAYER_CACHE_AXES,
     CacheMemoryError,
     KVCache,
     cache_bytes,
+    cache_spans,
     check_cache_fits,
     memory_budget,
 )
@@ -17,6 +19,7 @@ from qwenvl_jax.generation.engine import (
     TRACE_COUNTS,
     GenerationOutput,
     StreamStep,
+    default_batch_bucket,
     default_bucket,
     generate,
     generate_stream,
@@ -26,6 +29,7 @@ from qwenvl_jax.generation.sampling import SamplingParams, filter_logits, sample
 
 __all__ = [
     "CACHE_AXES",
+    "LAYER_CACHE_AXES",
     "TRACE_COUNTS",
     "CacheMemoryError",
     "GenerationOutput",
@@ -33,7 +37,9 @@ __all__ = [
     "SamplingParams",
     "StreamStep",
     "cache_bytes",
+    "cache_spans",
     "check_cache_fits",
+    "default_batch_bucket",
     "default_bucket",
     "filter_logits",
     "generate",

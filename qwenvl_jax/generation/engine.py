@@ -7,8 +7,12 @@ Static shapes, so that a handful of compiled programs serve every request:
 - the prompt is LEFT-padded further to a length bucket (`prompt_buckets`, default 32, 64, ..., 512, then
   multiples of 512); raw processor output also gets its vision patches padded to a power-of-two budget
   (collate output already has static budgets);
-- the cache holds `round_up(prompt bucket + max_new_tokens, cache_multiple)` slots; the decode loop's
-  token buffer is the cache's free part, and `max_new_tokens` itself is traced;
+- the number of prompts is padded to a batch bucket (`default_batch_bucket`: 1, 2, 4, 8, then multiples
+  of 8) with all-padding rows, which emit nothing and are dropped from the output;
+- the cache holds `round_up(prompt bucket + max_new_tokens, cache_multiple)` slots in the end, reached
+  through a few spans (`cache.cache_spans`: powers of two above the prompt bucket), each with its own
+  decode program, so that a step attends over at most twice the filled slots; the decode loop's token
+  buffer is the free part of the full cache, and `max_new_tokens` itself is traced;
 - sampling values (greedy or not, temperature, top-k, top-p, min-p, repetition penalty, stop ids,
   suppressed ids) are traced, so one decode program serves every sampling mode; the number of completions
   `n` is static (it sets rows). The repetition penalty's state, which ids each row holds so far, is an
@@ -23,6 +27,12 @@ row's valid cache slots before it (that is `cumsum(mask)[n] - 1` at its index `n
 
 The vision tower runs once, in prefill. `n` completions per prompt share that prefill: its keys and
 values are repeated `n` times into the cache (rows `i*n .. i*n+n-1` belong to prompt `i`).
+
+Decode moves the least it can per step: the KV cache is one buffer per layer, `(B, K, T, H)`, donated to
+each jitted call and carried by its `while_loop`, so a step writes its new keys and values in place and
+its attention reads the buffers as they lie; the decoder runs over per-layer copies of its weights made
+once per generation (`TextModel.decode_layers`), which XLA reads without slicing a stacked array. See
+`cache` and `model/text.py` for why, and docs/benchmarks.md for the bytes a step moves.
 """
 
 from __future__ import annotations
@@ -40,11 +50,14 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax.generation.cache import (
-    CACHE_AXES,
+    LAYER_CACHE_AXES,
     KVCache,
     cache_from_prefill,
     cache_shape,
+    cache_spans,
     check_cache_fits,
+    grow,
+    layer_copy_bytes,
     memory_budget,
 )
 from qwenvl_jax.generation.sampling import SamplingParams, sample
@@ -153,14 +166,14 @@ def _sample_into(state: DecodeState, logits_rv, key, params: SamplingParams):
     )
 
 
-def _feed(model, state: DecodeState) -> tuple[DecodeState, jax.Array]:
+def _feed(model, layers, state: DecodeState) -> tuple[DecodeState, jax.Array]:
     """Run the last sampled tokens through the decoder at slot `cache.index`; next logits `(R, V)`."""
     cache = state.cache
     rows = state.last.shape[0]
     mask_rt = jax.lax.dynamic_update_slice_in_dim(cache.mask, jnp.ones((rows, 1), jnp.int32), cache.index, 1)
     pos_r = state.seen + state.rope_deltas  # = cumsum(mask)[slot] - 1 + rope_deltas
     logits_rv, k, v = model.decode_step(
-        state.last, jnp.broadcast_to(pos_r[None], (3, rows)), cache.k, cache.v, mask_rt, cache.index
+        layers, state.last, jnp.broadcast_to(pos_r[None], (3, rows)), cache.k, cache.v, mask_rt, cache.index
     )
     cache = KVCache(k, v, mask_rt, cache.index + 1)
     return state._replace(cache=cache, seen=state.seen + 1), logits_rv
@@ -187,18 +200,25 @@ def _prefill(graphdef, params, inputs, *, n, cache_len, cache_sharding=None):
     return logits_bv, cache, presence_bv
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decoder_layers(graphdef, params):
+    """The decoder's per-layer weights for decode (a copy, made once per generation)."""
+    TRACE_COUNTS["decoder_layers"] += 1
+    return nnx.merge(graphdef, params).text.decode_layers()
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def _decode_loop(graphdef, params, state, logits_rv, key, sampling):
-    """Sample the first token from the prefill logits, then decode until every row is done (early exit)."""
+def _decode_loop(graphdef, params, layers, state, key, sampling):
+    """Decode until every row is done (early exit) or the cache's current span is full."""
     TRACE_COUNTS["decode_loop"] += 1
     model = nnx.merge(graphdef, params)
-    state = _sample_into(state, logits_rv, key, sampling)
+    span = state.cache.length
 
     def body(s):
-        s, logits = _feed(model, s)
+        s, logits = _feed(model, layers, s)
         return _sample_into(s, logits, key, sampling)
 
-    return jax.lax.while_loop(lambda s: ~jnp.all(s.done), body, state)
+    return jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.cache.index < span), body, state)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -208,9 +228,9 @@ def _first_step(state, logits_rv, key, sampling):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def _next_step(graphdef, params, state, key, sampling):
+def _next_step(graphdef, params, layers, state, key, sampling):
     TRACE_COUNTS["next_step"] += 1
-    state, logits_rv = _feed(nnx.merge(graphdef, params), state)
+    state, logits_rv = _feed(nnx.merge(graphdef, params), layers, state)
     return _sample_into(state, logits_rv, key, sampling)
 
 
@@ -224,8 +244,29 @@ def default_bucket(length: int) -> int:
     return -(-length // 512) * 512
 
 
+def default_batch_bucket(prompts: int) -> int:
+    """1, 2, 4, 8, then multiples of 8: the number of prompt rows a request of `prompts` runs with."""
+    if prompts <= 8:
+        return 1 << (max(prompts, 1) - 1).bit_length()
+    return _round_up(prompts, 8)
+
+
 def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
+
+
+def _pad_rows(inputs: dict[str, np.ndarray], deltas_b: np.ndarray, rows: int):
+    """`prepare_prompts` output with all-padding prompt rows appended up to `rows` (a batch bucket): mask
+    0 everywhere, so they attend to nothing real, emit nothing, and no vision scatter slot points at them."""
+    extra = rows - inputs["input_ids"].shape[0]
+    if extra == 0:
+        return inputs, deltas_b
+    out = dict(inputs)
+    for key in ("input_ids", "attention_mask"):
+        out[key] = np.concatenate([inputs[key], np.zeros((extra, inputs[key].shape[1]), inputs[key].dtype)])
+    pos_3bs = inputs["position_ids"]
+    out["position_ids"] = np.concatenate([pos_3bs, np.zeros((3, extra, pos_3bs.shape[2]), pos_3bs.dtype)], 1)
+    return out, np.concatenate([deltas_b, np.zeros(extra, deltas_b.dtype)])
 
 
 def _left_pad(x: np.ndarray, extra: int, axis: int) -> np.ndarray:
@@ -320,7 +361,9 @@ class _Plan:
     inputs: dict[str, np.ndarray]
     prompt_len: int
     cache_len: int
-    batch: int
+    spans: tuple[int, ...]  # the cache lengths decode steps through, the last = cache_len
+    prompts: int  # prompts of the request
+    batch: int  # prompt rows run: `prompts` padded to a batch bucket
     n: int
     max_new_tokens: int
     sampling: SamplingParams
@@ -434,7 +477,8 @@ def _plan(
             )
         prompt_len = fits[0]
     cache_len = _round_up(prompt_len + max_new_tokens, cache_multiple)
-    rows = rows_b * n
+    batch_rows = default_batch_bucket(rows_b)
+    rows = batch_rows * n
 
     devices = None if mesh is None else mesh.devices.flat
     budget, source = memory_budget(max_cache_bytes, devices)
@@ -445,10 +489,11 @@ def _plan(
         prompt_len=prompt_len,
         budget=budget,
         source=source,
-        prefill_rows=rows_b,
+        prefill_rows=batch_rows,
+        resident_bytes=layer_copy_bytes(model),
     )
 
-    inputs, deltas_b = prepare_prompts(config, batch, prompt_len)
+    inputs, deltas_b = _pad_rows(*prepare_prompts(config, batch, prompt_len), batch_rows)
     cache_sharding = None
     if mesh is not None:
         from qwenvl_jax import sharding as shd  # imported only for a mesh: single-device use needs none of it
@@ -459,7 +504,7 @@ def _plan(
         # that dim is replicated across the axis (recorded and logged by the rules), never dropped silently.
         cache_rules = dataclasses.replace(rules, indivisible="replicate")
         cache_sharding = shd.named_sharding(
-            mesh, cache_rules, CACHE_AXES, cache_shape(config, rows, cache_len)
+            mesh, cache_rules, LAYER_CACHE_AXES, cache_shape(config, rows, cache_len)[1:]
         )
     greedy = temperature == 0
     sampling = SamplingParams(
@@ -482,7 +527,9 @@ def _plan(
         inputs=inputs,
         prompt_len=prompt_len,
         cache_len=cache_len,
-        batch=rows_b,
+        spans=cache_spans(prompt_len, cache_len),
+        prompts=rows_b,
+        batch=batch_rows,
         n=n,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
@@ -506,7 +553,7 @@ def _start(model, plan: _Plan) -> tuple[Any, Any, jax.Array, DecodeState, float]
         inputs = shd.shard_batch(plan.inputs, plan.mesh, plan.rules)
     start = time.perf_counter()
     logits_rv, cache, presence_rv = _prefill(
-        graphdef, params, inputs, n=plan.n, cache_len=plan.cache_len, cache_sharding=plan.cache_sharding
+        graphdef, params, inputs, n=plan.n, cache_len=plan.spans[0], cache_sharding=plan.cache_sharding
     )
     jax.block_until_ready(logits_rv)
     prefill_s = time.perf_counter() - start
@@ -521,30 +568,36 @@ def _start(model, plan: _Plan) -> tuple[Any, Any, jax.Array, DecodeState, float]
         rope_deltas=jnp.asarray(np.repeat(plan.rope_deltas, plan.n), jnp.int32),
         lengths=jnp.zeros(rows, jnp.int32),
         stopped=jnp.zeros(rows, bool),
-        done=jnp.asarray(np.repeat(plan.empty_rows, plan.n)),  # a collate filler row emits nothing
+        done=jnp.asarray(np.repeat(plan.empty_rows, plan.n)),  # filler and padding rows emit nothing
         step=jnp.int32(0),
         presence=presence_rv,
     )
     return graphdef, params, logits_rv, state, prefill_s
 
 
+def _next_span(plan: _Plan, state: DecodeState) -> DecodeState:
+    """`state` with its cache grown to the span after its current one (called when that one is full)."""
+    span = next(s for s in plan.spans if s > state.cache.length)
+    return state._replace(cache=grow(state.cache, span, sharding=plan.cache_sharding))
+
+
 def _finish(plan: _Plan, state: DecodeState, prefill_s: float, decode_s: float) -> GenerationOutput:
+    rows, m = plan.prompts * plan.n, plan.max_new_tokens  # the batch bucket's padding rows are dropped
     tokens, logprobs, lengths, stopped = jax.device_get(
-        (state.tokens, state.logprobs, state.lengths, state.stopped)
+        (state.tokens[:rows, :m], state.logprobs[:rows, :m], state.lengths[:rows], state.stopped[:rows])
     )
-    m = plan.max_new_tokens
     total = float(np.sum(lengths))
     return GenerationOutput(
-        tokens=np.asarray(tokens[:, :m], np.int32),
+        tokens=np.asarray(tokens, np.int32),
         lengths=np.asarray(lengths, np.int32),
         finish_reasons=[
             "stop" if s else ("empty" if e else "length")
             for s, e in zip(
-                np.asarray(stopped).tolist(), np.repeat(plan.empty_rows, plan.n).tolist(), strict=True
+                np.asarray(stopped).tolist(), np.repeat(plan.empty_rows, plan.n)[:rows].tolist(), strict=True
             )
         ],
-        logprobs=np.asarray(logprobs[:, :m], np.float32),
-        prompt_index=np.repeat(np.arange(plan.batch, dtype=np.int32), plan.n),
+        logprobs=np.asarray(logprobs, np.float32),
+        prompt_index=np.repeat(np.arange(plan.prompts, dtype=np.int32), plan.n),
         prefill_s=prefill_s,
         decode_s=decode_s,
         tokens_per_s=total / max(prefill_s + decode_s, 1e-9),
@@ -570,14 +623,17 @@ _GENERATE_DOC = """
     config's `<|endoftext|>`, Qwen's pad). `suppress_token_ids` are never emitted (default: the image and
     video placeholders; `()`: none).
 
-    Shapes: prompts are left-padded to a bucket (`prompt_buckets`, default `default_bucket`), the cache
-    holds `round_up(bucket + max_new_tokens, cache_multiple)` slots; the prompt (valid tokens) plus
+    Shapes: prompts are left-padded to a bucket (`prompt_buckets`, default `default_bucket`), their number
+    to a batch bucket (`default_batch_bucket`; the padding rows are not returned), and the cache holds
+    `round_up(bucket + max_new_tokens, cache_multiple)` slots in the end; the prompt (valid tokens) plus
     `max_new_tokens` must fit `max_length` (default `max_position_embeddings`). The cache size is checked
     before allocation against `max_cache_bytes` (default: free device memory, or available host memory
-    on CPU); a request that does not fit raises `CacheMemoryError` saying what would.
+    on CPU); a request that does not fit raises `CacheMemoryError` saying what would. Decode also holds
+    one copy of the decoder's weights (`TextModel.decode_layers`) while it runs.
 
-    `mesh`, `rules` (default `sharding.DEFAULT_RULES`): place the prompt arrays and the KV cache (logical
-    axes `CACHE_AXES`) on the mesh; the model itself must already be sharded (`sharding.shard_model`).
+    `mesh`, `rules` (default `sharding.DEFAULT_RULES`): place the prompt arrays and the KV cache (each
+    layer's buffers on logical axes `LAYER_CACHE_AXES`) on the mesh; the model itself must already be
+    sharded (`sharding.shard_model`).
 """
 
 
@@ -606,14 +662,13 @@ def generate(
     plan = _plan(model, batch, **_options(locals()))
     graphdef, params, logits_rv, state, prefill_s = _start(model, plan)
     start = time.perf_counter()
-    state = _decode_loop(
-        graphdef,
-        params,
-        state,
-        logits_rv,
-        plan.key,
-        plan.sampling,
-    )
+    layers = _decoder_layers(graphdef, params)
+    state = _first_step(state, logits_rv, plan.key, plan.sampling)
+    while True:  # one jitted while_loop per span, until every row is done
+        state = _decode_loop(graphdef, params, layers, state, plan.key, plan.sampling)
+        if state.cache.length == plan.cache_len or bool(np.all(jax.device_get(state.done))):
+            break
+        state = _next_span(plan, state)
     jax.block_until_ready(state.tokens)
     return _finish(plan, state, prefill_s, time.perf_counter() - start)
 
@@ -643,18 +698,22 @@ def generate_stream(
     plan = _plan(model, batch, **_options(locals()))
     graphdef, params, logits_rv, state, prefill_s = _start(model, plan)
     start = time.perf_counter()
+    layers = _decoder_layers(graphdef, params)
     state = _first_step(state, logits_rv, plan.key, plan.sampling)
-    lengths = np.zeros(plan.batch * plan.n, np.int32)
+    rows = plan.prompts * plan.n  # the batch bucket's padding rows are not streamed
+    lengths = np.zeros(rows, np.int32)
     while True:
         step = int(state.step) - 1
-        tokens, logprobs, new_lengths, done = jax.device_get(
-            (state.tokens[:, step], state.logprobs[:, step], state.lengths, state.done)
+        tokens, logprobs, new_lengths, done, index = jax.device_get(
+            (state.tokens[:, step], state.logprobs[:, step], state.lengths, state.done, state.cache.index)
         )
-        yield StreamStep(step, tokens, logprobs, new_lengths > lengths, done)
-        lengths = new_lengths
+        yield StreamStep(step, tokens[:rows], logprobs[:rows], new_lengths[:rows] > lengths, done[:rows])
+        lengths = new_lengths[:rows]
         if done.all():
             break
-        state = _next_step(graphdef, params, state, plan.key, plan.sampling)
+        if index == state.cache.length:
+            state = _next_span(plan, state)
+        state = _next_step(graphdef, params, layers, state, plan.key, plan.sampling)
     return _finish(plan, state, prefill_s, time.perf_counter() - start)
 
 

@@ -15,6 +15,10 @@ Processing order is transformers' (`_get_logits_processor`: `RepetitionPenaltyLo
 6. min-p: remove tokens whose probability (softmax of the logits processed so far) is < min_p x the
    largest one, the top token always kept; min_p = 0: off.
 
+Top-k and top-p find their cut among the `NUCLEUS_CANDIDATES` largest logits (`lax.top_k`) and sort the
+whole vocabulary only when a row's cut is not among them (`_candidate_cut` says why the kept set is the
+sorted definition's).
+
 Log-probs are those of the distribution the token was drawn from, `log_softmax(processed logits)` (steps
 1-6), the "old log-probs" of GRPO/PPO at this temperature. Greedy decoding (temperature 0) takes the
 argmax of the penalised, suppressed logits (steps 1-2; the repetition penalty is a logits processor, not
@@ -35,7 +39,7 @@ class SamplingParams(NamedTuple):
     """Traced sampling state (a pytree): changing any value, the mode included, does not recompile."""
 
     greedy: jax.Array  # () bool, temperature == 0
-    filtered: jax.Array  # () bool, top-k or top-p is on (sorts the vocabulary)
+    filtered: jax.Array  # () bool, top-k or top-p is on
     temperature: jax.Array  # () float32, > 0 when sampling
     top_k: jax.Array  # () int32, 0 = off
     top_p: jax.Array  # () float32 in (0, 1], 1 = off
@@ -63,14 +67,65 @@ def filter_logits(logits_rv: jax.Array, temperature, top_k, top_p, suppress_v, *
     x_rv = x_rv / jnp.asarray(temperature, jnp.float32)
     if isinstance(filtered, bool):
         x_rv = _top_k_top_p(x_rv, top_k, top_p) if filtered else x_rv
-    else:  # traced: one program serves every mode; only the taken branch runs (the sort is skipped when off)
+    else:  # traced: one program serves every mode; only the taken branch runs (nothing is ranked when off)
         x_rv = jax.lax.cond(filtered, lambda x: _top_k_top_p(x, top_k, top_p), lambda x: x, x_rv)
     if isinstance(min_p, (int, float)):
         return _min_p(x_rv, min_p) if min_p > 0 else x_rv
     return jax.lax.cond(min_p > 0, lambda x: _min_p(x, min_p), lambda x: x, x_rv)
 
 
+# How many of the largest logits the top-k/top-p cut is looked for in before the vocabulary is sorted:
+# a nucleus is almost always that small, and a partial top-k of 256 out of 152k costs far less than the
+# sort. When it is not (or top-k asks for more), the exact sort runs instead.
+NUCLEUS_CANDIDATES = 256
+
+
 def _top_k_top_p(x_rv, top_k, top_p):
+    """`_top_k_top_p_sorted` without the sort of the vocabulary when the cut lies among the
+    `NUCLEUS_CANDIDATES` largest logits of every row (`_candidate_cut`); otherwise, through `lax.cond`,
+    the sort itself (for the whole batch; only the taken branch runs)."""
+    vocab = x_rv.shape[-1]
+    if vocab <= NUCLEUS_CANDIDATES:
+        return _top_k_top_p_sorted(x_rv, top_k, top_p)
+    cut_r1, found_r = _candidate_cut(x_rv, top_k, top_p, NUCLEUS_CANDIDATES)
+    return jax.lax.cond(
+        jnp.all(found_r),
+        lambda x: jnp.where(x >= cut_r1, x, -jnp.inf),
+        lambda x: _top_k_top_p_sorted(x, top_k, top_p),
+        x_rv,
+    )
+
+
+def _candidate_cut(x_rv, top_k, top_p, candidates: int):
+    """(cut `(R, 1)`, found `(R,)`): the smallest logit `_top_k_top_p_sorted` keeps, computed from the
+    `candidates` largest logits of each row (`lax.top_k`, no sort), and whether they determine it.
+
+    The candidates are the first `candidates` entries of the sorted row (tied values may come in another
+    order, which changes no value below), so its top-k threshold, probabilities, mass before each entry
+    and cut are those of the sorted computation wherever they fall among the candidates. The softmax
+    normaliser is summed over the whole row, as there; only its summation order differs (a float32
+    rounding of the normaliser). The candidates determine the cut when one of them is dropped by top-p
+    (mass before only grows along the sorted row, so every later entry is dropped too) or is -inf (so is
+    every later entry), and when top-k's k-th largest logit is among them (or top-k keeps everything)."""
+    vocab = x_rv.shape[-1]
+    top_rc = jax.lax.top_k(x_rv, candidates)[0]  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth_r = jax.lax.dynamic_index_in_dim(top_rc, jnp.minimum(k, candidates) - 1, axis=-1, keepdims=False)
+    kth_r1 = jnp.where(k >= vocab, -jnp.inf, kth_r)[:, None]  # k = vocab: every logit is >= the k-th
+    top_rc = jnp.where(top_rc >= kth_r1, top_rc, -jnp.inf)
+    max_r1 = top_rc[:, :1]  # the largest logit always survives top-k
+    z_r1 = jnp.sum(jnp.where(x_rv >= kth_r1, jnp.exp(x_rv - max_r1), 0.0), axis=-1, keepdims=True)
+    probs_rc = jnp.exp(top_rc - max_r1) / z_r1
+    mass_before_rc = jnp.cumsum(probs_rc, axis=-1) - probs_rc
+    keep_rc = (mass_before_rc < top_p) | (jnp.arange(candidates) == 0)[None, :]
+    finite_rc = jnp.isfinite(top_rc)
+    cut_r1 = jnp.min(jnp.where(keep_rc & finite_rc, top_rc, jnp.inf), axis=-1, keepdims=True)
+    found_r = jnp.any(~keep_rc | ~finite_rc, axis=-1) & ((k <= candidates) | (k >= vocab))
+    return cut_r1, found_r
+
+
+def _top_k_top_p_sorted(x_rv, top_k, top_p):
+    """Top-k then top-p over the sorted vocabulary: the definition `_top_k_top_p` reproduces."""
     vocab = x_rv.shape[-1]
     sorted_rv = -jnp.sort(-x_rv, axis=-1)  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)

@@ -176,24 +176,27 @@ class Qwen25VL(nnx.Module):
 
     def decode_step(
         self,
+        layer_states: list[nnx.State],
         token_ids_b: jax.Array,
         position_ids_3b: jax.Array,
-        k_cache_lbtkh: jax.Array,
-        v_cache_lbtkh: jax.Array,
+        k_cache: tuple[jax.Array, ...],
+        v_cache: tuple[jax.Array, ...],
         kv_mask_bt: jax.Array,
         index: jax.Array,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
         """One generated token per row (jittable): logits `(B, V)` float32 and the updated k, v caches.
 
-        `position_ids_3b` are the token's M-RoPE positions `(3, B)` (spec 3.3: the same value on all three
-        axes, `cumsum(mask) - 1 + rope_deltas`); the token is written at cache slot `index`, which
-        `kv_mask_bt (B, T)` must already mark valid.
+        `layer_states` is `self.text.decode_layers()` (made once per generation, not per step);
+        `k_cache`/`v_cache` are the per-layer buffers `(B, K, T, H)` of `generation.cache`, updated in
+        place when donated or carried. `position_ids_3b` are the token's M-RoPE positions `(3, B)` (spec
+        3.3: the same value on all three axes, `cumsum(mask) - 1 + rope_deltas`); the token is written at
+        cache slot `index`, which `kv_mask_bt (B, T)` must already mark valid.
         """
         embeds_b1d = self.text.embed_tokens(token_ids_b[:, None])
-        h_b1d, k_cache_lbtkh, v_cache_lbtkh = self.text.decode(
-            embeds_b1d, position_ids_3b[:, :, None], k_cache_lbtkh, v_cache_lbtkh, kv_mask_bt, index
+        h_b1d, k_cache, v_cache = self.text.decode(
+            layer_states, embeds_b1d, position_ids_3b[:, :, None], k_cache, v_cache, kv_mask_bt, index
         )
-        return self.logits(h_b1d)[:, 0], k_cache_lbtkh, v_cache_lbtkh
+        return self.logits(h_b1d)[:, 0], k_cache, v_cache
 
     # ------------------------------------------------------------------------------- convenience
     def __call__(self, **inputs: Any) -> jax.Array:

@@ -5,9 +5,16 @@ activation dtype and does not upcast, spec 6.2); RMSNorm normalises in float32 (
 logits and softmax are float32 (`attention`).
 
 Three ways through the decoder: `__call__` (training/scoring, no cache), `prefill` (the same computation,
-also returning every layer's rotated keys and values for the KV cache) and `decode` (new tokens against a
-preallocated cache `(L, B, T, K, H)` whose slot validity is `kv_mask_bt`). Cached keys are stored after
-the rotation, so a cached key never needs its position again.
+also returning every layer's rotated keys and values for the KV cache) and `decode` (one new token per
+row against the KV cache: one `(B, K, T, H)` buffer per layer, slot validity `kv_mask_bt`, see
+`generation.cache`). Cached keys are stored after the rotation, so a cached key never needs its position
+again.
+
+`decode` runs over the layers as L separate parameter states (`decode_layers`), in a Python loop, not a
+scan over the stacked ones: XLA materialises a layer's slice of a stacked weight (or cache) as a copy
+before the matmul that reads it, so a scanned or sliced decode step moves every weight three times, and
+a decode step is bound by those reads. The cost is one copy of the decoder weights, made once per
+generation, and a decode program whose size grows with depth.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from flax import nnx
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model.attention import attention
+from qwenvl_jax.model.decode_attention import decode_attention
 from qwenvl_jax.model.layers import MLP, Dense, Embed, RMSNorm, run_stack, stacked
 from qwenvl_jax.model.rope import apply_text_rope, mrope_cos_sin
 from qwenvl_jax.sharding import constrain_activation
@@ -67,31 +75,24 @@ class TextAttention(nnx.Module):
         out_bsd = self.o_proj(o_bsnh.reshape(batch, seq, -1))
         return (out_bsd, k_bskh, v_bskh) if return_kv else out_bsd
 
-    def decode(self, x_bsd, cos_bsh, sin_bsh, k_cache_btkh, v_cache_btkh, kv_mask_bt, index):
-        """One new token per row, at cache slot `index`, attending to every slot with `kv_mask_bt == 1`.
+    def decode(self, x_b1d, cos_b1h, sin_b1h, k_bkth, v_bkth, kv_mask_bt, index):
+        """One new token per row, written at slot `index` of this layer's cache buffers `(B, K, T, H)`,
+        attending to every slot with `kv_mask_bt == 1` (the caller marks slot `index`).
 
-        The caller marks slot `index` valid; later slots are still 0, so no causal mask is needed.
-        Returns the output `(B, 1, D)` and the new rotated key and value `(B, 1, K, H)`.
+        The new key and value go into the buffers with one `dynamic_update_slice` each, in place when the
+        buffers are donated or carried, and the attention reads the updated buffers whole. Returns the
+        output `(B, 1, D)` and the updated buffers.
         """
-        batch, seq, _ = x_bsd.shape
+        batch, seq, _ = x_b1d.shape
         if seq != 1:
             raise ValueError(f"decode takes one new token per row, got {seq}")
-        q_bsnh, k_bskh, v_bskh = self._qkv(x_bsd, cos_bsh, sin_bsh)
-        # A per-layer copy of the cache with the new entries, for this layer's attention only; the stack
-        # writes the new entries into the cache itself once, after the scan over layers.
-        k_all = jax.lax.dynamic_update_slice_in_dim(k_cache_btkh, k_bskh.astype(k_cache_btkh.dtype), index, 1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(v_cache_btkh, v_bskh.astype(v_cache_btkh.dtype), index, 1)
-        o_bsnh = attention(
-            q_bsnh,
-            k_all,
-            v_all,
-            q_segment_ids=jnp.ones((batch, 1), jnp.int32),
-            kv_segment_ids=kv_mask_bt.astype(jnp.int32),
-            causal=False,
-            scale=self.head_dim**-0.5,
-            backend=self.backend,
-        )
-        return self.o_proj(o_bsnh.reshape(batch, seq, -1)), k_bskh, v_bskh
+        q_b1nh, k_b1kh, v_b1kh = self._qkv(x_b1d, cos_b1h, sin_b1h)
+        k_bk1h = jnp.swapaxes(k_b1kh, 1, 2).astype(k_bkth.dtype)
+        v_bk1h = jnp.swapaxes(v_b1kh, 1, 2).astype(v_bkth.dtype)
+        k_bkth = jax.lax.dynamic_update_slice_in_dim(k_bkth, k_bk1h, index, 2)
+        v_bkth = jax.lax.dynamic_update_slice_in_dim(v_bkth, v_bk1h, index, 2)
+        o_bnh = decode_attention(q_b1nh[:, 0], k_bkth, v_bkth, kv_mask_bt, scale=self.head_dim**-0.5)
+        return self.o_proj(o_bnh.reshape(batch, seq, -1)), k_bkth, v_bkth
 
 
 class DecoderLayer(nnx.Module):
@@ -121,12 +122,12 @@ class DecoderLayer(nnx.Module):
         x_bsd = x_bsd + self.mlp(self.post_attention_layernorm(x_bsd))
         return (x_bsd, kv) if return_kv else x_bsd
 
-    def decode(self, x_bsd, cos_bsh, sin_bsh, k_cache_btkh, v_cache_btkh, kv_mask_bt, index):
-        attn_bsd, k_bskh, v_bskh = self.self_attn.decode(
-            self.input_layernorm(x_bsd), cos_bsh, sin_bsh, k_cache_btkh, v_cache_btkh, kv_mask_bt, index
+    def decode(self, x_b1d, cos_b1h, sin_b1h, k_bkth, v_bkth, kv_mask_bt, index):
+        attn_b1d, k_bkth, v_bkth = self.self_attn.decode(
+            self.input_layernorm(x_b1d), cos_b1h, sin_b1h, k_bkth, v_bkth, kv_mask_bt, index
         )
-        x_bsd = x_bsd + attn_bsd
-        return x_bsd + self.mlp(self.post_attention_layernorm(x_bsd)), (k_bskh, v_bskh)
+        x_b1d = x_b1d + attn_b1d
+        return x_b1d + self.mlp(self.post_attention_layernorm(x_b1d)), k_bkth, v_bkth
 
 
 class TextModel(nnx.Module):
@@ -190,39 +191,37 @@ class TextModel(nnx.Module):
         )
         return self.norm(x_bsd), k_lbskh, v_lbskh
 
+    def decode_layers(self) -> list[nnx.State]:
+        """The decoder layers as L separate parameter states, the first argument of `decode`.
+
+        Slices of the stacked parameters, so a copy of them: make it once per generation (outside the
+        decode loop), never per step."""
+        _, state = nnx.split(self.layers)
+        return [jax.tree.map(lambda a, i=i: a[i], state) for i in range(self.config.text.num_hidden_layers)]
+
     def decode(
         self,
-        embeds_bsd: jax.Array,
-        position_ids_3bs: jax.Array,
-        k_cache_lbtkh: jax.Array,
-        v_cache_lbtkh: jax.Array,
+        layer_states: list[nnx.State],
+        embeds_b1d: jax.Array,
+        position_ids_3b1: jax.Array,
+        k_cache: tuple[jax.Array, ...],
+        v_cache: tuple[jax.Array, ...],
         kv_mask_bt: jax.Array,
         index: jax.Array,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """New tokens `(B, 1, D)` at cache slot `index` -> (hidden `(B, 1, D)`, updated k and v caches).
+    ) -> tuple[jax.Array, tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """One new token per row at cache slot `index` -> (hidden `(B, 1, D)`, updated k and v buffers).
 
-        `kv_mask_bt` must already mark slot `index` valid. The layer scan reads each layer's cache slice
-        and returns only the new entries; they are written into the cache once, after the scan.
+        `layer_states` is `decode_layers()`; `k_cache`/`v_cache` are the L per-layer buffers `(B, K, T, H)`
+        and `kv_mask_bt` must already mark slot `index` valid. Each layer writes its new key and value into
+        its own buffers (in place when they are donated or carried) and attends over them; see the module
+        docstring for why the layers run as separate states.
         """
-        cfg = self.config
-        cos_bsh, sin_bsh = self._rope(position_ids_3bs, embeds_bsd.dtype)
-
-        def step(layer, x_bsd, kv):
-            return layer.decode(x_bsd, cos_bsh, sin_bsh, kv[0], kv[1], kv_mask_bt, index)
-
-        x_bsd, (k_new, v_new) = run_stack(
-            self.layers,
-            step,
-            embeds_bsd,
-            (k_cache_lbtkh, v_cache_lbtkh),
-            scan=cfg.scan_layers,
-            remat="none",
-            collect=True,
-        )
-        k_cache_lbtkh = jax.lax.dynamic_update_slice_in_dim(
-            k_cache_lbtkh, k_new.astype(k_cache_lbtkh.dtype), index, 2
-        )
-        v_cache_lbtkh = jax.lax.dynamic_update_slice_in_dim(
-            v_cache_lbtkh, v_new.astype(v_cache_lbtkh.dtype), index, 2
-        )
-        return self.norm(x_bsd), k_cache_lbtkh, v_cache_lbtkh
+        graphdef = nnx.graphdef(self.layers)
+        cos_b1h, sin_b1h = self._rope(position_ids_3b1, embeds_b1d.dtype)
+        x_b1d, new_k, new_v = embeds_b1d, [], []
+        for state, k_bkth, v_bkth in zip(layer_states, k_cache, v_cache, strict=True):
+            layer = nnx.merge(graphdef, state)
+            x_b1d, k_bkth, v_bkth = layer.decode(x_b1d, cos_b1h, sin_b1h, k_bkth, v_bkth, kv_mask_bt, index)
+            new_k.append(k_bkth)
+            new_v.append(v_bkth)
+        return self.norm(x_b1d), tuple(new_k), tuple(new_v)

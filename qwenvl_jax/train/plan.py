@@ -672,6 +672,27 @@ def _sampler_view_bytes(setup: AbstractSetup, mesh, policy) -> tuple[int, str]:
     return adapters + base, f"adapters applied at {setup.model_cfg.dtype} ({_size(adapters).strip()}), {how}"
 
 
+def _layer_copy_bytes(setup: AbstractSetup, mesh, policy) -> int:
+    """The decoder's per-layer weight copies decode reads (`TextModel.decode_layers`, made once per
+    generation from the sampler view): every leaf under `text/layers/` of the view (LoRA: the base's and
+    the adapters') at the compute dtype, in the decode layout. Exact."""
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.train import lora as lora_lib
+
+    itemsize = np.dtype(setup.model_cfg.dtype).itemsize
+    total = 0.0
+    for tree, lora in ((setup.frozen, False), (policy, setup.lora_cfg is not None)):
+        flat = {k: v for k, v in lora_lib.flatten(tree).items() if k.startswith("text/layers/")}
+        if not flat:
+            continue
+        sub = lora_lib.unflatten(flat)
+        fractions = jax_leaves(_device_fraction_tree(sub, setup.logical_axes, mesh, lora, shd.DECODE_RULES))
+        total += sum(
+            int(np.prod(x.shape)) * itemsize * f for x, f in zip(jax_leaves(sub), fractions, strict=True)
+        )
+    return round(total)
+
+
 def jax_leaves(tree):
     import jax
 
@@ -850,6 +871,10 @@ def plan(config: dict) -> Plan:
         )
         view, note = _sampler_view_bytes(setup, mesh, policy)
         rows.append(Row("sampler view", view, "rollout", True, note))
+        layers = _layer_copy_bytes(setup, mesh, policy)
+        rows.append(
+            Row("decode layer copies", layers, "rollout", True, "the view's decoder layers, one array each")
+        )
     if kind == "ppo":
         score, scoring_formula = _scoring_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
         rows.append(Row("scoring activations", score, "scoring", False, "one micro-batch, forward only"))
