@@ -475,6 +475,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=25, help="rows of the grouped table")
     parser.add_argument("--json", help="write the figures here as JSON")
     parser.add_argument("--hlo", help="write the optimised HLO text here")
+    parser.add_argument("--flops", action="store_true", help="also per-device FLOPs against one device's / N")
     args = parser.parse_args(argv)
 
     from qwenvl_jax.train.config import load_config  # imports jax, but starts no backend
@@ -523,9 +524,47 @@ def main(argv=None) -> int:
     out = report(colls, minimum, args.top)
     out.update(config=args.config, overrides=args.overrides, mesh=sizes, micro_batches=micro_batches,
                compile_seconds=seconds, temp_bytes=int(mem.temp_size_in_bytes), unknown_trip_counts=unknown)  # fmt: skip
+    if args.flops:
+        out["flops"] = per_device_flops(_traceable(config), devices)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, default=str), encoding="utf-8")
     return 0
+
+
+def per_device_flops(config: dict, devices: int) -> dict:
+    """XLA's FLOPs of the step on one device of the config's mesh against the same step on one device
+    divided by the mesh size: 1.0 when nothing is computed twice. XLA counts a scan body once, so both are
+    compiled with the layers unrolled at depths (1, 1), (2, 1), (1, 2) (text layers, vision blocks) and
+    extrapolated to the preset's depths as `compute_at_scale.py lora` does."""
+    from compute_at_scale import model_at_depth
+
+    from qwenvl_jax.train.plan import model_config, step_and_args
+
+    preset_cfg, _ = model_config(config)
+    preset = (config.get("model") or {}).get("preset")
+    remat = preset_cfg.remat
+
+    def flops(text_layers, vision_blocks, sharded):
+        _, cfg = model_at_depth(preset, text_layers, vision_blocks, remat=remat)
+        _, step, args = step_and_args(config, sharded=sharded, model_cfg=cfg)
+        cost = step.lower(*args).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    out = {}
+    for name, sharded in (("per_device", True), ("one_device", False)):
+        f11, f21, f12 = flops(1, 1, sharded), flops(2, 1, sharded), flops(1, 2, sharded)
+        ft, fv = f21 - f11, f12 - f11
+        c = f11 - ft - fv
+        total = c + preset_cfg.text.num_hidden_layers * ft + preset_cfg.vision.depth * fv
+        out[name] = {"constant": c, "per_text_layer": ft, "per_vision_block": fv, "total": total}
+    one, per = out["one_device"], out["per_device"]
+    out["ratio"] = per["total"] / (one["total"] / devices)
+    print(f"FLOPs per device {per['total'] / 1e12:.2f} T against one device's {one['total'] / 1e12:.2f} T / "
+          f"{devices} = {one['total'] / devices / 1e12:.2f} T: {out['ratio']:.3f}x (goal: at most 1.15x); per "
+          f"text layer {per['per_text_layer'] / one['per_text_layer'] * devices:.3f}x, per vision block "
+          f"{per['per_vision_block'] / one['per_vision_block'] * devices:.3f}x, rest "
+          f"{per['constant'] / one['constant'] * devices:.3f}x")  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

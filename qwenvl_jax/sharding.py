@@ -12,7 +12,8 @@ without a mesh, so Auto is the mode that fits it.
 
 Rules (`DEFAULT_RULES`), and why:
 - `batch -> ("data", "fsdp")`: both axes split the batch; FSDP is data parallelism whose parameters are
-  also split (gathered per layer), so it must carry its own share of the rows.
+  also split (gathered per layer), so it must carry its own share of the rows. `patches`, the vision
+  tower's rows, likewise: each device encodes its share.
 - `embed`, `vision_embed`, `merger -> "fsdp"`: every weight matrix has exactly one model-width dim, so
   FSDP over it splits every parameter (and the optimizer state) fsdp ways without touching the
   tensor-parallel dim of the same matrix.
@@ -35,7 +36,8 @@ Policies, each enforced rather than assumed:
   `sharding_plan()`) and logs a warning: an explicit, queryable fallback, never a silent one.
   Real case: Qwen2.5-VL-3B's vision MLP is 3420 wide, so `tensor=8` needs the fallback (`tensor<=4` and
   every text dim divide).
-- Batches (`shard_batch`): the batch dim goes on the `batch` rule, packed vision inputs are replicated.
+- Batches (`shard_batch`): the batch dim goes on the `batch` rule, packed vision inputs are replicated
+  (the tower then splits its patch rows over the same axes, `patches`).
 - Column splits are by contiguous blocks: with `tensor` larger than the number of kv heads, or on the
   fused vision `qkv`, a block does not line up with a head; GSPMD keeps the result exact (the 8-device
   tests compare logits) at the cost of extra communication, which a later layout change can remove.
@@ -64,6 +66,7 @@ LogicalAxes = Sequence[str | None]
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # activations
     ("batch", ("data", "fsdp")),
+    ("patches", ("data", "fsdp")),  # the vision tower's patch rows: each device encodes its share
     ("seq", None),
     ("cache_seq", None),
     ("head_dim", None),
@@ -426,8 +429,8 @@ def batch_shards(rows: int) -> int:
 
 # Keys of the packed vision inputs (`collate` / `host_inputs`): their leading axis is the patch or unit
 # axis of ALL rows together, not the batch, and the vision tower's window/full attention segments are
-# defined over it, so they are replicated: every device runs the whole (small) vision tower on its
-# copy, and the scatter into the text embeddings picks each device's rows.
+# defined over it, so they enter replicated; inside a sharded step the tower splits its patch rows over
+# the batch axes (logical `patches`), and the scatter into the text embeddings picks each device's rows.
 _REPLICATED_PREFIXES = ("pixel_values", "image_", "video_", "second_per_grid_ts")
 
 

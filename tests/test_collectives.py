@@ -87,6 +87,33 @@ def dense_collectives() -> dict:
     return {"dense": sorted((c.op, [list(d) for _, d in c.arrays]) for c in colls), "unknown": unknown}
 
 
+def vision_block_flops() -> dict:
+    """The subprocess side: XLA's FLOPs of one vision block (the step at 2 blocks minus at 1, layers
+    unrolled) of the tiny SFT step on one device of a 1x8x1 mesh and on a lone device."""
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.train.plan import step_and_args
+
+    base = Qwen25VLConfig.preset("tiny")
+    config = {
+        "kind": "sft", "run_dir": "unused", "mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "grad_accum": 1,
+        "batch": {"batch_size": 8, "seq_buckets": [64], "image_patches": 512, "max_images": 8},
+        "optim": {"learning_rate": 1e-3},
+    }  # fmt: skip
+
+    def flops(blocks: int, sharded: bool) -> float:
+        vision = dataclasses.replace(base.vision, depth=blocks, fullatt_block_indexes=())
+        cfg = base.replace(vision=vision, scan_layers=False)
+        _, step, args = step_and_args(config, sharded=sharded, model_cfg=cfg)
+        cost = step.lower(*args).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+    return {
+        "vision_block": {
+            name: flops(2, sharded) - flops(1, sharded) for name, sharded in (("mesh", True), ("one", False))
+        }
+    }
+
+
 @pytest.fixture(scope="module")
 def compiled():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -99,8 +126,8 @@ def compiled():
     for line in proc.stdout.splitlines():
         if line.startswith("{"):
             rec = json.loads(line)
-            if "dense" in rec:
-                out["dense"] = rec
+            if "dense" in rec or "vision_block" in rec:
+                out["dense" if "dense" in rec else "vision_block"] = rec
                 continue
             rec["collectives"] = [
                 C.Collective(**{**c, "arrays": tuple((dt, tuple(d)) for dt, d in c["arrays"]),
@@ -108,7 +135,7 @@ def compiled():
                 for c in rec["collectives"]
             ]  # fmt: skip
             out["x".join(str(v) for v in rec["mesh"].values())] = rec
-    assert set(out) == {*MESHES, "dense"}, proc.stdout[-3000:]
+    assert set(out) == {*MESHES, "dense", "vision_block"}, proc.stdout[-3000:]
     return out
 
 
@@ -142,6 +169,13 @@ def test_fsdp_kernel_is_gathered_at_use_not_its_activations_all_reduced(compiled
     rec = compiled["dense"]
     assert not rec["unknown"]
     assert rec["dense"] == [["all-gather", [[64, 128]]], ["all-gather", [[128, 64]]]]
+
+
+def test_vision_work_is_split_over_the_batch_axes(compiled):
+    """Each device encodes its share of the patch rows: a vision block costs one device of a 1x8x1 mesh
+    about an eighth of its cost on a lone device (it was the whole of it when the tower ran replicated)."""
+    flops = compiled["vision_block"]["vision_block"]
+    assert flops["mesh"] < 1.2 * flops["one"] / 8, flops
 
 
 def test_batch_shards_follows_the_activation_rules():
@@ -234,3 +268,4 @@ if __name__ == "__main__":
     for mesh in sys.argv[1:]:
         print(json.dumps(compiled_collectives(mesh)), flush=True)
     print(json.dumps(dense_collectives()), flush=True)
+    print(json.dumps(vision_block_flops()), flush=True)

@@ -22,6 +22,7 @@ from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model.attention import attention
 from qwenvl_jax.model.layers import MLP, Dense, RMSNorm, run_stack, stacked
 from qwenvl_jax.model.rope import apply_vision_rope, vision_cos_sin
+from qwenvl_jax.sharding import constrain_activation
 
 
 class VisionAttention(nnx.Module):
@@ -147,6 +148,9 @@ class VisionTower(nnx.Module):
         vc, cfg = self.config.vision, self.config
         # The patch embed is the Conv3d as a matmul; HF casts the pixels to the weight dtype first.
         x_pd = self.patch_embed(pixel_values_pc.astype(cfg.dtype))[patch_perm_p]
+        # Under a mesh the patch rows are split over the batch axes: each device runs the blocks' matmuls
+        # on its share (windows and bounded frames exchange only their neighbour bands at the edges).
+        x_pd = constrain_activation(x_pd, ("patches", None))
         cos_ph, sin_ph = vision_cos_sin(rope_pos_p2, head_dim=vc.head_dim, theta=vc.rope_theta)
         window_len = (vc.window_size // vc.patch_size) ** 2  # 8 x 8 patches: a window's most rows
 
@@ -156,7 +160,7 @@ class VisionTower(nnx.Module):
             seg_p, band = (full_seg_p, full_block) if full else (window_seg_p, window_len)
 
             def step(block, x_pd, _, seg_p=seg_p, band=band):
-                return block(x_pd, cos_ph, sin_ph, seg_p, band)
+                return block(constrain_activation(x_pd, ("patches", None)), cos_ph, sin_ph, seg_p, band)
 
             x_pd = run_stack(
                 self.blocks, step, x_pd, scan=cfg.scan_layers, remat=cfg.remat, layers=(start, stop)
