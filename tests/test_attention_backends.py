@@ -277,24 +277,49 @@ def test_tpu_program_for_vision_frames_is_splash_without_a_patch_mask():
     assert f"tensor<1x{heads}x{p}x128xbf16>" in program  # the lane-padded head dim reaches the kernel
 
 
-@pytest.mark.parametrize(("backend", "platform", "targets"), [
-    ("cudnn", "cuda", {"__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"}),
-    ("splash", "tpu", {"tpu_custom_call"}),
+@pytest.mark.parametrize(("backend", "platform", "lengths", "targets"), [
+    ("cudnn", "cuda", True, {"__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward"}),
+    ("cudnn", "cuda", False, {"__cudnn$fmhaScaleBiasSoftmax", "__cudnn$fmhaScaleBiasSoftmaxBackward"}),
+    ("splash", "tpu", True, {"tpu_custom_call"}),
 ])  # fmt: skip
-def test_tiny_model_training_program_uses_the_fused_kernel(backend, platform, targets, cudnn_lowering):
+def test_tiny_model_training_program_uses_the_fused_kernel(
+    backend, platform, lengths, targets, cudnn_lowering
+):
     """The whole decoder (tiny, bf16, 128 tokens), forward and backward, lowered for each platform: its
-    attention is the platform's kernel. The decoder passes `attention_mask` as segment ids today, so on
-    cuDNN this is the masked (bias) call."""
+    attention is the platform's kernel. Unpacked right-padded rows (`collate`'s `seq_lengths`) reach cuDNN
+    as lengths with no mask: no bias call at all; packed rows (segment ids only) take the masked call."""
     config = PRESETS["tiny"].replace(attention_backend=backend, dtype="bfloat16")
     graphdef, params, rest = nnx.split(Qwen25VL(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
 
-    def run(params, ids, mask):
+    def run(params, ids, mask, *seq_lengths):
         def loss(params):
             model = nnx.merge(graphdef, params, rest)
-            return model.hidden_states(ids, mask).astype(jnp.float32).sum()
+            kw = {"seq_lengths": seq_lengths[0]} if seq_lengths else {}
+            return model.hidden_states(ids, mask, **kw).astype(jnp.float32).sum()
 
         return jax.grad(loss)(params)
 
     ids = jax.ShapeDtypeStruct((2, 128), jnp.int32)
-    program = lower(run, (params, ids, ids), platform)
-    assert targets <= {c["target"] for c in custom_calls(program)}
+    extra = (jax.ShapeDtypeStruct((2,), jnp.int32),) if lengths else ()
+    program = lower(run, (params, ids, ids, *extra), platform)
+    found = {c["target"] for c in custom_calls(program)}
+    assert targets <= found
+    if backend == "cudnn" and lengths:
+        assert not any("Bias" in t for t in found), found
+
+
+def test_decoder_by_lengths_equals_decoder_by_segments():
+    """The decoder on unpacked right-padded rows: attending by `seq_lengths` (the cuDNN call's arguments,
+    on XLA through "dpa_xla") gives the hidden states of the segment-id mask at every real position."""
+    config = PRESETS["tiny"].replace(attention_backend="dpa_xla", dtype="float32", param_dtype="float32")
+    model = Qwen25VL(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    lengths = np.array([40, 64, 17])
+    ids = rng.integers(0, 300, size=(3, 64)).astype(np.int32)
+    mask = (np.arange(64)[None, :] < lengths[:, None]).astype(np.int32)
+    by_segments = np.asarray(model.hidden_states(jnp.asarray(ids), jnp.asarray(mask)))
+    by_lengths = np.asarray(
+        model.hidden_states(jnp.asarray(ids), jnp.asarray(mask), seq_lengths=jnp.asarray(lengths, jnp.int32))
+    )
+    real = mask.astype(bool)
+    assert maxdiff(by_lengths[real], by_segments[real]) < 1e-5

@@ -511,8 +511,9 @@ def collate_pairs(pairs: Sequence[tuple[dict, dict]], spec: BatchSpec) -> dict[s
     )
     if fill:
         dead = np.r_[np.arange(len(pairs), half), np.arange(half + len(pairs), 2 * half)]
-        for key in ("attention_mask", "example_mask"):
-            batch[key][dead] = 0
+        for key in ("attention_mask", "example_mask", "seq_lengths"):
+            if key in batch:
+                batch[key][dead] = 0
     return batch
 
 

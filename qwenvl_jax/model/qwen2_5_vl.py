@@ -38,6 +38,7 @@ CORE_KEYS = (
     "input_ids",
     "attention_mask",
     "position_ids",
+    "seq_lengths",
     *(
         key
         for kind in ("image", "video")
@@ -88,13 +89,16 @@ class Qwen25VL(nnx.Module):
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         vision_features: dict[str, jax.Array] | None = None,
+        seq_lengths: jax.Array | None = None,
         **vision: jax.Array,
     ) -> jax.Array:
         """`forward` without the lm_head: the final-norm hidden states `(B, S, D)` in the compute dtype.
 
         Training feeds these to the chunked `losses.token_logprobs` with `lm_head_matrix()`, so the
         `(B, S, V)` logits are never materialised. Same arguments as `forward`, plus `vision_features`:
-        `vision_features(**vision)` computed once already (a reference pass on the same frozen tower).
+        `vision_features(**vision)` computed once already (a reference pass on the same frozen tower), and
+        `seq_lengths (B,)` (`collate`'s, for unpacked right-padded rows: the cuDNN backends attend by
+        lengths, with no mask).
         """
         batch, seq = input_ids.shape
         mask_bs = (
@@ -104,7 +108,7 @@ class Qwen25VL(nnx.Module):
             real_bs = (mask_bs > 0).astype(jnp.int32)
             pos_bs = jnp.maximum(jnp.cumsum(real_bs, axis=-1) - 1, 0) * real_bs
             position_ids = jnp.broadcast_to(pos_bs[None], (3, batch, seq))
-        return self.text(self.embed(input_ids, vision_features, **vision), mask_bs, position_ids)
+        return self.text(self.embed(input_ids, vision_features, **vision), mask_bs, position_ids, seq_lengths)
 
     def lm_head_matrix(self) -> jax.Array:
         """The lm_head as a `(D, V)` matrix in the compute dtype (the embedding transposed when tied)."""
@@ -171,6 +175,7 @@ class Qwen25VL(nnx.Module):
         tower runs here and only here.
         """
         mask_bs = attention_mask.astype(jnp.int32)
+        vision.pop("seq_lengths", None)  # right-padding lengths do not describe a left-padded prompt
         h_bsd, k_lbskh, v_lbskh = self.text.prefill(self.embed(input_ids, **vision), mask_bs, position_ids)
         return self.logits(h_bsd[:, -1:])[:, 0], k_lbskh, v_lbskh
 

@@ -30,6 +30,9 @@ from qwenvl_jax.model.layers import MLP, Dense, Embed, RMSNorm, run_stack, stack
 from qwenvl_jax.model.rope import apply_text_rope, mrope_cos_sin
 from qwenvl_jax.sharding import constrain_activation
 
+# Backends that take right-padding lengths without a mask (cuDNN's padding mask type, and its CPU twin).
+LENGTH_BACKENDS = ("cudnn", "dpa_xla")
+
 
 class TextAttention(nnx.Module):
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
@@ -58,19 +61,19 @@ class TextAttention(nnx.Module):
         v_bskh = self.v_proj(x_bsd).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         return apply_text_rope(q_bsnh, cos_bsh, sin_bsh), apply_text_rope(k_bskh, cos_bsh, sin_bsh), v_bskh
 
-    def __call__(self, x_bsd, cos_bsh, sin_bsh, segment_ids_bs, *, return_kv: bool = False):
-        """Causal self-attention; with `return_kv` also the rotated keys and values `(B, S, K, H)`."""
+    def __call__(self, x_bsd, cos_bsh, sin_bsh, segment_ids_bs, *, lengths_b=None, return_kv: bool = False):
+        """Causal self-attention; with `return_kv` also the rotated keys and values `(B, S, K, H)`.
+
+        `lengths_b`: the rows are unpacked and right-padded, `lengths_b` real tokens each; the cuDNN
+        backends then take the lengths and no mask at all (`attention`), the others the segment ids."""
         batch, seq, _ = x_bsd.shape
         q_bsnh, k_bskh, v_bskh = self._qkv(x_bsd, cos_bsh, sin_bsh)
+        if lengths_b is not None and self.backend in LENGTH_BACKENDS:
+            masking = {"q_lengths": lengths_b, "kv_lengths": lengths_b}
+        else:
+            masking = {"q_segment_ids": segment_ids_bs, "kv_segment_ids": segment_ids_bs}
         o_bsnh = attention(
-            q_bsnh,
-            k_bskh,
-            v_bskh,
-            q_segment_ids=segment_ids_bs,
-            kv_segment_ids=segment_ids_bs,
-            causal=True,
-            scale=self.head_dim**-0.5,
-            backend=self.backend,
+            q_bsnh, k_bskh, v_bskh, causal=True, scale=self.head_dim**-0.5, backend=self.backend, **masking
         )
         out_bsd = self.o_proj(o_bsnh.reshape(batch, seq, -1))
         return (out_bsd, k_bskh, v_bskh) if return_kv else out_bsd
@@ -113,9 +116,14 @@ class DecoderLayer(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, x_bsd, cos_bsh, sin_bsh, segment_ids_bs, *, return_kv: bool = False):
+    def __call__(self, x_bsd, cos_bsh, sin_bsh, segment_ids_bs, *, lengths_b=None, return_kv: bool = False):
         out = self.self_attn(
-            self.input_layernorm(x_bsd), cos_bsh, sin_bsh, segment_ids_bs, return_kv=return_kv
+            self.input_layernorm(x_bsd),
+            cos_bsh,
+            sin_bsh,
+            segment_ids_bs,
+            lengths_b=lengths_b,
+            return_kv=return_kv,
         )
         attn_bsd, kv = (out[0], out[1:]) if return_kv else (out, None)
         x_bsd = x_bsd + attn_bsd
@@ -155,13 +163,20 @@ class TextModel(nnx.Module):
         )
 
     def __call__(
-        self, embeds_bsd: jax.Array, attention_mask_bs: jax.Array, position_ids_3bs: jax.Array
+        self,
+        embeds_bsd: jax.Array,
+        attention_mask_bs: jax.Array,
+        position_ids_3bs: jax.Array,
+        seq_lengths_b: jax.Array | None = None,
     ) -> jax.Array:
         """Final hidden states `(B, S, H)` in `dtype`.
 
         `attention_mask_bs` (1 real, 0 padding; or segment ids 1, 2, ... of packed rows) becomes the segment
-        ids of a causal attention: real tokens never see padding or another segment. Padding rows see only padding, so they are finite garbage, as in HF;
-        compare only real positions. `position_ids_3bs` is `(3, B, S)` (t, h, w) or `(B, S)`.
+        ids of a causal attention: real tokens never see padding or another segment. Padding rows see only
+        padding, so they are finite garbage, as in HF; compare only real positions. `position_ids_3bs` is
+        `(3, B, S)` (t, h, w) or `(B, S)`. `seq_lengths_b`: the rows are unpacked and right-padded (collate
+        says so by emitting `seq_lengths`); the cuDNN backends then attend by lengths with no mask (padding
+        positions give zeros there).
         """
         cfg = self.config
         cos_bsh, sin_bsh = self._rope(position_ids_3bs, embeds_bsd.dtype)
@@ -169,7 +184,7 @@ class TextModel(nnx.Module):
 
         def step(layer, x_bsd, _):
             x_bsd = constrain_activation(x_bsd, ("batch", "seq", None))
-            return layer(x_bsd, cos_bsh, sin_bsh, segment_ids_bs)
+            return layer(x_bsd, cos_bsh, sin_bsh, segment_ids_bs, lengths_b=seq_lengths_b)
 
         x_bsd = run_stack(self.layers, step, embeds_bsd, None, scan=cfg.scan_layers, remat=cfg.remat)
         return self.norm(x_bsd)

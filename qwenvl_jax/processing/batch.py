@@ -354,6 +354,8 @@ def collate(
     }
     if has_labels:
         out["labels"] = labels.astype(np.int32)
+    if not left:  # unpacked right-padded rows: the cuDNN attention reads lengths instead of a mask
+        out["seq_lengths"] = mask.sum(-1).astype(np.int32)
     grids: dict[str, np.ndarray | None] = {"image": None, "video": None}
     spg = None
     for kind, budget, max_items in (
