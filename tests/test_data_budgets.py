@@ -154,7 +154,8 @@ def test_dpo_pairs_close_before_the_budget(data):
     assert groups == [("p0",), ("p1",), ("p2", "p3")]  # p0 + p1 need 112 rows
     # A batch closed early keeps its halves aligned with dummy pairs.
     np.testing.assert_array_equal(batches[0]["example_mask"], [1, 0, 1, 0])
-    assert [int(b["num_images"]) for b in batches] == [2, 4, 2]
+    # The images collated: each pair's once (its two rows read the same features).
+    assert [int(b["num_images"]) for b in batches] == [1, 2, 1]
     assert it.skipped.counts == {"too_long": 1}
     (shown,) = it.skipped.examples["too_long"]
     assert shown.startswith(f"pbig ({data['dpo']}:3): chosen and rejected rows together: holds 6 images")
