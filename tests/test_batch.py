@@ -228,6 +228,10 @@ def test_max_frame_patches_bands_the_full_blocks_exactly(proc, monkeypatch):
     got = hidden(banded)
     assert set(blocks) == {64, 144}  # windows and the bounded frames
     np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
+    blocks.clear()  # a bound of a third of the budget or more: 3 blocks per query would cost more
+    loose = hidden(collate(examples, _spec(proc, max_frame_patches=172)))
+    assert set(blocks) == {64}
+    np.testing.assert_allclose(loose, want, atol=2e-5 * np.abs(want).max())
     with pytest.raises(
         InputError, match=r"an image frame of 140 patches exceeds batch\.max_frame_patches=128"
     ):

@@ -310,3 +310,39 @@ def test_skips_counted_once_across_epochs_and_restores(data):
     restored.set_state(state)
     _drain(restored)
     assert restored.skipped.counts == it.skipped.counts
+
+
+def test_a_frame_over_the_bound_is_refused_by_record(data):
+    """`max_frame_patches` bounds every frame the vision tower's full blocks attend within: blue.png (1x4x6,
+    24 patches) is over a bound of 16, so its records are skipped by name and line (or stop a strict run),
+    and the others batch as before."""
+    import dataclasses
+
+    spec, path = dataclasses.replace(data["spec"], max_frame_patches=16), data["sft"]
+    it = make_batches(path, data["ckpt"], spec, shuffle=False)
+    _, groups = _drain(it)
+    assert [i for g in groups for i in g] == ["s0", "s3", "s4", "s5"]
+    shown = it.skipped.examples["too_long"]
+    assert shown[0].startswith(
+        f"s1 ({path}:2): a frame of 24 patches exceeds batch.max_frame_patches=16 (the bound data.max_pixels"
+    )
+    it = make_batches(path, data["ckpt"], spec, shuffle=False, policy="strict")
+    with pytest.raises(BadRecord, match=rf"record s1 \({path}:2\): too_long: a frame of 24 patches"):
+        next(it)
+
+
+def test_the_frame_bound_follows_max_pixels(data):
+    """Without `batch.max_frame_patches`, a run bounds frames by the processor's `max_pixels` (a frame of
+    h x w pixels is (h/14)(w/14) patches), when that bound is under a third of the budget (else banding
+    costs as much as the whole budget: 0); an explicit value, 0 included, is kept."""
+    from qwenvl_jax.train.loop import frame_bound
+
+    proc = Processor.from_pretrained(data["ckpt"], max_pixels=448 * 448)
+    assert frame_bound({"image_patches": 8192}, proc) == 1024
+    assert frame_bound({"image_patches": 2048}, proc) == 0  # 3 x 1024 >= 2048
+    assert frame_bound({"image_patches": 8192, "max_frame_patches": 0}, proc) == 0
+    assert frame_bound({"image_patches": 8192, "max_frame_patches": 512}, proc) == 512
+    assert frame_bound({"image_patches": 8192}, data=({"max_pixels": 448 * 448})) == 1024  # the plan's
+    assert frame_bound({"image_patches": 8192}) == 0  # the default 12,845,056 pixels: 65,536 patches
+    # Videos count when the batch has a video budget: 768 x 28 x 28 pixels per frame, 3072 patches.
+    assert frame_bound({"image_patches": 8192, "video_patches": 16384}, proc) == 3072

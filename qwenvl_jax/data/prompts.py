@@ -100,11 +100,13 @@ def prompt_spec(
     max_images: int = 16,
     video_patches: int = 0,
     max_videos: int = 4,
+    max_frame_patches: int = 0,
 ) -> BatchSpec:
     """The `BatchSpec` that states a generation batch's prompt budget for `BatchIterator`'s grouping."""
     return BatchSpec(
         batch_size=prompts_per_batch, seq_buckets=(_NO_LIMIT,), image_patches=image_patches,
         max_images=max_images, video_patches=video_patches, max_videos=max_videos,
+        max_frame_patches=max_frame_patches,
     )  # fmt: skip
 
 
@@ -131,8 +133,9 @@ def make_prompt_batches(
     take at most `image_patches` patch rows and `max_images` images together (videos: `video_patches`,
     `max_videos`); a group closed by the budget is followed by one that starts with the prompt that did
     not fit. The group that the end of the data closes comes short, or not at all with `drop_remainder`.
-    `per_prompt` (`image_patches`, `max_images`, `video_patches`, `max_videos`) caps what one prompt may
-    hold: a prompt over it is `too_long` (GRPO: a training row's share of the micro-batch budget).
+    `per_prompt` (`image_patches`, `max_images`, `video_patches`, `max_videos`, `max_frame_patches`) caps
+    what one prompt may hold: a prompt over it is `too_long` (GRPO: a training row's share of the
+    micro-batch budget; the vision tower's frame bound).
     `get_state()`/`set_state(bytes)` restore the stream exactly; `last_ids` holds the ids of the last group,
     `skipped` the `SkipCounter`. `loader_kwargs` go to `pipeline.make_loader` (`seed`, `shuffle`,
     `num_epochs`, `shard_index`, `shard_count`, `worker_count`, `columns`, ...).

@@ -143,9 +143,12 @@ class VisionTower(nnx.Module):
         `window_seg_p` and `full_seg_p` are in window order; `patch_perm_p` gathers window order from
         merge-block order and `unit_unperm_u` undoes it on merged units (HF's `argsort(window_index)`).
         `full_block`: a bound on the rows of one frame (`BatchSpec.max_frame_patches`, checked on the host),
-        so the full blocks attend band by band over blocks of that size; None: over all P rows.
+        so the full blocks attend band by band over blocks of that size; None, or a bound of P/3 or more
+        (3 bounded blocks per query would cost more): over all P rows.
         """
         vc, cfg = self.config.vision, self.config
+        if full_block is not None and 3 * full_block >= pixel_values_pc.shape[0]:
+            full_block = None
         # The patch embed is the Conv3d as a matmul; HF casts the pixels to the weight dtype first.
         x_pd = self.patch_embed(pixel_values_pc.astype(cfg.dtype))[patch_perm_p]
         # Under a mesh the patch rows are split over the batch axes: each device runs the blocks' matmuls

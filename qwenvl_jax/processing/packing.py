@@ -38,19 +38,22 @@ from qwenvl_jax.processing.positions import get_rope_index
 
 @dataclasses.dataclass(frozen=True)
 class ExampleSize:
-    """What an example takes of a batch: tokens of one row, patch rows and items of each vision budget."""
+    """What an example takes of a batch: tokens of one row, patch rows and items of each vision budget,
+    and its largest frame (an image, or one temporal step of a video) in patches, which
+    `BatchSpec.max_frame_patches` bounds."""
 
     tokens: int
     image_patches: int = 0
     images: int = 0
     video_patches: int = 0
     videos: int = 0
+    frame_patches: int = 0
 
     @classmethod
     def of(cls, example: Mapping[str, Any]) -> ExampleSize:
         """The size of an unpadded example (`collate`'s input format)."""
         ids = _row(example, "input_ids")
-        counts = {}
+        counts, frame = {}, 0
         for kind in ("image", "video"):
             grid = example.get(f"{kind}_grid_thw")
             grid_n3 = (
@@ -58,10 +61,12 @@ class ExampleSize:
             )
             counts[f"{kind}_patches"] = int(grid_n3.prod(-1).sum())
             counts[f"{kind}s"] = len(grid_n3)
-        return cls(tokens=0 if ids is None else int(ids.size), **counts)
+            frame = max(frame, int((grid_n3[:, 1] * grid_n3[:, 2]).max(initial=0)))
+        return cls(tokens=0 if ids is None else int(ids.size), frame_patches=frame, **counts)
 
     def __add__(self, other: ExampleSize) -> ExampleSize:
-        return ExampleSize(*np.add(dataclasses.astuple(self), dataclasses.astuple(other)).tolist())
+        summed = np.add(dataclasses.astuple(self), dataclasses.astuple(other)).tolist()
+        return ExampleSize(*summed[:-1], frame_patches=max(self.frame_patches, other.frame_patches))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,11 @@ def unfit_reason(size: ExampleSize, spec: BatchSpec) -> str | None:
             return f"its {kind}s need {patches} patch rows, more than the budget {budget}"
         if items > max_items:
             return f"holds {items} {kind}s, more than max_{kind}s={max_items}"
+    if spec.max_frame_patches and size.frame_patches > spec.max_frame_patches:
+        return (
+            f"a frame of {size.frame_patches} patches exceeds batch.max_frame_patches={spec.max_frame_patches}"
+            " (the bound data.max_pixels sets; raise both, or set max_frame_patches: 0)"
+        )
     return None
 
 

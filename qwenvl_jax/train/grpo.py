@@ -172,6 +172,7 @@ class GrpoSource:
         from qwenvl_jax.processing.batch import BatchSpec
         from qwenvl_jax.rl.rewards import RewardError, load_rewards
         from qwenvl_jax.rl.rollout import SamplingConfig
+        from qwenvl_jax.train.loop import frame_bound
 
         g = self.settings = grpo_settings(config)
         self.processor, self.prompts, self.mesh = processor, prompts, mesh
@@ -188,10 +189,11 @@ class GrpoSource:
                    video_token_id=processor.video_token_id)  # fmt: skip
         if "seq_buckets" not in batch:
             batch["seq_buckets"] = (int(g["max_prompt_length"]) + int(g["max_completion_length"]),)
+        batch["max_frame_patches"] = frame_bound(batch, processor)
         self.train_spec = BatchSpec.from_dict(batch, **ids)
         self.prompt_spec = BatchSpec(
             batch_size=self.num_prompts, seq_buckets=(int(g["max_prompt_length"]),), padding_side="left",
-            **budget, **ids,
+            max_frame_patches=batch["max_frame_patches"], **budget, **ids,
         )  # fmt: skip
         self.sampling = SamplingConfig(
             num_generations=self.G,

@@ -121,6 +121,35 @@ def data_paths(config: dict, run_dir: Path) -> list[str]:
     return [str(p) for p in ([paths] if isinstance(paths, str) else paths)]
 
 
+def frame_bound(batch: dict, processor=None, *, data: dict | None = None) -> int:
+    """`batch.max_frame_patches` of a run: the config's when set, else the largest frame in patches that the
+    processor's resize bounds allow (`max_pixels` of images, and of video frames when the batch has a video
+    budget: a frame of h x w pixels, multiples of 28, is (h/14)(w/14) patches), 0 (unbounded) when that
+    bound would not help: the full blocks attend over 3 bounded blocks per query (`vision.banded_attention`),
+    so a bound of a third of the budget or more costs as much as the whole budget. Without a processor
+    (the memory plan) the default processor's bounds with `data.min_pixels`/`max_pixels` stand in."""
+    if batch.get("max_frame_patches") is not None:
+        return int(batch["max_frame_patches"])
+    if processor is None:
+        from qwenvl_jax.processing.image import ImageConfig
+        from qwenvl_jax.processing.video_sampling import VideoConfig
+
+        image_config = ImageConfig(**{k: int(v) for k, v in (data or {}).items() if k == "max_pixels" and v})
+        configs = (image_config, VideoConfig())
+    else:
+        configs = (processor.image_config, processor.video_config)
+    bounds, budgets = [], []
+    for kind, cfg in zip(("image", "video"), configs, strict=True):
+        budget = int(batch.get(f"{kind}_patches") or 0)
+        if budget:
+            unit = cfg.merge_size**2
+            bounds.append(int(cfg.max_pixels) // cfg.patch_size**2 // unit * unit)
+            budgets.append(budget)
+    if not bounds or 3 * max(bounds) >= max(budgets):
+        return 0
+    return max(bounds)
+
+
 def batch_spec(config: dict, processor=None):
     """`(BatchSpec, pack)` of the config, refused up front (`ConfigError`) when it can never form a batch;
     with the processor, its token ids are filled in and its smallest image is checked against the budget."""
@@ -129,6 +158,7 @@ def batch_spec(config: dict, processor=None):
     kind = pipeline_kind(config["kind"])
     batch = dict(config["batch"])
     pack = bool(batch.pop("pack", False))
+    batch["max_frame_patches"] = frame_bound(batch, processor)
     if kind == "dpo":
         batch["batch_size"] = 2 * int(batch["batch_size"])  # rows [chosen x pairs, rejected x pairs]
     ids = {}
@@ -198,6 +228,7 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
         from qwenvl_jax.train.grpo import prompt_budgets
 
     prompts, budget, per_prompt = prompt_budgets(config)
+    per_prompt = {**per_prompt, "max_frame_patches": frame_bound(config["batch"], processor)}
     return make_prompt_batches(
         *_source(config, run_dir, processor, proc_dir),
         prompts_per_batch=prompts,

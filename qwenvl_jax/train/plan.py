@@ -490,34 +490,40 @@ def _opt_state_bytes(setup: AbstractSetup, param_fractions) -> int:
 # --------------------------------------------------------------------------------------- estimates
 
 
-def activation_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int, mesh: dict[str, int]):
+def activation_estimate(
+    model_cfg, rows: int, seq: int, patches: int, chunk: int, mesh: dict[str, int], frame: int = 0
+):
     """`(bytes, formula)`: an ESTIMATE of one micro-batch's peak activation memory on one device.
 
     Layout: the decoder constrains its layer inputs to rows over (data, fsdp)
     (`sharding.constrain_activation`), so inside a layer a device holds its rows at full model width
-    (FSDP gathers the weights) with the MLP/heads split tensor ways. The vision tower runs all P patches
-    on every device.
+    (FSDP gathers the weights) with the MLP/heads split tensor ways. The vision tower splits its P patch
+    rows the same way (`patches` -> (data, fsdp), when they divide), and its attention reads K keys per
+    query: 3 x 64 in the windowed blocks, 3 x `frame` (`batch.max_frame_patches`) or all P in the full ones.
 
     Symbols: r = rows / (data x fsdp), S sequence, D/I/L/H text width/MLP/layers/heads, Kv kv width, V
-    vocab, t the tensor size, P vision patches, Dv/Iv/Lv/Hv the vision tower's, a bytes of the compute
-    dtype, c the loss chunk.
+    vocab, t the tensor size, P vision patches, p = P / (data x fsdp) a device's rows of them, K the vision
+    keys per query, Dv/Iv/Lv/Hv the vision tower's, a bytes of the compute dtype, c the loss chunk.
     - one text layer's tensors: T = r S (7 D + 3 I/t) a, plus attention r H/t S^2 (4 + a) with the
       xla backend (fp32 logits and probs; cuDNN's flash kernel keeps none);
-    - one vision block's: Vb = P (7 Dv + 3 Iv) a, plus Hv P^2 (4 + a) + P^2 (xla: logits, probs, mask) or
-      P^2 (1 + a) (cuDNN: the segment mask and its dense bias);
+    - one vision block's: Vb = p (7 Dv + 3 Iv) a, plus Hv p K (4 + a) + p K (xla: logits, probs, mask) or
+      p K (1 + a) (cuDNN: the segment mask and its dense bias);
     - the loss: one chunk's fp32 logits and their gradient, 2 c V/t 4;
-    - remat full: saved = (L r S D + Lv P Dv) a (the layer inputs), transient = 2 max(T, Vb, loss);
-      remat dots: saved = L r S (3 D + 2 Kv/t + 2 I/t) a + Lv P (5 Dv + 2 Iv) a (matmul outputs),
+    - remat full: saved = (L r S D + Lv p Dv) a (the layer inputs), transient = 2 max(T, Vb, loss);
+      remat dots: saved = L r S (3 D + 2 Kv/t + 2 I/t) a + Lv p (5 Dv + 2 Iv) a (matmul outputs),
       transient as full; remat none: saved = L T + Lv Vb, transient = max(T, Vb, loss).
     It ignores XLA's fusion and scheduling; read it as the right order of magnitude (docs/training.md
     compares it with XLA's buffer assignment).
     """
     tc, vc = model_cfg.text, model_cfg.vision
     a = np.dtype(model_cfg.dtype).itemsize
-    r, s, p = rows / (mesh["data"] * mesh["fsdp"]), seq, patches
+    r, s = rows / (mesh["data"] * mesh["fsdp"]), seq
+    split = mesh["data"] * mesh["fsdp"]
+    p = patches / split if patches % split == 0 else patches
     t = mesh["tensor"]
     d, i, kv = tc.hidden_size, tc.intermediate_size / t, tc.num_key_value_heads * tc.head_dim / t
-    text_layer, vision_layer = _layer_working_sets(model_cfg, r, s, p, t)
+    keys = vision_keys(model_cfg, patches, frame)
+    text_layer, vision_layer = _layer_working_sets(model_cfg, r, s, p, t, keys)
     loss = 2 * min(chunk, r * s) * tc.vocab_size / t * 4
     lt, lv = tc.num_hidden_layers, vc.depth
     if model_cfg.remat == "none":
@@ -532,24 +538,38 @@ def activation_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int
         transient = 2 * max(text_layer, vision_layer, loss)
     formula = (
         f"remat {model_cfg.remat}: saved {_size(saved).strip()} + transient {_size(transient).strip()} "
-        f"(r={r:g}, S={s}, P={p}, attention {model_cfg.attention_backend}; see activation_estimate)"
+        f"(r={r:g}, S={s}, p={p:g}, K={keys}, attention {model_cfg.attention_backend}; see activation_estimate)"
     )
     return round(saved + transient), formula
 
 
-def _layer_working_sets(model_cfg, r: float, s: int, p: int, t: int) -> tuple[float, float]:
-    """`(T, Vb)` of `activation_estimate`: one text layer's and one vision block's tensors, bytes."""
+def vision_keys(model_cfg, patches: int, frame: int = 0) -> int:
+    """K of `activation_estimate`: the most keys a vision query reads in any block (`VisionTower`): 3
+    windows of 64 in the windowed blocks (`banded_attention`), in the full ones 3 frames of `frame`
+    patches when that bound is under a third of the budget, else the whole budget."""
+    vc = model_cfg.vision
+    window = (vc.window_size // vc.patch_size) ** 2
+    full = 3 * frame if frame and 3 * frame < patches else patches
+    return max(full, 3 * window) if patches else 0
+
+
+def _layer_working_sets(
+    model_cfg, r: float, s: int, p: float, t: int, keys: int | None = None
+) -> tuple[float, float]:
+    """`(T, Vb)` of `activation_estimate`: one text layer's and one vision block's tensors, bytes; `keys`
+    (K, default p: a dense block) the vision keys per query."""
     tc, vc = model_cfg.text, model_cfg.vision
     a = np.dtype(model_cfg.dtype).itemsize
     xla = model_cfg.attention_backend == "xla"
     text_layer = r * s * (7 * tc.hidden_size + 3 * tc.intermediate_size / t) * a
     text_layer += r * tc.num_attention_heads / t * s * s * (4 + a) if xla else 0
     vision_layer = p * (7 * vc.hidden_size + 3 * vc.intermediate_size) * a
-    vision_layer += (vc.num_heads * p * p * (4 + a) + p * p) if xla else p * p * (1 + a)
+    keys = p if keys is None else keys
+    vision_layer += (vc.num_heads * p * keys * (4 + a) + p * keys) if xla else p * keys * (1 + a)
     return text_layer, (vision_layer if p else 0)
 
 
-def prefill_estimate(model_cfg, prompts: int, seq: int, patches: int, mesh: dict[str, int]):
+def prefill_estimate(model_cfg, prompts: int, seq: int, patches: int, mesh: dict[str, int], frame: int = 0):
     """`(bytes, formula)`: an ESTIMATE of the generation prefill's activations on one device.
 
     The prefill is a forward pass without gradients (`text.prefill` runs its layer scan with remat
@@ -557,25 +577,28 @@ def prefill_estimate(model_cfg, prompts: int, seq: int, patches: int, mesh: dict
     stream r S D a plus the larger of one text layer's and one vision block's working set
     (`activation_estimate`'s T and Vb), r = prompts / (data x fsdp) prompt rows of S = max_prompt_length
     tokens, and P = the prompts' whole vision budget, encoded on every device (vision inputs are
-    replicated). XLA:CPU's buffer assignment of the real prefill (`generation.engine._prefill`) at
-    grpo_3b_lora_1xh100's shape (16 prompts x 2048, 16384 patches; float32, XLA attention) agrees where
-    the vision block binds (temporaries 34.7 GiB; this estimate plus the prefill's keys/values, 35.9) and
-    is far below it where the text layer does (no images: 4.0 GiB against 16.3; XLA:CPU never holds a
+    replicated), its queries reading K keys (`vision_keys`). XLA:CPU's buffer assignment of the real
+    prefill (`generation.engine._prefill`) at grpo_3b_lora_1xh100's shape without a frame bound (16
+    prompts x 2048, 16384 patches, K = P; float32, XLA attention) agrees where the vision block binds
+    (temporaries 34.7 GiB; this estimate plus the prefill's keys/values, 35.9) and is far below it where the text layer does (no images: 4.0 GiB against 16.3; XLA:CPU never holds a
     layer's whole fp32 attention logits, which T counts).
     """
     r = prompts / (mesh["data"] * mesh["fsdp"])
-    text_layer, vision_layer = _layer_working_sets(model_cfg, r, seq, patches, mesh["tensor"])
+    keys = vision_keys(model_cfg, patches, frame)
+    text_layer, vision_layer = _layer_working_sets(model_cfg, r, seq, patches, mesh["tensor"], keys)
     residual = r * seq * model_cfg.text.hidden_size * np.dtype(model_cfg.dtype).itemsize
     total = residual + max(text_layer, vision_layer)
     formula = (
         f"residual {_size(residual).strip()} + max(text layer {_size(text_layer).strip()}, vision "
-        f"block {_size(vision_layer).strip()}) (r={r:g}, S={seq}, P={patches}, attention "
+        f"block {_size(vision_layer).strip()}) (r={r:g}, S={seq}, P={patches}, K={keys}, attention "
         f"{model_cfg.attention_backend}; see prefill_estimate)"
     )
     return round(total), formula
 
 
-def _scoring_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int, mesh: dict[str, int]):
+def _scoring_estimate(
+    model_cfg, rows: int, seq: int, patches: int, chunk: int, mesh: dict[str, int], frame: int = 0
+):
     """`(bytes, formula)`: an ESTIMATE of PPO's scoring pass (`ppo_step.score_fn`) on one device.
 
     One micro-batch of `rows` training rows (the largest bucket S, the micro-batch's P patches) runs
@@ -586,7 +609,7 @@ def _scoring_estimate(model_cfg, rows: int, seq: int, patches: int, chunk: int, 
     one model's working set is dead before the next begins: the pass holds one of them at a time.
     """
     r = rows / (mesh["data"] * mesh["fsdp"])
-    forward, _ = prefill_estimate(model_cfg, rows, seq, patches, mesh)
+    forward, _ = prefill_estimate(model_cfg, rows, seq, patches, mesh, frame)
     loss = 2 * min(chunk, r * seq) * model_cfg.text.vocab_size / mesh["tensor"] * 4
     formula = (
         f"one model at a time: forward {_size(forward).strip()} (as prefill_estimate) + loss chunk "
@@ -829,7 +852,10 @@ def plan(config: dict) -> Plan:
     if kind in ("dpo", "reward"):  # a pair's images are encoded once (`data.collate_pairs`)
         patches //= 2
     chunk = int(config.get("chunk_size", 1024))
-    act, formula = activation_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
+    from qwenvl_jax.train.loop import frame_bound
+
+    frame = frame_bound(batch, data=config.get("data"))
+    act, formula = activation_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape, frame)
     # PPO differentiates the policy's and the value model's forward in one loss: both models' saved
     # activations live until the backward, both adapter sets' among them.
     models = 2 if kind == "ppo" else 1
@@ -854,7 +880,7 @@ def plan(config: dict) -> Plan:
         rollout = rollout_shape(config, setup.model_cfg)
         rows += _cache_rows(rollout, setup.model_cfg, mesh)
         pre, prefill_formula = prefill_estimate(
-            setup.model_cfg, rollout.prompts, rollout.prompt_len, rollout.vision_patches, shape
+            setup.model_cfg, rollout.prompts, rollout.prompt_len, rollout.vision_patches, shape, frame
         )
         rows.append(Row("prefill activations", pre, "rollout", False, f"{rollout.prompts} prompts"))
         rows_dev = rollout.rows / shape["data"] / shape["fsdp"]
@@ -876,7 +902,9 @@ def plan(config: dict) -> Plan:
             Row("decode layer copies", layers, "rollout", True, "the view's decoder layers, one array each")
         )
     if kind == "ppo":
-        score, scoring_formula = _scoring_estimate(setup.model_cfg, rows_mb, seq, patches, chunk, shape)
+        score, scoring_formula = _scoring_estimate(
+            setup.model_cfg, rows_mb, seq, patches, chunk, shape, frame
+        )
         rows.append(Row("scoring activations", score, "scoring", False, "one micro-batch, forward only"))
         if lora:  # the policy's and the value model's adapters; the reference is the bare base
             own, note = _lora_activation_bytes(setup, policy, rows_mb, seq, shape, sets=2, backward=False)

@@ -110,6 +110,7 @@ class PpoSource:
         from qwenvl_jax.processing.batch import BatchSpec
         from qwenvl_jax.rl.rewards import RewardError, load_rewards
         from qwenvl_jax.rl.rollout import SamplingConfig
+        from qwenvl_jax.train.loop import frame_bound
 
         s = self.settings = ppo_settings(config)
         self.processor, self.prompts, self.mesh = processor, prompts, mesh
@@ -127,11 +128,12 @@ class PpoSource:
                    video_token_id=processor.video_token_id)  # fmt: skip
         if "seq_buckets" not in batch:
             batch["seq_buckets"] = (int(s["max_prompt_length"]) + self.T,)
+        batch["max_frame_patches"] = frame_bound(batch, processor)
         self.train_spec = BatchSpec.from_dict(batch, **ids)
         num_prompts, budget, _ = prompt_budgets(config)
         self.prompt_spec = BatchSpec(
             batch_size=num_prompts, seq_buckets=(int(s["max_prompt_length"]),), padding_side="left",
-            **budget, **ids,
+            max_frame_patches=batch["max_frame_patches"], **budget, **ids,
         )  # fmt: skip
         self.sampling = SamplingConfig(
             num_generations=1, max_completion_length=self.T, temperature=float(s["temperature"]),
