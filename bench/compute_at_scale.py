@@ -193,7 +193,7 @@ def vision_program(vc, grids, patches: int, full_block: int | None):
     from flax import nnx
 
     from qwenvl_jax.config import Qwen25VLConfig
-    from qwenvl_jax.model.vision import VisionTower
+    from qwenvl_jax.model.vision import VisionInputs, VisionTower
     from qwenvl_jax.processing.positions import vision_indices
 
     cfg = Qwen25VLConfig.preset("3B", dtype="bfloat16", param_dtype="float32").replace(scan_layers=False)
@@ -204,9 +204,11 @@ def vision_program(vc, grids, patches: int, full_block: int | None):
     ints = [jnp.asarray(x, jnp.int32) for x in (vi.rope_pos, vi.patch_perm, vi.window_seg, vi.full_seg,
                                                   vi.unit_unperm)]  # fmt: skip
     pixels = jax.ShapeDtypeStruct((patches, vc.patch_dim), np.float32)
+    no_slots = jnp.zeros(0, jnp.int32)  # the tower reads no scatter slots
 
     def loss(params, pixels, *idx):
-        return nnx.merge(graphdef, params)(pixels, *idx, full_block=full_block).astype(jnp.float32).sum()
+        inputs = VisionInputs(pixels, *idx, no_slots, no_slots, full_block=full_block)
+        return nnx.merge(graphdef, params)(inputs).astype(jnp.float32).sum()
 
     compiled = jax.jit(jax.grad(loss)).lower(params, pixels, *ints).compile()
     cost = compiled.cost_analysis()

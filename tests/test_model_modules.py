@@ -28,6 +28,7 @@ from qwenvl_jax.model import (
     Qwen25VL,
     RMSNorm,
     VisionBlock,
+    VisionInputs,
     attention,
     mrope_cos_sin,
     run_stack,
@@ -276,14 +277,17 @@ def test_vision_tower_matches_hf_pooler_output(hf, model, grid):
     pixels = np.random.default_rng(4).normal(size=(n + 16, 1176)).astype(np.float32)
     want = t2n(hf.model.visual(n2t(pixels[:n]), grid_thw=torch.tensor(grid)).pooler_output)
     idx = vision_indices(grid, num_patches=n + 16)
-    got = run(
-        model.visual,
+    no_slots = jnp.zeros(0, jnp.int32)  # the tower reads no scatter slots
+    inputs = VisionInputs(
         jnp.asarray(pixels),
         *(
             jnp.asarray(getattr(idx, f))
             for f in ("rope_pos", "patch_perm", "window_seg", "full_seg", "unit_unperm")
         ),
+        no_slots,
+        no_slots,
     )
+    got = run(model.visual, inputs)
     assert got.shape == ((n + 16) // 4, CFG.text.hidden_size) and np.isfinite(np.asarray(got)).all()
     assert maxdiff(got[: n // 4], want) < ATOL
 

@@ -61,13 +61,11 @@ from qwenvl_jax.generation.cache import (
     memory_budget,
 )
 from qwenvl_jax.generation.sampling import SamplingParams, sample
+from qwenvl_jax.model.vision import PIXEL_KEYS
 
 # Times each jitted function was traced (a Python side effect runs only while tracing): a cheap proof
 # that requests in one bucket reuse the compiled programs.
 TRACE_COUNTS: collections.Counter = collections.Counter()
-
-_VISION_FIELDS = ("rope_pos", "patch_perm", "window_seg", "full_seg", "unit_unperm", "scatter_b", "scatter_s")
-_PIXEL_KEY = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
 def _input_error(message: str) -> Exception:
@@ -281,12 +279,12 @@ def _pad_vision(out: dict, kind: str, budget: int, unit: int, seq: int) -> None:
     """Pad `host_inputs`' exact-size vision arrays to `budget` patch rows, the `VisionIndices` convention:
     padding rows sit at the end, map to themselves, rotary position 0, segment -1 (they never attend to a
     real row nor are attended by one); extra scatter slots point at `seq`, out of range, and are dropped."""
-    pixels = out[_PIXEL_KEY[kind]]
+    pixels = out[PIXEL_KEYS[kind]]
     n = pixels.shape[0]
     if budget == n:
         return
     tail_p, tail_u = np.arange(n, budget), np.arange(n // unit, budget // unit)
-    out[_PIXEL_KEY[kind]] = np.concatenate([pixels, np.zeros((budget - n, pixels.shape[1]), pixels.dtype)])
+    out[PIXEL_KEYS[kind]] = np.concatenate([pixels, np.zeros((budget - n, pixels.shape[1]), pixels.dtype)])
     out[f"{kind}_rope_pos"] = np.concatenate([out[f"{kind}_rope_pos"], np.zeros((budget - n, 2), np.int32)])
     out[f"{kind}_patch_perm"] = np.concatenate([out[f"{kind}_patch_perm"], tail_p]).astype(np.int32)
     for seg in ("window_seg", "full_seg"):
@@ -327,7 +325,7 @@ def prepare_prompts(
         if "mm_token_type_ids" in raw:
             raw["mm_token_type_ids"] = _left_pad(np.asarray(raw["mm_token_type_ids"]), extra, 1)
         has = {
-            k: raw.get(_PIXEL_KEY[k]) is not None and raw.get(f"{k}_grid_thw") is not None for k in _PIXEL_KEY
+            k: raw.get(PIXEL_KEYS[k]) is not None and raw.get(f"{k}_grid_thw") is not None for k in PIXEL_KEYS
         }
         pos, _ = get_rope_index(
             raw["input_ids"],
@@ -344,9 +342,9 @@ def prepare_prompts(
         raw["position_ids"] = pos
         out = host_inputs(config, **raw)
         unit = vc.spatial_merge_size**2
-        for kind in _PIXEL_KEY:
-            if _PIXEL_KEY[kind] in out:
-                n = out[_PIXEL_KEY[kind]].shape[0]
+        for kind in PIXEL_KEYS:
+            if PIXEL_KEYS[kind] in out:
+                n = out[PIXEL_KEYS[kind]].shape[0]
                 _pad_vision(out, kind, _round_up(max(64, 1 << (n - 1).bit_length()), unit), unit, prompt_len)
     # rope_deltas = max(position) + 1 - n_valid per row (spec 3.2); 0 for a row with no valid token.
     mask_bs = out["attention_mask"].astype(bool)

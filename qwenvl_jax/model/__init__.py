@@ -9,7 +9,7 @@ from qwenvl_jax.model.layers import MLP, Dense, Embed, RMSNorm, run_stack, stack
 from qwenvl_jax.model.qwen2_5_vl import CORE_KEYS, Qwen25VL, host_inputs, is_collated
 from qwenvl_jax.model.rope import mrope_cos_sin, vision_cos_sin
 from qwenvl_jax.model.text import DecoderLayer, TextAttention, TextModel
-from qwenvl_jax.model.vision import PatchMerger, VisionAttention, VisionBlock, VisionTower
+from qwenvl_jax.model.vision import PatchMerger, VisionAttention, VisionBlock, VisionInputs, VisionTower
 
 __all__ = [
     "CORE_KEYS",
@@ -24,6 +24,7 @@ __all__ = [
     "TextModel",
     "VisionAttention",
     "VisionBlock",
+    "VisionInputs",
     "VisionTower",
     "attention",
     "host_inputs",

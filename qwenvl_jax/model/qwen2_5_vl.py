@@ -30,20 +30,14 @@ from flax import nnx
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model.layers import Dense
 from qwenvl_jax.model.text import TextModel
-from qwenvl_jax.model.vision import VisionTower
+from qwenvl_jax.model.vision import PIXEL_KEYS, VisionInputs, VisionTower
 
-_VISION_FIELDS = ("rope_pos", "patch_perm", "window_seg", "full_seg", "unit_unperm", "scatter_b", "scatter_s")
-_PIXEL_KEY = {"image": "pixel_values", "video": "pixel_values_videos"}
 CORE_KEYS = (
     "input_ids",
     "attention_mask",
     "position_ids",
     "seq_lengths",
-    *(
-        key
-        for kind in ("image", "video")
-        for key in (_PIXEL_KEY[kind], *(f"{kind}_{f}" for f in (*_VISION_FIELDS, "full_block", "scatter_u")))
-    ),
+    *(key for kind in ("image", "video") for key in VisionInputs.batch_keys(kind)),
 )
 
 
@@ -123,23 +117,13 @@ class Qwen25VL(nnx.Module):
         scatter slots read them (`{kind}_scatter_u` applied), in the tower's compute dtype."""
         out = {}
         for kind in ("image", "video"):
-            pixels = vision.get(_PIXEL_KEY[kind])
-            if pixels is None:
+            inputs = VisionInputs.from_batch(vision, kind)
+            if inputs is None:
                 continue
-            idx = {f: vision[f"{kind}_{f}"] for f in _VISION_FIELDS}
-            bound = vision.get(f"{kind}_full_block")  # `BatchSpec.max_frame_patches`, by its shape
-            feats_ud = self.visual(
-                pixels,
-                idx["rope_pos"],
-                idx["patch_perm"],
-                idx["window_seg"],
-                idx["full_seg"],
-                idx["unit_unperm"],
-                full_block=None if bound is None else int(bound.shape[0]),
-            )
-            shared = vision.get(f"{kind}_scatter_u")  # rows sharing images (`collate(share=...)`)
-            # Each slot reads its unit: an image encoded once fills several rows.
-            out[kind] = feats_ud if shared is None else feats_ud[shared]
+            feats_ud = self.visual(inputs)
+            # Rows sharing images (`collate(share=...)`): each slot reads its unit, so an image encoded
+            # once fills several rows.
+            out[kind] = feats_ud if inputs.scatter_u is None else feats_ud[inputs.scatter_u]
         return out
 
     def embed(
@@ -305,7 +289,7 @@ def host_inputs(
         token = config.image_token_id if kind == "image" else config.video_token_id
         check_placeholder_count(real_ids_bs, token, idx.num_patches // unit, kind)
         b_idx, s_idx = scatter_positions(real_ids_bs, token)
-        out[_PIXEL_KEY[kind]] = pixels
+        out[PIXEL_KEYS[kind]] = pixels
         for field in ("rope_pos", "patch_perm", "window_seg", "full_seg", "unit_unperm"):
             out[f"{kind}_{field}"] = getattr(idx, field).astype(np.int32)
         out[f"{kind}_scatter_b"], out[f"{kind}_scatter_s"] = b_idx, s_idx

@@ -12,11 +12,12 @@ conv weight dtype, spec 6.5); the rope tables and the q/k rotation are float32 (
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.model.attention import attention
@@ -111,6 +112,57 @@ class PatchMerger(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(y_um), approximate=False))
 
 
+PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
+@struct.dataclass
+class VisionInputs:
+    """One modality's vision inputs: a pytree of `collate`'s `pixel_values[_videos]` and
+    `{image,video}_*` arrays (docs/processing.md).
+
+    `pixels_pc (P, C)` in merge-block order, the first N rows real; `rope_pos_p2`, `window_seg_p` and
+    `full_seg_p` in window order; `patch_perm_p` gathers window order from merge-block order and
+    `unit_unperm_u` undoes it on merged units (HF's `argsort(window_index)`); the scatter slots
+    `scatter_b`/`scatter_s` place features in the token rows (`s == S`: unused, dropped), and
+    `scatter_u`, for rows that share their images (`collate(share=...)`), names the feature unit each slot
+    reads. `full_block` (static) bounds one frame's rows (`BatchSpec.max_frame_patches`; the batch carries
+    it as the shape of `{kind}_full_block`), None when unbounded.
+    """
+
+    pixels_pc: jax.Array
+    rope_pos_p2: jax.Array
+    patch_perm_p: jax.Array
+    window_seg_p: jax.Array
+    full_seg_p: jax.Array
+    unit_unperm_u: jax.Array
+    scatter_b: jax.Array
+    scatter_s: jax.Array
+    scatter_u: jax.Array | None = None
+    full_block: int | None = struct.field(pytree_node=False, default=None)
+
+    # The batch key of each array field, after the `{kind}_` prefix (pixels: `PIXEL_KEYS`).
+    FIELDS = ("rope_pos", "patch_perm", "window_seg", "full_seg", "unit_unperm", "scatter_b", "scatter_s")
+
+    @classmethod
+    def batch_keys(cls, kind: str) -> tuple[str, ...]:
+        """Every key of `kind` that `from_batch` reads."""
+        return (PIXEL_KEYS[kind], *(f"{kind}_{f}" for f in (*cls.FIELDS, "scatter_u", "full_block")))
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, jax.Array], kind: str) -> VisionInputs | None:
+        """The `kind` ("image" or "video") inputs of a collated batch, or None when it holds none."""
+        pixels = batch.get(PIXEL_KEYS[kind])
+        if pixels is None:
+            return None
+        bound = batch.get(f"{kind}_full_block")
+        return cls(
+            pixels,
+            *(batch[f"{kind}_{f}"] for f in cls.FIELDS),
+            scatter_u=batch.get(f"{kind}_scatter_u"),
+            full_block=None if bound is None else int(bound.shape[0]),
+        )
+
+
 class VisionTower(nnx.Module):
     def __init__(self, config: Qwen25VLConfig, *, rngs: nnx.Rngs):
         vc = config.vision
@@ -127,40 +179,28 @@ class VisionTower(nnx.Module):
         self.blocks = stacked(lambda r: VisionBlock(config, rngs=r), vc.depth, rngs)
         self.merger = PatchMerger(config, rngs=rngs)
 
-    def __call__(
-        self,
-        pixel_values_pc: jax.Array,
-        rope_pos_p2: jax.Array,
-        patch_perm_p: jax.Array,
-        window_seg_p: jax.Array,
-        full_seg_p: jax.Array,
-        unit_unperm_u: jax.Array,
-        full_block: int | None = None,
-    ) -> jax.Array:
+    def __call__(self, inputs: VisionInputs) -> jax.Array:
         """Merged features `(P/U, out_hidden_size)` in raster order of merge units; the first N/U are real.
 
-        `pixel_values_pc` is in merge-block order (as the processor writes it); `rope_pos_p2`,
-        `window_seg_p` and `full_seg_p` are in window order; `patch_perm_p` gathers window order from
-        merge-block order and `unit_unperm_u` undoes it on merged units (HF's `argsort(window_index)`).
-        `full_block`: a bound on the rows of one frame (`BatchSpec.max_frame_patches`, checked on the host),
-        so the full blocks attend band by band over blocks of that size; None, or a bound of P/3 or more
-        (3 bounded blocks per query would cost more): over all P rows.
+        The full blocks attend band by band over blocks of `inputs.full_block` rows; when unbounded, or
+        bounded at P/3 or more (3 bounded blocks per query would cost more), over all P rows.
         """
         vc, cfg = self.config.vision, self.config
-        if full_block is not None and 3 * full_block >= pixel_values_pc.shape[0]:
+        full_block = inputs.full_block
+        if full_block is not None and 3 * full_block >= inputs.pixels_pc.shape[0]:
             full_block = None
         # The patch embed is the Conv3d as a matmul; HF casts the pixels to the weight dtype first.
-        x_pd = self.patch_embed(pixel_values_pc.astype(cfg.dtype))[patch_perm_p]
+        x_pd = self.patch_embed(inputs.pixels_pc.astype(cfg.dtype))[inputs.patch_perm_p]
         # Under a mesh the patch rows are split over the batch axes: each device runs the blocks' matmuls
         # on its share (windows and bounded frames exchange only their neighbour bands at the edges).
         x_pd = constrain_activation(x_pd, ("patches", None))
-        cos_ph, sin_ph = vision_cos_sin(rope_pos_p2, head_dim=vc.head_dim, theta=vc.rope_theta)
+        cos_ph, sin_ph = vision_cos_sin(inputs.rope_pos_p2, head_dim=vc.head_dim, theta=vc.rope_theta)
         window_len = (vc.window_size // vc.patch_size) ** 2  # 8 x 8 patches: a window's most rows
 
         # Runs of consecutive blocks of one kind (windowed, full), each one scan over its slice of the
         # stack: the windowed blocks attend band by band, the full ones per frame.
         for start, stop, full in block_runs(vc.depth, vc.fullatt_block_indexes):
-            seg_p, band = (full_seg_p, full_block) if full else (window_seg_p, window_len)
+            seg_p, band = (inputs.full_seg_p, full_block) if full else (inputs.window_seg_p, window_len)
 
             def step(block, x_pd, _, seg_p=seg_p, band=band):
                 return block(constrain_activation(x_pd, ("patches", None)), cos_ph, sin_ph, seg_p, band)
@@ -168,7 +208,7 @@ class VisionTower(nnx.Module):
             x_pd = run_stack(
                 self.blocks, step, x_pd, scan=cfg.scan_layers, remat=cfg.remat, layers=(start, stop)
             )
-        return self.merger(x_pd)[unit_unperm_u]
+        return self.merger(x_pd)[inputs.unit_unperm_u]
 
 
 def block_runs(depth: int, full_indexes) -> list[tuple[int, int, bool]]:
