@@ -65,19 +65,26 @@ def segment_mask(
     return mask
 
 
+def masked_probs(logits_f32: jax.Array, mask: jax.Array | None, *, scale: float, dtype) -> jax.Array:
+    """The softmax every XLA attention path shares (prefill, training, decode): of the float32 `logits
+    x scale` over the last axis where `mask` (broadcast) holds, cast to `dtype` (the values') for the
+    second matmul. Masked keys get a large finite negative (jax.nn's choice, -0.7 x finfo.max) rather
+    than -inf: a fully masked row would then give NaN; segment masks never make one, but it stays finite
+    if a caller does."""
+    logits_f32 = logits_f32 * jnp.float32(scale)
+    if mask is not None:
+        logits_f32 = jnp.where(mask, logits_f32, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+    return jax.nn.softmax(logits_f32, axis=-1).astype(dtype)
+
+
 def _xla_reference(q_btnh, k_bskh, v_bskh, mask_bts, scale):
     batch, q_len, heads, head_dim = q_btnh.shape
     kv_heads = k_bskh.shape[2]
     # GQA: query head h = k * G + g reads kv head k = h // G, the order of HF's `repeat_kv`.
     q_btkgh = q_btnh.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     logits_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh, preferred_element_type=jnp.float32)
-    logits_bkgts = logits_bkgts * jnp.float32(scale)
-    if mask_bts is not None:
-        # A large finite negative (jax.nn's choice, -0.7 * finfo.max) rather than -inf: fully masked rows
-        # would then give NaN; they cannot occur with segment masks, but stay finite if a caller makes one.
-        big_neg = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-        logits_bkgts = jnp.where(mask_bts[:, None, None], logits_bkgts, big_neg)
-    probs_bkgts = jax.nn.softmax(logits_bkgts, axis=-1).astype(v_bskh.dtype)
+    mask = None if mask_bts is None else mask_bts[:, None, None]
+    probs_bkgts = masked_probs(logits_bkgts, mask, scale=scale, dtype=v_bskh.dtype)
     out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
     return out_btkgh.reshape(batch, q_len, heads, head_dim)
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwenvl_jax.model.attention import masked_probs
+
 
 def decode_attention(
     q_bnh: jax.Array, k_bkth: jax.Array, v_bkth: jax.Array, kv_mask_bt: jax.Array, *, scale: float
@@ -29,10 +31,7 @@ def decode_attention(
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
     q_bkgh = q_bnh.reshape(batch, kv_heads, heads // kv_heads, head_dim)
     logits_bkgt = jnp.einsum("bkgh,bkth->bkgt", q_bkgh, k_bkth, preferred_element_type=jnp.float32)
-    logits_bkgt = logits_bkgt * jnp.float32(scale)
-    # jax.nn's large finite negative, as in `attention`: a row whose every slot is masked stays finite.
-    big_neg = jnp.float32(-0.7 * jnp.finfo(jnp.float32).max)
-    logits_bkgt = jnp.where((kv_mask_bt == 1)[:, None, None, :], logits_bkgt, big_neg)
-    probs_bkgt = jax.nn.softmax(logits_bkgt, axis=-1).astype(v_bkth.dtype)
+    mask = (kv_mask_bt == 1)[:, None, None, :]
+    probs_bkgt = masked_probs(logits_bkgt, mask, scale=scale, dtype=v_bkth.dtype)
     out_bkgh = jnp.einsum("bkgt,bkth->bkgh", probs_bkgt, v_bkth)
     return out_bkgh.reshape(batch, heads, head_dim)

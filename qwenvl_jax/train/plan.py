@@ -663,6 +663,30 @@ def _cache_rows(rollout: Rollout, model_cfg, mesh) -> list[Row]:
     ]
 
 
+def _decode_view_bytes(
+    setup: AbstractSetup, tree, mesh, lora: bool, *, prefix: str = "", changed: bool = False
+):
+    """Bytes per device of the leaves of `tree` under `prefix` at the compute dtype in the decode layout
+    (`sharding.DECODE_RULES`); `changed`: only those a cast or a re-layout copies (the others are read
+    where they are). Exact."""
+    from qwenvl_jax import sharding as shd
+    from qwenvl_jax.train import lora as lora_lib
+
+    flat = {k: v for k, v in lora_lib.flatten(tree).items() if k.startswith(prefix)}
+    if not flat:
+        return 0
+    sub = lora_lib.unflatten(flat)
+    itemsize = np.dtype(setup.model_cfg.dtype).itemsize
+    decode = jax_leaves(_device_fraction_tree(sub, setup.logical_axes, mesh, lora, shd.DECODE_RULES))
+    train = jax_leaves(_device_fraction_tree(sub, setup.logical_axes, mesh, lora))
+    total = 0.0
+    for x, f, t in zip(jax_leaves(sub), decode, train, strict=True):
+        if changed and np.dtype(x.dtype).itemsize == itemsize and f == t:
+            continue
+        total += int(np.prod(x.shape)) * itemsize * f
+    return round(total)
+
+
 def _sampler_view_bytes(setup: AbstractSetup, mesh, policy) -> tuple[int, str]:
     """The weights the rollout decodes with (`train.grpo.sampler_view` of `policy`, the trainable params:
     PPO's view reads `ppo_step.split_ppo(params)[0]`, never the value model) beside the train state: every
@@ -670,27 +694,14 @@ def _sampler_view_bytes(setup: AbstractSetup, mesh, policy) -> tuple[int, str]:
     by tensor parallelism only). With LoRA, the adapters (applied, never merged) and only those base leaves
     that are not already at the compute dtype in the decode layout: the others are read where they are.
     Exact."""
-    from qwenvl_jax import sharding as shd
     from qwenvl_jax.train import lora as lora_lib
-
-    itemsize = np.dtype(setup.model_cfg.dtype).itemsize
-
-    def view_bytes(tree, lora: bool, *, only_changed: bool = False) -> int:
-        decode = jax_leaves(_device_fraction_tree(tree, setup.logical_axes, mesh, lora, shd.DECODE_RULES))
-        train = jax_leaves(_device_fraction_tree(tree, setup.logical_axes, mesh, lora))
-        total = 0.0
-        for x, f, t in zip(jax_leaves(tree), decode, train, strict=True):
-            if only_changed and np.dtype(x.dtype).itemsize == itemsize and f == t:
-                continue
-            total += int(np.prod(x.shape)) * itemsize * f
-        return round(total)
 
     if setup.lora_cfg is None:
         whole = lora_lib.unflatten({**lora_lib.flatten(setup.frozen), **lora_lib.flatten(policy)})
         note = f"all params at {setup.model_cfg.dtype}, decode layout (no FSDP split)"
-        return view_bytes(whole, False), note
-    adapters = view_bytes(policy, True)
-    base = view_bytes(setup.frozen, False, only_changed=True)
+        return _decode_view_bytes(setup, whole, mesh, False), note
+    adapters = _decode_view_bytes(setup, policy, mesh, True)
+    base = _decode_view_bytes(setup, setup.frozen, mesh, False, changed=True)
     how = "the base read as it is" if not base else f"a {_size(base).strip()} cast/re-laid copy of the base"
     return adapters + base, f"adapters applied at {setup.model_cfg.dtype} ({_size(adapters).strip()}), {how}"
 
@@ -699,21 +710,11 @@ def _layer_copy_bytes(setup: AbstractSetup, mesh, policy) -> int:
     """The decoder's per-layer weight copies decode reads (`TextModel.decode_layers`, made once per
     generation from the sampler view): every leaf under `text/layers/` of the view (LoRA: the base's and
     the adapters') at the compute dtype, in the decode layout. Exact."""
-    from qwenvl_jax import sharding as shd
-    from qwenvl_jax.train import lora as lora_lib
-
-    itemsize = np.dtype(setup.model_cfg.dtype).itemsize
-    total = 0.0
-    for tree, lora in ((setup.frozen, False), (policy, setup.lora_cfg is not None)):
-        flat = {k: v for k, v in lora_lib.flatten(tree).items() if k.startswith("text/layers/")}
-        if not flat:
-            continue
-        sub = lora_lib.unflatten(flat)
-        fractions = jax_leaves(_device_fraction_tree(sub, setup.logical_axes, mesh, lora, shd.DECODE_RULES))
-        total += sum(
-            int(np.prod(x.shape)) * itemsize * f for x, f in zip(jax_leaves(sub), fractions, strict=True)
-        )
-    return round(total)
+    lora = setup.lora_cfg is not None
+    return sum(
+        _decode_view_bytes(setup, tree, mesh, is_lora, prefix="text/layers/")
+        for tree, is_lora in ((setup.frozen, False), (policy, lora))
+    )
 
 
 def jax_leaves(tree):

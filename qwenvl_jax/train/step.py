@@ -246,7 +246,7 @@ def dpo_loss_fn(
         model = build_model(graphdef, params, frozen, lora_cfg, dropout_key=key)
         feats = None
         if share_vision and "ref_chosen_logps" not in mb:
-            feats = model.vision_features(**{k: mb[k] for k in CORE_KEYS if k in mb})
+            feats = model.vision_features(**mb)  # reads the vision keys only (`VisionInputs.from_batch`)
         st = token_stats(model, mb, labels_of(mb), chunk_size=chunk_size, vision_features=feats)
         ref_kw = {}
         if "ref_chosen_logps" in mb:
