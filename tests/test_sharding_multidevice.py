@@ -34,6 +34,7 @@ GROUPS = (
         "errors_on_mesh",
         "divisibility_policy",
         "generation_on_mesh",
+        "splash_on_mesh",
     ),
 )
 ALL_CHECKS = [name for group in GROUPS for name in group]

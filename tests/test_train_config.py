@@ -368,3 +368,17 @@ def test_bad_and_over_budget_records_are_skipped_once_and_listed(tmp_path):
     assert all(s["location"].endswith(("d.jsonl:2", "d.jsonl:4")) for s in skipped)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["records_skipped"] == 2
+
+
+@pytest.mark.parametrize("backend, platform", [("splash", "TPU"), ("cudnn", "GPU")])
+def test_a_fused_backend_off_its_platform_is_refused_in_one_line(backend, platform):
+    """`splash` compiles for TPU only and `cudnn` for GPU: on this CPU a run refuses them before any
+    weights load, naming the key, instead of failing inside XLA at the first step."""
+    import jax
+
+    from qwenvl_jax.train.loop import check_backend_platform
+
+    assert jax.default_backend() == "cpu"
+    with pytest.raises(ConfigError, match=rf"model\.attention_backend={backend} runs on {platform} only"):
+        check_backend_platform({"attention_backend": backend})
+    check_backend_platform({"attention_backend": "xla"})

@@ -141,7 +141,8 @@ def test_step_shapes_at_full_size(name):
     if config["kind"] == "grpo":  # the KL term needs the reference (a frozen copy, or the LoRA-free base)
         assert ("kl" in check.metrics) == (config["grpo"].get("beta", 0) > 0)
     backend = config["model"].get("attention_backend", "xla")
-    assert check.attention_backend == (backend if jax.default_backend() == "gpu" else "xla")
+    native = {"cudnn": "gpu", "splash": "tpu"}.get(backend, jax.default_backend())
+    assert check.attention_backend == (backend if jax.default_backend() == native else "xla")
     assert int(check.state.step.size) == 1
 
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from qwenvl_jax.config import ATTENTION_BACKENDS as BACKENDS
-from qwenvl_jax.model.splash import LANES, splash_attention
+from qwenvl_jax.model.splash import LANES, splash_on_mesh
 
 
 def segment_mask(
@@ -156,7 +156,7 @@ def attention(
     if backend in ("splash", "splash_interpret") and q_len >= LANES:
         if (q_segment_ids is None) != (kv_segment_ids is None):
             raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-        out_btnh = splash_attention(
+        out_btnh = splash_on_mesh(
             q_btnh,
             k_bskh,
             v_bskh,

@@ -17,14 +17,18 @@ gets it:
 
 `interpret=True` runs the same kernel through the Pallas interpreter on any platform (the CPU tests);
 `False` lowers it to a Mosaic `tpu_custom_call`, which only TPU can run. XLA does not partition that call
-across a device mesh; a `shard_map` over batch and heads around it is not built yet.
+across a device mesh, so under a mesh (`splash_on_mesh`) a `shard_map` runs it on each device's rows and
+heads.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.sharding import PartitionSpec
 
 LANES = 128  # TPU vector lanes: the kernel's smallest sequence block and the head-dim alignment
 _BLOCKS = (512, 256, LANES)  # 512 is upstream's tuned block for long sequences; smaller ones pad less
@@ -120,3 +124,42 @@ def splash_attention(
     else:
         out_bntd = jax.vmap(kernel)(q_bntd, k_bksd, v_bksd, segments)
     return jnp.swapaxes(out_bntd[:, :, :q_len, :head_dim], 1, 2).astype(v_bskh.dtype)
+
+
+def splash_on_mesh(
+    q_btnh: jax.Array,
+    k_bskh: jax.Array,
+    v_bskh: jax.Array,
+    *,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    causal: bool,
+    scale: float,
+    interpret: bool,
+) -> jax.Array:
+    """`splash_attention`, under the abstract mesh a sharded step traces in as a `shard_map`: each device
+    runs the kernel on its rows (the batch over the activation rules' `batch` axes, when they divide B)
+    and its heads (over `tensor`, when it divides the kv heads: a device's query heads then read its own kv
+    heads, in `repeat_kv` order); a dim they do not divide is gathered. Outside any mesh, the kernel as
+    it is."""
+    from qwenvl_jax.sharding import ACTIVATION_RULES
+
+    kernel = functools.partial(splash_attention, causal=causal, scale=scale, interpret=interpret)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return kernel(q_btnh, k_bskh, v_bskh, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    rows = ACTIVATION_RULES.resolve(("batch",), (q_btnh.shape[0],), mesh).spec[0]
+    heads = ACTIVATION_RULES.resolve(("kv_heads",), (k_bskh.shape[2],), mesh).spec[0]
+    x_spec, seg_spec = PartitionSpec(rows, None, heads, None), PartitionSpec(rows, None)
+    if q_segment_ids is None:
+        body = functools.partial(kernel, q_segment_ids=None, kv_segment_ids=None)
+        args, specs = (q_btnh, k_bskh, v_bskh), (x_spec,) * 3
+    else:
+
+        def body(q, k, v, q_seg, kv_seg):
+            return kernel(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+
+        args = (q_btnh, k_bskh, v_bskh, q_segment_ids, kv_segment_ids)
+        specs = (x_spec,) * 3 + (seg_spec,) * 2
+    # check_vma off: the Pallas call carries no varying-axes annotations for the checker to follow.
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=x_spec, check_vma=False)(*args)

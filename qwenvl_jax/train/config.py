@@ -10,7 +10,7 @@ second with the key, the value and what is allowed, instead of a traceback after
     steps: 20                      # optimizer steps in total (a resumed run continues up to it)
     seed: 0                        # train-state rng (LoRA dropout) and data shuffling
     model: {preset: tiny, random_seed: 0}    # random weights, no downloads; or {path: DIR} (HF or Orbax)
-           dtype: float32, param_dtype: float32, remat: none|full|dots, attention_backend: xla|cudnn
+           dtype: float32, param_dtype: float32, remat: none|full|dots, attention_backend: xla|cudnn|splash
     processor: DIR                 # default: model.path, or the tiny processor written into run_dir
     data: {paths: [a.jsonl, ...]}  # or {synthetic: N}: N shape-drawing records written into run_dir/data
           shuffle, num_epochs (null = repeat), worker_count, policy: skip|strict, max_length,
@@ -113,7 +113,7 @@ class ModelSection(_Section):
     dtype: Dtype = "float32"
     param_dtype: Dtype = "float32"
     remat: Literal["none", "full", "dots"] | None = None
-    attention_backend: Literal["xla", "cudnn"] | None = None
+    attention_backend: Literal["xla", "cudnn", "splash"] | None = None
 
     @field_validator("preset")
     @classmethod

@@ -71,7 +71,26 @@ class TrainingError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------ setup
+# The platform each fused attention backend compiles for (xla runs anywhere).
+BACKEND_PLATFORMS = {"cudnn": "gpu", "splash": "tpu"}
+
+
+def check_backend_platform(model_cfg: dict) -> None:
+    """A fused attention backend on a platform that cannot compile it is a config mistake, refused in one
+    line before any weights load (it would otherwise fail deep inside XLA at the first step)."""
+    import jax
+
+    backend = model_cfg.get("attention_backend")
+    platform = BACKEND_PLATFORMS.get(backend)
+    if platform is not None and jax.default_backend() != platform:
+        raise ConfigError(
+            f"model.attention_backend={backend} runs on {platform.upper()} only, and this run's devices "
+            f"are {jax.default_backend()}: use xla (or --dry-run to plan for the target)"
+        )
+
+
 def build_model(model_cfg: dict):
+    check_backend_platform(model_cfg)
     policy = {k: model_cfg[k] for k in ("remat", "attention_backend") if model_cfg.get(k)}
     dtype, param_dtype = model_cfg.get("dtype", "float32"), model_cfg.get("param_dtype", "float32")
     if model_cfg.get("path"):

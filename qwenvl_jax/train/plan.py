@@ -1111,12 +1111,16 @@ class StepCheck:
 
 
 def _traceable(config: dict) -> dict:
-    """`config` with a `cudnn` attention backend swapped for `xla` when the default backend is not a GPU:
-    tracing the cuDNN call needs cuDNN, and both backends take and return the same shapes."""
+    """`config` with a fused attention backend (`cudnn`, `splash`) swapped for `xla` when the default
+    backend is not its platform (`loop.BACKEND_PLATFORMS`): compiling the cuDNN or Mosaic call needs that
+    platform, and every backend takes and returns the same shapes."""
     import jax
 
+    from qwenvl_jax.train.loop import BACKEND_PLATFORMS
+
     model = dict(config.get("model") or {})
-    if model.get("attention_backend") == "cudnn" and jax.default_backend() != "gpu":
+    platform = BACKEND_PLATFORMS.get(model.get("attention_backend"))
+    if platform is not None and jax.default_backend() != platform:
         model["attention_backend"] = "xla"
         return {**config, "model": model}
     return config
