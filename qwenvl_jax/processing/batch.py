@@ -8,8 +8,9 @@ small set of static sizes chosen ahead of time:
 - image and video patches: a fixed patch budget per batch (`image_patches`, `video_patches`), with the
   vision indices (window permutation and inverse, rotary ids, segment ids) padded by the convention of
   `positions.VisionIndices`;
-- placeholder scatter indices: one slot per merged unit of the budget; unused slots hold
-  `s_idx == seq_len`, out of range, so `x.at[b, s].set(v, mode="drop")` ignores them.
+- placeholder scatter indices: one slot per merged unit of the budget (rows that share images: a fixed
+  count, see `collate`); unused slots hold `s_idx == seq_len`, out of range, so
+  `x.at[b, s].set(v, mode="drop")` ignores them.
 
 Padding conventions: pad id is the tokenizer's pad token, `attention_mask` 0, `labels` -100, position
 ids 0 (as HF leaves them). Right padding for training, left padding for generation. All integer
@@ -170,17 +171,18 @@ def _vision(
     ids_bs: np.ndarray,
     seq: int,
     share: Sequence[int | None] | None = None,
+    slots: int | None = None,
 ):
     """Pixel rows, grid rows, indices and scatter slots for one modality, padded to the budget.
 
     Returns `(arrays, grids of every row in row order, seconds per grid)`: the grids of the rows whose
-    images are shared (`share`, see `collate`) are repeated there, as the M-RoPE positions need them."""
+    images are shared (`share`, see `collate`) are repeated there, as the M-RoPE positions need them.
+    `slots`: the scatter slots of a sharing batch (see `collate`)."""
     pv_key, grid_key = (
         ("pixel_values", "image_grid_thw") if kind == "image" else ("pixel_values_videos", "video_grid_thw")
     )
     token_id = spec.image_token_id if kind == "image" else spec.video_token_id
-    # Sharing batches (`collate(share=...)`) always have twice the slots and `scatter_u`: a static shape.
-    copies = 1 if share is None else 2
+    sharing = share is not None
     share = [None] * len(examples) if share is None else list(share)
     pvs, grids, spgs, row_grids, row_spgs = [], [], [], [], []
     for i, ex in enumerate(examples):
@@ -251,20 +253,23 @@ def _vision(
     unit = spec.merge_size**2
     b_idx, s_idx = np.nonzero(ids_bs == token_id)
     units = budget // unit
-    if copies == 1:
+    if not sharing:
         if b_idx.size != n // unit:
             raise InputError(f"{b_idx.size} {kind} placeholder tokens for {n // unit} {kind} features")
-        slot_units = None
+        slot_units, num_slots = None, units
     else:  # a sharing row's slots read the features of the row it shares, in the same order
         slot_units = _shared_slot_units(examples, share, b_idx, kind, unit, grid_key)
-        if len(slot_units) > copies * units:
-            raise InputError(f"{len(slot_units)} {kind} placeholder tokens for {copies} x {units} slots")
-    scatter_b = np.zeros(copies * units, np.int32)
-    scatter_s = np.full(copies * units, seq, np.int32)  # out of range: dropped
+        # Sharing batches always have `num_slots` slots and `scatter_u`: a static shape.
+        num_slots = 2 * units if slots is None else slots
+        if len(slot_units) > num_slots:
+            held = f"2 x {units}" if slots is None else str(slots)
+            raise InputError(f"{len(slot_units)} {kind} placeholder tokens for {held} slots")
+    scatter_b = np.zeros(num_slots, np.int32)
+    scatter_s = np.full(num_slots, seq, np.int32)  # out of range: dropped
     scatter_b[: b_idx.size], scatter_s[: s_idx.size] = b_idx, s_idx
     out[f"{kind}_scatter_b"], out[f"{kind}_scatter_s"] = scatter_b, scatter_s
     if slot_units is not None:
-        scatter_u = np.zeros(copies * units, np.int32)
+        scatter_u = np.zeros(num_slots, np.int32)
         scatter_u[: slot_units.size] = slot_units
         out[f"{kind}_scatter_u"] = scatter_u
     all_grids = np.concatenate(row_grids) if row_grids else np.zeros((0, 3), np.int64)
@@ -304,7 +309,11 @@ def _shared_slot_units(examples, share, b_idx: np.ndarray, kind: str, unit: int,
 
 
 def collate(
-    examples: Sequence[Mapping], spec: BatchSpec, *, share: Sequence[int | None] | None = None
+    examples: Sequence[Mapping],
+    spec: BatchSpec,
+    *,
+    share: Sequence[int | None] | None = None,
+    slots: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Pad unpadded examples (processor output for one conversation each) into one static-shape batch.
 
@@ -314,8 +323,10 @@ def collate(
 
     `share[i] = j` (j < i, an example that owns its images; None elsewhere): example i holds the same
     images as example j (checked), and they are encoded once. The pixel budget then holds only the owned
-    images, the scatter slots are twice the budget's units (one source shared by one other row at most,
-    as DPO's chosen and rejected rows) and `{kind}_scatter_u` names the feature unit each slot reads.
+    images and `{kind}_scatter_u` names the feature unit each slot reads. `slots[kind]` ("image",
+    "video") is the number of scatter slots of a sharing batch, in merged units: as many as the batch's
+    placeholder tokens may ever be, whatever it shares, so that its shape is static. Default: twice the
+    budget's units (one source shared by one other row at most, as DPO's chosen and rejected rows).
     """
     if not examples:
         raise InputError("no examples to collate")
@@ -363,8 +374,9 @@ def collate(
         ("video", spec.video_patches, spec.max_videos),
     ):
         if budget:
+            num_slots = None if slots is None else slots.get(kind)
             part, grids[kind], seconds = _vision(
-                examples, spec, kind, budget, max_items, ids * mask, seq, share
+                examples, spec, kind, budget, max_items, ids * mask, seq, share, num_slots
             )
             out.update(part)
             spg = seconds if kind == "video" else spg

@@ -8,6 +8,10 @@ vision inputs; `collate` pads the rows and computes positions exactly as for SFT
 Per-row arrays that `collate` does not know are aligned with the SHIFTED training log-probs (index `j`
 holds the log-prob of the token at position `j + 1`): the sampler's log-prob of completion token `k` of a
 prompt of `Lp` tokens goes to index `Lp - 1 + k`.
+
+Vision: the rows of one prompt in a micro-batch carry the same images, so they are encoded once
+(`collate(share=...)`): with G = B the vision tower encodes one image where it would encode B. The
+micro-batch's patch budget is `shared_vision_budget`, static for the run's layout (one compiled shape).
 """
 
 from __future__ import annotations
@@ -70,6 +74,62 @@ def training_examples(
     return out
 
 
+def prompt_share(batch: Mapping[str, Any]) -> dict[str, int]:
+    """The vision inputs one prompt may hold: a training row's share of the micro-batch's budgets in
+    `batch` (a config's batch section or `BatchSpec` fields): `image_patches / B` in whole merge blocks,
+    `max_images / B` (videos likewise). A micro-batch of B rows may hold B different prompts."""
+    rows = int(batch["batch_size"])
+    unit = int(batch.get("merge_size") or 2) ** 2
+    return {
+        "image_patches": int(batch.get("image_patches") or 0) // rows // unit * unit,
+        "video_patches": int(batch.get("video_patches") or 0) // rows // unit * unit,
+        "max_images": int(batch.get("max_images", 16)) // rows,
+        "max_videos": int(batch.get("max_videos", 4)) // rows,
+    }
+
+
+def max_prompts_per_micro_batch(batch_size: int, num_generations: int, num_micro_batches: int) -> int:
+    """The most distinct prompts any of the `num_micro_batches` micro-batches of `batch_size` consecutive
+    rows holds, row `r` being a completion of prompt `r // num_generations` (groups may straddle two
+    micro-batches). A short generation batch has fewer rows, so never more prompts in a micro-batch."""
+    rows, g = batch_size * num_micro_batches, num_generations
+    return max(
+        (min(start + batch_size, rows) - 1) // g - start // g + 1 for start in range(0, rows, batch_size)
+    )
+
+
+def shared_vision_budget(
+    batch: Mapping[str, Any], num_generations: int, num_micro_batches: int, *, batch_shards: int = 1
+) -> dict[str, int]:
+    """`{image_patches, video_patches, max_images, max_videos}` of a GRPO training micro-batch whose rows of
+    one prompt share its images (`micro_batches`): `k_max` prompts' shares (`prompt_share`), `k_max` the
+    most distinct prompts a micro-batch of the layout holds (`max_prompts_per_micro_batch`). It depends
+    on the layout only, never on the data: one compiled shape per run.
+
+    Under a mesh the vision tower splits its patch rows over the batch axes (`batch_shards` = data x fsdp),
+    so a patch budget is rounded up to a multiple of `merge_size**2 x batch_shards` (each device a whole
+    number of merge units, as an unshared budget that divides has); a `ValueError` naming the key says
+    when that would exceed `batch`'s own budget."""
+    share = prompt_share(batch)
+    k_max = max_prompts_per_micro_batch(int(batch["batch_size"]), num_generations, num_micro_batches)
+    step = int(batch.get("merge_size") or 2) ** 2 * batch_shards
+    out = {}
+    for name, value in share.items():
+        need = k_max * value
+        if name.endswith("_patches"):
+            need = -(-need // step) * step
+            full = int(batch.get(name) or 0)
+            if need > full:
+                raise ValueError(
+                    f"batch.{name}={full} with kind: grpo: a micro-batch encodes its {k_max} prompts' images "
+                    f"once in {k_max * value} patch rows, {need} once rounded up to a multiple of "
+                    f"merge_size**2 x data x fsdp = {step} so that the devices split them, more than the "
+                    f"budget; use a multiple of {step}"
+                )
+        out[name] = need
+    return out
+
+
 def micro_batches(
     prompts: Sequence[Mapping[str, Any]],
     rollouts: Rollouts,
@@ -78,10 +138,16 @@ def micro_batches(
     *,
     num_micro_batches: int,
     mask_truncated_completions: bool = False,
+    batch_shards: int = 1,
 ) -> list[dict[str, np.ndarray]]:
     """The generation batch as `num_micro_batches` collated micro-batches of `spec.batch_size` rows, in
     row order, padded to one sequence length (one compiled shape per step), each with `advantages (B,)`
-    and `sampling_per_token_logps (B, S-1)`; padding rows have labels -100 and advantage 0."""
+    and `sampling_per_token_logps (B, S-1)`; padding rows have labels -100 and advantage 0.
+
+    The rows of one prompt share the images of its first row in the micro-batch; the vision budgets are
+    `shared_vision_budget(spec, G, num_micro_batches, batch_shards=...)`, so each prompt must hold at most
+    its `prompt_share` of `spec` (as the prompt iterator ensures), and the scatter slots are those of
+    `spec`'s whole budget: every row's placeholders have one."""
     rows = len(rollouts.lengths)
     if rows > num_micro_batches * spec.batch_size:
         raise ValueError(
@@ -89,13 +155,22 @@ def micro_batches(
         )
     examples = training_examples(prompts, rollouts, mask_truncated_completions=mask_truncated_completions)
     seq = spec.bucket(max(ex["input_ids"].size for ex in examples))
+    budget = shared_vision_budget(
+        dataclasses.asdict(spec), rollouts.num_generations, num_micro_batches, batch_shards=batch_shards
+    )
+    shared_spec = dataclasses.replace(spec, seq_buckets=(seq,), **budget)
+    unit = spec.merge_size**2
+    slots = {"image": spec.image_patches // unit, "video": spec.video_patches // unit}
     out = []
     for m in range(num_micro_batches):
         chunk = range(m * spec.batch_size, min((m + 1) * spec.batch_size, rows))
         if not chunk:  # a short last generation batch: a micro-batch of padding rows only
             chunk = range(0)
         part = [examples[r] for r in chunk] or [_filler(spec)]
-        batch = collate(part, dataclasses.replace(spec, seq_buckets=(seq,)))
+        first: dict[int, int] = {}  # prompt -> its first row in the micro-batch, which owns the images
+        share = [first.setdefault(int(rollouts.prompt_index[r]), i) for i, r in enumerate(chunk)]
+        share = [None if j == i else j for i, j in enumerate(share)] or [None]
+        batch = collate(part, shared_spec, share=share, slots=slots)
         adv = np.zeros(spec.batch_size, np.float32)
         sampled = np.zeros((spec.batch_size, seq - 1), np.float32)
         for i, r in enumerate(chunk):

@@ -429,6 +429,12 @@ def _cross_checks(config: dict, given: dict) -> None:
                 f"generation is not a multiple of grad_accum={config['grad_accum']}: an optimizer step "
                 "would straddle two generations"
             )
+        from qwenvl_jax.train.grpo import micro_batch_budget
+
+        try:  # a prompt's rows share its images in a smaller budget, which must split over the devices too
+            micro_batch_budget(config)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         weights = config["grpo"].get("reward_weights")
         if weights is not None and len(weights) != len(config["rewards"]):
             raise ConfigError(

@@ -22,6 +22,8 @@ Per step (times logged as `time/rollout_s`, `time/reward_s`, `time/train_s`):
    (`None` -> NaN), then `losses.grpo_advantages` over each group of G;
 4. `rl.batch.micro_batches`: prompt + completion rows, collated like SFT rows, with advantages and the
    sampler's log-probs; `num_items_in_batch` = completion tokens of the whole generation batch (dapo).
+   The rows of one prompt in a micro-batch share its images, encoded once, in the vision budget of
+   `micro_batch_budget` (at most `k_max` prompts' shares instead of B rows').
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from qwenvl_jax.rl.batch import prompt_share, shared_vision_budget
 from qwenvl_jax.train.config import GRPO_HOST_KEYS, ConfigError, GrpoSection, grpo_loss_keys
 
 _RESERVED = ("prompts", "completions", "completion_ids", "trainer_state")
@@ -76,15 +79,28 @@ def prompt_budgets(config: dict) -> tuple[int, dict[str, int], dict[str, int]]:
 def split_budgets(batch: dict, prompts: int) -> tuple[int, dict[str, int], dict[str, int]]:
     """`(prompts, generation-batch budget, per-prompt budget)` of `prompts` prompts, each holding a row's
     share of the training micro-batch's vision budget (GRPO's and PPO's `prompt_budgets`)."""
-    rows = int(batch["batch_size"])
-    unit = int(batch.get("merge_size") or 2) ** 2
-    per_prompt = {
-        "image_patches": int(batch.get("image_patches") or 0) // rows // unit * unit,
-        "video_patches": int(batch.get("video_patches") or 0) // rows // unit * unit,
-        "max_images": int(batch.get("max_images", 16)) // rows,
-        "max_videos": int(batch.get("max_videos", 4)) // rows,
-    }
+    per_prompt = prompt_share(batch)
     return prompts, {k: v * prompts for k, v in per_prompt.items()}, per_prompt
+
+
+def batch_shards(config: dict) -> int:
+    """data x fsdp of the run's mesh (1 without one): the devices a batch's rows and patch rows split over."""
+    mesh = config.get("mesh") or {}
+    return int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1))
+
+
+def micro_batch_budget(config: dict) -> dict[str, int]:
+    """The vision budgets (`image_patches`, `video_patches`, `max_images`, `max_videos`) of a GRPO training
+    micro-batch, whose rows of one prompt share its images: `rl.batch.shared_vision_budget` of the run's
+    layout (batch_size, num_generations, steps_per_generation) and mesh. `ValueError` naming the key when
+    the budget cannot split over the devices."""
+    g = grpo_settings(config)
+    return shared_vision_budget(
+        config["batch"],
+        int(g["num_generations"]),
+        steps_per_generation(config),
+        batch_shards=batch_shards(config),
+    )
 
 
 def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_axes=None):
@@ -184,6 +200,7 @@ class GrpoSource:
         self.buffer: dict[str, Any] | None = None  # the generation being served, and its position
         batch = {k: v for k, v in config["batch"].items() if k != "pack"}
         self.G = int(g["num_generations"])
+        self.batch_shards = batch_shards(config)
         self.num_prompts, budget, _ = prompt_budgets(config)
         ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
                    video_token_id=processor.video_token_id)  # fmt: skip
@@ -270,6 +287,7 @@ class GrpoSource:
         return micro_batches(
             prompts, rollouts, advantages, self.train_spec, num_micro_batches=self.spg,
             mask_truncated_completions=bool(self.settings["mask_truncated_completions"]),
+            batch_shards=self.batch_shards,
         )  # fmt: skip
 
     def _buffer(self, prompts, rollouts, advantages, micro, old, prompts_state, step) -> dict[str, Any]:

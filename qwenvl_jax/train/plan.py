@@ -297,6 +297,15 @@ def batch_section(config: dict) -> dict:
     return batch
 
 
+def grpo_vision_budget(config: dict, merge_size: int) -> dict[str, int]:
+    """A GRPO training micro-batch's vision budgets (`train.grpo.micro_batch_budget`): its prompts' rows
+    share their images, encoded once."""
+    from qwenvl_jax.train.grpo import micro_batch_budget
+
+    batch = {k: v for k, v in batch_section(config).items() if k != "pack"}
+    return micro_batch_budget({**config, "batch": {**batch, "merge_size": merge_size}})
+
+
 def grpo_settings(config: dict) -> dict:
     from qwenvl_jax.train.grpo import grpo_settings as settings
 
@@ -852,6 +861,9 @@ def plan(config: dict) -> Plan:
     patches = int(batch.get("image_patches", 0)) + int(batch.get("video_patches", 0))
     if kind in ("dpo", "reward"):  # a pair's images are encoded once (`data.collate_pairs`)
         patches //= 2
+    if kind == "grpo":  # a prompt's images once per micro-batch (`rl.batch.shared_vision_budget`)
+        budget = grpo_vision_budget(config, setup.model_cfg.vision.spatial_merge_size)
+        patches = budget["image_patches"] + budget["video_patches"]
     chunk = int(config.get("chunk_size", 1024))
     from qwenvl_jax.train.loop import frame_bound
 
@@ -1079,6 +1091,11 @@ def abstract_batch(config: dict, model_cfg) -> dict[str, Any]:
         from qwenvl_jax.data.pipeline import collate_pairs
 
         out = collate_pairs([(example, dict(example))], spec)
+    elif config.get("kind", "sft") == "grpo":  # a prompt's rows share its images (`rl.batch.micro_batches`)
+        unit = spec.merge_size**2
+        slots = {"image": spec.image_patches // unit, "video": spec.video_patches // unit}
+        shared = dataclasses.replace(spec, **grpo_vision_budget(config, spec.merge_size))
+        out = collate([example], shared, share=[None], slots=slots)
     else:
         out = collate([example], spec)
     if config.get("kind", "sft") == "dpo":
