@@ -78,6 +78,10 @@ def test_yaml_numbers_in_either_notation(tmp_path):
         ({"batch": {"batch_size": 2, "seq_buckets": [96, 64]}}, r"config batch: .*seq_buckets.*increasing"),
         ({"target": "2xa100"}, r"config target='2xa100'"),
         ({"kind": "dpo", "dpo": {"loss_type": "dpo"}}, r"config dpo\.loss_type='dpo': unknown DPO loss type"),
+        (
+            {"kind": "dpo", "batch": {"batch_size": 2, "seq_buckets": [64], "image_patches": 36}},
+            r"batch\.image_patches=36 must be a multiple of 8 for pairs: .* \(kind: dpo\)",
+        ),
         ({"checkpoint": {"every": -1}}, r"config checkpoint\.every=-1"),
         ({"data": {"paths": ["a.jsonl"], "synthetic": 3}}, "give paths or synthetic, not both"),
         ({"data": {"shuffle": True}}, "data needs paths"),

@@ -63,7 +63,7 @@ from qwenvl_jax.data.records import (
     parse_line,
     record_images,
 )
-from qwenvl_jax.processing.batch import IGNORE_INDEX, BatchSpec, check_spec, collate
+from qwenvl_jax.processing.batch import IGNORE_INDEX, BatchSpec, check_spec, collate, pair_budget_problem
 from qwenvl_jax.processing.chat import (
     expand_placeholders,
     normalize_messages,
@@ -519,13 +519,10 @@ def collate_pairs(pairs: Sequence[tuple[dict, dict]], spec: BatchSpec) -> dict[s
 
 def pair_vision_spec(spec: BatchSpec) -> BatchSpec:
     """The spec a batch of pairs is collated with: the vision budgets halved (each pair's images once)."""
-    unit = spec.merge_size**2
     for name in ("image_patches", "video_patches"):
-        if getattr(spec, name) % (2 * unit):
-            raise InputError(
-                f"batch.{name}={getattr(spec, name)} must be a multiple of {2 * unit} for pairs: each pair's "
-                "images are encoded once, in half the budget"
-            )
+        problem = pair_budget_problem(name, getattr(spec, name), spec.merge_size)
+        if problem:
+            raise InputError(problem)
     return dataclasses.replace(
         spec, image_patches=spec.image_patches // 2, video_patches=spec.video_patches // 2
     )

@@ -123,6 +123,18 @@ def _check_fields(spec: BatchSpec) -> None:
         _refuse("max_frame_patches", spec.max_frame_patches, f"must be a non-negative multiple of {unit}")
 
 
+def pair_budget_problem(name: str, value: int, merge_size: int = 2) -> str | None:
+    """Why a pairs batch's `name` budget (`image_patches`, `video_patches`) cannot be halved, or None: a
+    pair's images are encoded once, in half the budget, which must still be whole merge units."""
+    unit = 2 * merge_size**2
+    if value % unit:
+        return (
+            f"batch.{name}={value} must be a multiple of {unit} for pairs: each pair's images are encoded "
+            f"once, in half the budget (whole merge units of {merge_size**2} patches)"
+        )
+    return None
+
+
 def check_spec(
     spec: BatchSpec, kind: str = "sft", pack: bool = False, *, min_pixels: int | None = None
 ) -> None:
@@ -185,6 +197,7 @@ def _vision(
     sharing = share is not None
     share = [None] * len(examples) if share is None else list(share)
     pvs, grids, spgs, row_grids, row_spgs = [], [], [], [], []
+    row_units = np.zeros(len(examples), np.int64)  # each row's merged units of this modality
     for i, ex in enumerate(examples):
         grid = ex.get(grid_key)
         if grid is None or len(grid) == 0:
@@ -197,6 +210,7 @@ def _vision(
                 np.ones(len(grid), np.float32) if spg is None else np.asarray(spg, np.float32).reshape(-1)
             )
         row_grids.append(grid)
+        row_units[i] = int(grid.prod(-1).sum()) // spec.merge_size**2
         row_spgs.append(seconds)
         j = share[i]
         if j is not None:  # encoded once, with row j's: the same images, never silently other ones
@@ -258,7 +272,7 @@ def _vision(
             raise InputError(f"{b_idx.size} {kind} placeholder tokens for {n // unit} {kind} features")
         slot_units, num_slots = None, units
     else:  # a sharing row's slots read the features of the row it shares, in the same order
-        slot_units = _shared_slot_units(examples, share, b_idx, kind, unit, grid_key)
+        slot_units = _shared_slot_units(examples, share, b_idx, kind, row_units)
         # Sharing batches always have `num_slots` slots and `scatter_u`: a static shape.
         num_slots = 2 * units if slots is None else slots
         if len(slot_units) > num_slots:
@@ -277,20 +291,16 @@ def _vision(
     return out, all_grids, seconds
 
 
-def _shared_slot_units(examples, share, b_idx: np.ndarray, kind: str, unit: int, grid_key: str) -> np.ndarray:
+def _shared_slot_units(examples, share, b_idx: np.ndarray, kind: str, row_units: np.ndarray) -> np.ndarray:
     """The feature unit each placeholder slot (row-major `b_idx`) reads when rows share images: a row
-    that owns its images reads the next units in order, a sharing row those of the row it shares."""
+    that owns its images reads the next units in order (`row_units[i]` of them), a sharing row those of
+    the row it shares."""
     counts = np.bincount(b_idx, minlength=len(examples))[: len(examples)]
     start, owned = {}, 0
     for i, ex in enumerate(examples):
         if share[i] is not None:
             continue
-        grid = ex.get(grid_key)
-        need = (
-            0
-            if grid is None or len(grid) == 0
-            else int(np.asarray(grid).reshape(-1, 3).prod(-1).sum()) // unit
-        )
+        need = int(row_units[i])
         if counts[i] != need:
             raise InputError(
                 f"example {ex.get('id', i)}: {counts[i]} {kind} placeholder tokens for {need} features"

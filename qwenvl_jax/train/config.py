@@ -403,13 +403,13 @@ def _cross_checks(config: dict, given: dict) -> None:
         hint = " (a reward model's section is `reward:`)" if kind == "reward" else ""
         raise ConfigError(f"rewards apply to kind: grpo or ppo (kind is {kind!r}){hint}")
     if kind in ("dpo", "reward"):  # a pair's images are encoded once, in half the budget
+        from qwenvl_jax.processing.batch import pair_budget_problem
+
+        merge = int(config["batch"].get("merge_size") or 2)
         for name in ("image_patches", "video_patches"):
-            value = config["batch"].get(name) or 0
-            if value % 8:
-                raise ConfigError(
-                    f"batch.{name}={value} with kind: {kind} must be a multiple of 8: each pair's images "
-                    "are encoded once, in half the budget (whole merge units of 4 patches)"
-                )
+            problem = pair_budget_problem(name, int(config["batch"].get(name) or 0), merge)
+            if problem:
+                raise ConfigError(f"{problem} (kind: {kind})")
     if kind == "ppo":
         _ppo_checks(config)
     if kind == "grpo":
