@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -59,7 +60,17 @@ PARAMS_ITEM = "params"
 def _checkpointer() -> ocp.Checkpointer:
     # Synchronous: `save_params` returns only when the data is committed, so the rename that publishes the
     # checkpoint can never race an async write.
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    import jax
+
+    if jax.process_count() == 1:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    # One process of a multi-host run writes host arrays alone (`train.hosts`: process 0 writes final/):
+    # no barrier with processes that do not take part.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(
+        ocp.StandardCheckpointHandler(multiprocessing_options=alone), multiprocessing_options=alone
+    )
 
 
 def save_params(
@@ -133,7 +144,14 @@ def load_params(
     config = read_config(config_dir, **policy)
     check_orbax_item(item)
     if target is None:
-        args = ocp.args.StandardRestore()
+        # Host arrays whatever devices saved them (a run on 8 devices, read back on one): numpy targets
+        # of the stored shapes and dtypes, never the saved shardings.
+        try:
+            meta = _checkpointer().metadata(item)
+        except Exception as err:
+            raise CheckpointError(f"{item}: cannot be restored ({one_line_error(err)})") from None
+        meta = getattr(meta, "item_metadata", meta)
+        args = ocp.args.StandardRestore(jax.tree.map(lambda m: np.empty(m.shape, m.dtype), meta.tree))
     else:
         args = ocp.args.StandardRestore(unflatten_params(flatten_params(target)))
     try:

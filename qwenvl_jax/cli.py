@@ -299,7 +299,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     if not args.dry_run:
-        return train(config)
+        from qwenvl_jax import distributed as dist
+
+        # Before anything touches a JAX backend: join the other hosts' processes (a no-op for one).
+        settings = dist.settings(config.get("distributed"))
+        dist.initialize(settings)
+        dist.start_watchdog(settings)
+        try:
+            return train(config)
+        except Exception:
+            if dist.process_count() > 1:  # a dead peer makes collectives fail here: name it, not the trace
+                dist.await_watchdog()
+            raise
+        finally:
+            dist.finished()
     from qwenvl_jax.train.config import resolve
     from qwenvl_jax.train.plan import check_step_shapes, format_plan, plan
 
@@ -500,8 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}{hint}", file=sys.stderr)
         return 2
     except RuntimeError as err:
+        from qwenvl_jax.distributed import DistributedError
         from qwenvl_jax.train.loop import TrainingError
 
+        if isinstance(err, DistributedError):  # bad settings or an unreachable coordinator: one line
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         if not isinstance(err, TrainingError):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -309,6 +309,18 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def pair_order(rows: int, pair_blocks: int = 1) -> np.ndarray:
+    """The row order `[chosen x B, rejected x B]` that the pair objectives read, from a batch made of
+    `pair_blocks` blocks that are each `[chosen x b, rejected x b]` (b = B / pair_blocks): one block per
+    process of a multi-process run (`train.hosts`), whose global batch is the processes' blocks in order.
+    The identity for one block."""
+    if rows % (2 * pair_blocks):
+        raise ValueError(f"{rows} rows do not make {pair_blocks} blocks of pairs")
+    b = rows // (2 * pair_blocks)
+    block_kc = np.arange(rows).reshape(pair_blocks, 2, b)
+    return np.concatenate([block_kc[:, 0].reshape(-1), block_kc[:, 1].reshape(-1)])
+
+
 def sequence_logps(token_logps, loss_mask, *, ld_alpha=None):
     """Sequence log-probs L of the `2B` rows `[chosen, rejected]` (rl.md 2.2).
 

@@ -94,6 +94,11 @@ class TrainCheckpointer:
         )
 
     # ------------------------------------------------------------------------------------------- save
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` would save (a multiple of `save_every`, not saved yet): the loop asks
+        first, so that the data state, gathered from every process, is only made when it is needed."""
+        return self.save_every > 0 and step % self.save_every == 0 and step not in self.manager.all_steps()
+
     def save(
         self, step: int, state: TrainState, data_state: bytes, config: dict, *, force: bool = False
     ) -> bool:

@@ -23,6 +23,8 @@ second with the key, the value and what is allowed, instead of a traceback after
     lora: {rank, alpha, dropout, targets, scopes}                     # `LoraConfig` fields
     optim: {learning_rate, warmup_steps, schedule, ...}              # `OptimConfig` fields
     mesh: {data: 1, fsdp: 1, tensor: 1}                              # omitted: one device, no mesh
+    distributed: {auto: true} | {coordinator_address, num_processes, process_id}   # multi-host
+                                   # (`qwenvl_jax.distributed`; env QWENVL_* may give the last three)
     dpo: {loss_type, beta, label_smoothing, reference_free, ...}     # `losses.dpo_objective` keywords
     grpo: {num_generations, max_prompt_length, max_completion_length, temperature, top_p, top_k,
            loss_type, beta, epsilon, scale_rewards, ...}             # sampling + `losses.grpo_loss` keywords
@@ -70,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "lora": {},
     "optim": {},
     "mesh": None,
+    "distributed": None,
     "dpo": {},
     "grpo": {},
     "ppo": {},
@@ -328,6 +331,15 @@ class MeshSection(_Section):
     tensor: PosInt = 1
 
 
+class DistributedSection(_Section):
+    auto: Bool = False  # jax's cluster detection: TPU pod workers, SLURM, Open MPI
+    coordinator_address: str | None = None  # host:port of process 0 (or QWENVL_COORDINATOR_ADDRESS)
+    num_processes: PosInt | None = None  # (or QWENVL_NUM_PROCESSES)
+    process_id: NonNegInt | None = None  # this host's (or QWENVL_PROCESS_ID: one config for every host)
+    timeout_s: PosInt = 300
+    heartbeat_s: PosInt = 100
+
+
 class CheckpointSection(_Section):
     every: NonNegInt = 50
     keep: PosInt = 3
@@ -356,6 +368,7 @@ class RunConfig(_Section):
     lora: LoraSection
     optim: OptimSection
     mesh: MeshSection | None = None
+    distributed: DistributedSection | None = None
     dpo: DpoSection
     grpo: GrpoSection
     ppo: PpoSection

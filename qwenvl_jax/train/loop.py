@@ -41,6 +41,8 @@ frozen ones are shared, not copied).
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import functools
 import json
 import signal
@@ -52,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from qwenvl_jax.train.config import ConfigError, apply_overrides, load_config, resolve
+from qwenvl_jax.train.hosts import check_split
 from qwenvl_jax.train.runs import (
     EXIT_OK,
     EXIT_STOPPED,
@@ -199,23 +202,31 @@ def pipeline_kind(kind: str) -> str:
     return "dpo" if kind == "reward" else kind
 
 
-def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path):
+def _make_batches(config: dict, run_dir: Path, processor, proc_dir: Path, paths: list[str] | None = None):
+    """The record stream's batches; on several processes, this process's shard at its share of the batch
+    (`train.hosts`), `paths` the data files process 0 made ready."""
+    from qwenvl_jax import distributed as dist
     from qwenvl_jax.data.pipeline import make_batches
+    from qwenvl_jax.train.hosts import local_config
 
     kind, data = pipeline_kind(config["kind"]), config["data"]
+    processes = dist.process_count()
+    config = local_config(config, processes, frame_bound(config["batch"], processor))
     spec, pack = batch_spec(config, processor)
     options = {"pack": True} if pack else {}
     for key in ("max_length", "mask_vision_tokens"):
         if data.get(key) is not None:
             options[key] = data[key]
-    return make_batches(*_source(config, run_dir, processor, proc_dir), spec, kind=kind, **options,
+    if processes > 1:
+        options.update(shard_index=dist.process_index(), shard_count=processes)
+    return make_batches(*_source(config, run_dir, processor, proc_dir, paths), spec, kind=kind, **options,
                         **_stream_options(config, run_dir))  # fmt: skip
 
 
-def _source(config: dict, run_dir: Path, processor, proc_dir: Path) -> tuple[list[str], Any]:
+def _source(config: dict, run_dir: Path, processor, proc_dir: Path, paths=None) -> tuple[list[str], Any]:
     """The data files and the processor (its directory when grain workers load their own)."""
     workers = int(config["data"].get("worker_count", 0))
-    return data_paths(config, run_dir), proc_dir if workers else processor
+    return (data_paths(config, run_dir) if paths is None else paths), proc_dir if workers else processor
 
 
 def _stream_options(config: dict, run_dir: Path) -> dict[str, Any]:
@@ -228,10 +239,18 @@ def _stream_options(config: dict, run_dir: Path) -> dict[str, Any]:
         shuffle=bool(data.get("shuffle", True)),
         num_epochs=data.get("num_epochs"),
         worker_count=int(data.get("worker_count", 0)),
-        skip_log=run_dir / "skipped.jsonl",
+        skip_log=run_dir / _skip_log_name(),
         columns=data.get("columns"),
         image_options=image_options(config),
     )
+
+
+def _skip_log_name() -> str:
+    """Each process logs the records it skipped: `skipped.jsonl` (process 0), `skipped.p<i>.jsonl`."""
+    from qwenvl_jax import distributed as dist
+
+    index = dist.process_index()
+    return "skipped.jsonl" if index == 0 else f"skipped.p{index}.jsonl"
 
 
 def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
@@ -339,7 +358,9 @@ class _Steps:
 
     @staticmethod
     def _signature(batch):
-        return tuple(sorted((k, np.shape(v), str(np.asarray(v).dtype)) for k, v in batch.items()))
+        # `v.dtype`: a global array of several processes cannot be read as a whole on one.
+        return tuple(sorted((k, np.shape(v), str(getattr(v, "dtype", None) or np.asarray(v).dtype))
+                            for k, v in batch.items()))  # fmt: skip
 
     def needs_compile(self, batch) -> bool:
         """Whether the next call with `batch` compiles the step (a batch signature not seen before)."""
@@ -377,8 +398,51 @@ def _next_micro_batches(batches, accum: int, pad_token_id: int) -> list[dict] | 
     return [pad_to_length(mb, seq, pad_token_id) for mb in micro]
 
 
-def _row(kind: str, step: int, metrics: dict, micro: list[dict], dt: float, records_skipped: int) -> dict:
+def _pad_micro(micro: list[dict], seq: int, pad_token_id: int) -> list[dict]:
+    """The micro-batches padded to `seq` tokens (the longest of all processes)."""
+    from qwenvl_jax.processing import pad_to_length
+
+    return [pad_to_length(mb, seq, pad_token_id) for mb in micro]
+
+
+def _data_states(own: bytes) -> bytes:
+    """What a checkpoint stores as the data state: this process's iterator state alone on one process
+    (the format single-process runs always had), else every process's, gathered, as JSON
+    `{"processes": [base64, ...]}` (`_own_data_state` picks one's back)."""
+    from qwenvl_jax import distributed as dist
+
+    if dist.process_count() == 1:
+        return own
+    states = dist.gather_bytes(own)
+    return json.dumps({"processes": [base64.b64encode(x).decode("ascii") for x in states]}).encode()
+
+
+def _own_data_state(saved: bytes) -> bytes:
+    """This process's iterator state from a checkpoint's (`_data_states`); a checkpoint of a run with
+    another process count is refused (its shards were other records)."""
+    from qwenvl_jax import distributed as dist
+
+    processes, index = dist.process_count(), dist.process_index()
+    try:
+        value = json.loads(saved)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        value = None
+    states = value.get("processes") if isinstance(value, dict) else None
+    saved_count = 1 if states is None else len(states)
+    if saved_count != processes:
+        raise ConfigError(
+            f"the checkpoint was saved by a run of {saved_count} process(es) and this one has {processes}: "
+            "each process reads its own shard of the data, so the data position cannot carry over; resume "
+            "with the same number of processes, or use a new run_dir"
+        )
+    return saved if states is None else base64.b64decode(states[index])
+
+
+def _row(
+    kind: str, step: int, metrics: dict, micro: list[dict], dt: float, records_skipped: int, global_sum=None
+) -> dict:
     tokens = float(sum(int((np.asarray(mb["attention_mask"]) > 0).sum()) for mb in micro))
+    tokens = global_sum(tokens) if global_sum is not None else tokens
     row: dict[str, Any] = {"step": step, "loss": float(metrics["loss"])}
     row.update(tokens=tokens, tokens_per_s=tokens / dt if dt > 0 else 0.0, time_s=dt)
     row.update(skipped=int(metrics["skipped"]), records_skipped=records_skipped)
@@ -401,12 +465,7 @@ def prepare(config: dict) -> dict:
 
     config = resolve_paths(resolve(config))
     check_inputs(config)
-    if jax.process_count() > 1:
-        # Each process would feed its own rows as if they were the global batch: refuse, not mis-train.
-        raise ConfigError(
-            f"{jax.process_count()} JAX processes: the loop feeds one process's batches as the global "
-            "batch, so multi-host runs are not supported yet; run one process per host group"
-        )
+    check_split(config, jax.process_count())  # each process collates an equal share of the global batch
     check_mesh(config, jax.device_count(), jax.default_backend())
     batch_spec(config)
     return config
@@ -419,9 +478,12 @@ def train(config: dict) -> int:
     Raises `ConfigError` (before anything is written, or when the run_dir is in use or the resume changes
     the state or data order) and `TrainingError` (a failure during training, after saving what is good).
     """
+    from qwenvl_jax import distributed as dist
+
     config = prepare(config)
     run_dir = Path(config["run_dir"])
-    with RunLock(run_dir):
+    # One writer per run_dir: process 0 holds the lock for the processes of a multi-host run.
+    with RunLock(run_dir) if dist.is_primary() else contextlib.nullcontext():
         changes = check_resume(run_dir / "checkpoints", config)
         return _run(config, run_dir, changes)
 
@@ -429,10 +491,12 @@ def train(config: dict) -> int:
 def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     import jax
 
+    from qwenvl_jax import distributed as dist
     from qwenvl_jax import losses
     from qwenvl_jax import sharding as shd
     from qwenvl_jax.checkpoint import save_params
     from qwenvl_jax.processing import Processor
+    from qwenvl_jax.train import hosts
     from qwenvl_jax.train.checkpoints import TrainCheckpointer
     from qwenvl_jax.train.logger import RunLogger
     from qwenvl_jax.train.lora import LoraConfig, flatten, unflatten
@@ -447,13 +511,23 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
 
     kind, steps, seed = config["kind"], int(config["steps"]), int(config["seed"])
     accum, max_bad = int(config["grad_accum"]), int(config["max_bad_steps"])
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    processes, primary = dist.process_count(), dist.is_primary()
+    if primary:
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
     source = config["model"].get("path") or f"preset {config['model'].get('preset')} (random weights)"
     _say(f"loading model: {source}")
     model = build_model(config["model"])
     model_config = model.config
-    proc_dir = processor_dir(config, run_dir)
+    paths = None
+    if processes > 1:  # process 0 makes the shared inputs (a tiny processor, synthetic data) ready first
+        made = (
+            json.dumps([data_paths(config, run_dir), str(processor_dir(config, run_dir))]) if primary else ""
+        )
+        paths, proc_name = json.loads(dist.gather_bytes(made.encode())[0])
+        proc_dir = Path(proc_name)
+    else:
+        proc_dir = processor_dir(config, run_dir)
     processor = Processor.from_pretrained(proc_dir, **image_options(config))
     mesh = shd.make_mesh(**config["mesh"]) if config["mesh"] is not None else None
     if kind == "grpo":
@@ -467,7 +541,7 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         batches = PpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir), run_dir=run_dir,
                             eos_token_id=model_config.eos_token_id[0], mesh=mesh)  # fmt: skip
     else:
-        batches = _make_batches(config, run_dir, processor, proc_dir)
+        batches = _make_batches(config, run_dir, processor, proc_dir, paths)
 
     logical_axes = param_logical_axes(model) if mesh is not None else None
     if mesh is not None:
@@ -517,7 +591,7 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         del model
         restored = ckpt.restore_latest(abstract)  # CheckpointError when no step loads
         state = restored.state
-        batches.set_state(restored.data_state)
+        batches.set_state(_own_data_state(restored.data_state))
     start = restored.step if restored is not None else 0
 
     extra: tuple = ()
@@ -563,6 +637,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
                             logical_axes=logical_axes)  # fmt: skip
     else:
         step_kw = {"loss_type": config["loss_type"], "chunk_size": int(config["chunk_size"])}
+    if kind in ("dpo", "reward") and processes > 1:  # the global rows: one [chosen, rejected] block each
+        step_kw["pair_blocks"] = processes
     step_fn = _Steps(
         kind, graphdef, tx, mesh=mesh, logical_axes=logical_axes, lora_cfg=lora_cfg,
         with_ref=bool(extra), step_kw=step_kw,
@@ -577,14 +653,20 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     logging = config["logging"]
-    logger = RunLogger(
-        run_dir,
-        steps,
-        start,
-        tensorboard=bool(logging.get("tensorboard", True)),
-        progress=bool(logging.get("progress", True)),
-        plot=bool(logging.get("plot", True)),
-    )
+    if primary:
+        logger = RunLogger(
+            run_dir,
+            steps,
+            start,
+            tensorboard=bool(logging.get("tensorboard", True)),
+            progress=bool(logging.get("progress", True)),
+            plot=bool(logging.get("plot", True)),
+        )
+    else:  # process 0 writes the logs; the others count skipped steps for the exit code, as it does
+        from qwenvl_jax.train.logger import read_metrics
+
+        kept = read_metrics(run_dir / "metrics.jsonl") if start else []
+        logger = hosts.QuietLogger(sum(1 for r in kept if r["step"] <= start and r.get("skipped")))
     for skipped_step, reason in restored.skipped if restored is not None else ():
         logger.message(f"checkpoint step {skipped_step} is damaged, resuming from an earlier one: {reason}")
     if start:
@@ -592,8 +674,20 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     for change in changes:
         logger.message(f"resumed with a changed config: {change}")
     step, bad_streak, finished = start, 0, False
+
+    def data_state() -> bytes:  # every process's iterator position (`TrainCheckpointer`, one per process)
+        return _data_states(batches.get_state())
+
     try:
-        while step < steps and stop["signal"] is None:
+        while step < steps:
+            if (
+                processes > 1
+                and dist.agree(True, 0, stop["signal"] is not None).stop
+                and stop["signal"] is None
+            ):
+                stop["signal"] = signal.SIGTERM  # another host was signalled: all stop at this step
+            if stop["signal"] is not None:
+                break
             host: dict[str, Any] = {}
             if kind == "ppo":
                 from qwenvl_jax.rl.rewards import RewardError
@@ -629,6 +723,12 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
                 host = {} if got is None else got
             else:
                 micro = _next_micro_batches(batches, accum, processor.pad_token_id)
+                if processes > 1:  # data ends for all when it ends for one; one sequence length for all
+                    seq = 0 if micro is None else int(np.shape(micro[0]["input_ids"])[-1])
+                    agreed = dist.agree(micro is not None, seq, False)
+                    micro = (
+                        _pad_micro(micro, agreed.seq, processor.pad_token_id) if agreed.have_data else None
+                    )
             if micro is None:
                 logger.message(f"data exhausted after step {step} of {steps}")
                 break
@@ -641,6 +741,9 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
             elif kind == "reward":  # the rows are scored at their last token: no labels
                 micro = [{k: v for k, v in mb.items() if k != "labels"} for mb in micro]
             stacked = stack_micro_batches(micro)
+            if processes > 1:
+                rows = int(np.shape(micro[0]["input_ids"])[0])
+                stacked = hosts.to_global(stacked, mesh, rows)
             if step_fn.needs_compile(stacked):
                 shape = "x".join(map(str, np.shape(stacked["input_ids"])))
                 logger.message(
@@ -649,6 +752,7 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
             t0 = time.perf_counter()
             if kind == "sft":
                 num_items = losses.sft_num_items_in_batch([mb["labels"] for mb in micro])
+                num_items = dist.global_sum(num_items) if processes > 1 else num_items
                 state, metrics = step_fn(state, frozen, stacked, np.float32(num_items))
             elif kind == "grpo":
                 state, metrics = step_fn(state, frozen, stacked, np.float32(host["num_items"]), *extra)
@@ -656,7 +760,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
                 state, metrics = step_fn(state, frozen, stacked, *extra)
             metrics = jax.device_get(metrics)
             step += 1
-            row = _row(kind, step, metrics, micro, time.perf_counter() - t0, batches.skipped.total)
+            row = _row(kind, step, metrics, micro, time.perf_counter() - t0, batches.skipped.total,
+                       global_sum=dist.global_sum if processes > 1 else None)  # fmt: skip
             if host:
                 row.update(host["metrics"])
                 row["time/train_s"] = row["time_s"]
@@ -672,16 +777,17 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
                 )
             bad_streak = bad_streak + 1 if row["skipped"] else 0
             if bad_streak >= max_bad:
-                ckpt.save_now(step, state, batches.get_state(), config)
+                ckpt.save_now(step, state, data_state(), config)
                 raise TrainingError(
                     f"{bad_streak} non-finite steps in a row (steps {step - bad_streak + 1}-{step}): the loss "
                     f"or gradients overflowed and every update was skipped, so the parameters are those of "
                     f"step {step - bad_streak}; checkpoint saved at step {step}. Lower optim.learning_rate, "
                     "check the data, or raise max_bad_steps."
                 )
-            ckpt.save(step, state, batches.get_state(), config)
+            if ckpt.due(step):
+                ckpt.save(step, state, data_state(), config)
         if ckpt.latest_step() != step:
-            ckpt.save_now(step, state, batches.get_state(), config)
+            ckpt.save_now(step, state, data_state(), config)
         finished = stop["signal"] is None
         if not finished:
             name = signal.Signals(stop["signal"]).name
@@ -695,11 +801,14 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
             signal.signal(sig, handler)
     if not finished:
         return EXIT_STOPPED
-    final = save_params(
-        full_params(state, frozen, lora_cfg), run_dir / "final", model_config, assets_from=proc_dir,
-        overwrite=True,
-    )  # fmt: skip
-    print(f"final model: {final}", flush=True)
+    params = full_params(state, frozen, lora_cfg)
+    if processes > 1:  # whole on every host (a collective), written by process 0
+        params = hosts.gather_params(params)
+    final = run_dir / "final"
+    if primary:
+        save_params(params, final, model_config, assets_from=proc_dir, overwrite=True)
+        print(f"final model: {final}", flush=True)
+    hosts.barrier("final")
     skipped, limit = logger.skipped_steps, float(config["max_skipped_fraction"])
     if step and skipped / step > limit:
         _say(

@@ -96,20 +96,33 @@ class Target:
     name: str
     chip: Chip
     num_devices: int
+    hosts: int = 1  # processes of a multi-host run (`qwenvl_jax.distributed`), num_devices / hosts each
+
+    @property
+    def local_devices(self) -> int:
+        return self.num_devices // self.hosts
+
+
+V5P_CHIPS_PER_HOST = 4  # a v5p host (TPU VM worker) drives 4 chips
 
 
 def parse_target(value: str | None) -> Target | None:
-    """`"8xh100"`, `"1xh200"` or `"v5p-8"` (4 chips) -> `Target`; None -> None (unknown hardware)."""
+    """`"8xh100"`, `"1xh200"`, `"2x8xh100"` (2 hosts of 8 GPUs) or `"v5p-8"` (4 chips; v5p-16 and larger
+    are 4 chips per host) -> `Target`; None -> None (unknown hardware)."""
     if value is None:
         return None
     text = str(value).strip().lower()
-    gpu = re.fullmatch(r"(\d+)x(h100|h200)", text)
-    if gpu and int(gpu.group(1)) >= 1:
-        return Target(text, CHIPS[gpu.group(2)], int(gpu.group(1)))
+    gpu = re.fullmatch(r"(?:(\d+)x)?(\d+)x(h100|h200)", text)
+    if gpu and int(gpu.group(2)) >= 1 and int(gpu.group(1) or 1) >= 1:
+        hosts = int(gpu.group(1) or 1)
+        return Target(text, CHIPS[gpu.group(3)], hosts * int(gpu.group(2)), hosts)
     tpu = re.fullmatch(r"v5p-(\d+)", text)
     if tpu and int(tpu.group(1)) >= 2 and int(tpu.group(1)) % 2 == 0:
-        return Target(text, CHIPS["v5p"], int(tpu.group(1)) // 2)
-    raise ValueError(f"target {value!r} is not one of '<n>xh100', '<n>xh200', 'v5p-<even cores>'")
+        chips = int(tpu.group(1)) // 2
+        return Target(text, CHIPS["v5p"], chips, max(1, chips // V5P_CHIPS_PER_HOST))
+    raise ValueError(
+        f"target {value!r} is not one of '<n>xh100', '<n>xh200', '<hosts>x<n>xh100', 'v5p-<even cores>'"
+    )
 
 
 PHASES = ("state", "backward", "update", "rollout", "scoring")
@@ -161,6 +174,7 @@ class Plan:
     rollout: Rollout | None = None  # GRPO, PPO
     prefill_formula: str = ""
     scoring_formula: str = ""  # PPO
+    config_for_hosts: dict = dataclasses.field(default_factory=dict)  # kind + batch: `hosts.check_split`
 
     @property
     def num_devices(self) -> int:
@@ -207,6 +221,13 @@ class Plan:
                 f"mesh {self.mesh} has {self.num_devices} devices, target {self.target.name} has "
                 f"{self.target.num_devices}"
             )
+        if self.target is not None and self.target.hosts > 1:
+            from qwenvl_jax.train.hosts import check_split
+
+            try:
+                check_split(self.config_for_hosts, self.target.hosts)
+            except ValueError as err:
+                out.append(str(err))
         if self.rows_per_micro_batch % self.batch_shards:
             out.append(
                 f"{self.rows_per_micro_batch} rows per micro-batch do not divide over data x fsdp = "
@@ -963,6 +984,7 @@ def plan(config: dict) -> Plan:
         rollout=rollout,
         prefill_formula=prefill_formula,
         scoring_formula=scoring_formula,
+        config_for_hosts={"kind": kind, "batch": dict(config.get("batch") or {})},
     )
 
 
@@ -1000,6 +1022,15 @@ def format_plan(p: Plan) -> str:
             if p.target
             else "not given (no memory budget)"
         ),
+    ]
+    if p.target is not None and p.target.hosts > 1:
+        h, b = p.target.hosts, p.config_for_hosts["batch"]
+        share = ", ".join(f"{b[k] // h} {k}" for k in ("batch_size", "image_patches", "video_patches") if b.get(k))
+        lines.append(
+            f"hosts: {h} processes x {p.target.local_devices} local devices (one command on every host, "
+            f"`distributed`); each collates its share of the batch: {share}; the figures below are per device"
+        )
+    lines += [
         f"micro-batch {p.rows_per_micro_batch} rows{' (chosen + rejected)' if p.kind in ('dpo', 'reward') else ''} x "
         f"{p.seq_len} tokens ({tokens:,} tokens, "
         f"{p.vision_patches} vision patches) x grad_accum {p.grad_accum} = "

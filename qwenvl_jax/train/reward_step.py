@@ -72,15 +72,22 @@ def reward_loss_fn(
     margin: float | None = None,
     center_rewards_coefficient: float | None = None,
     num_micro_batches: int = 1,
+    pair_blocks: int = 1,
 ):
-    """`(params, micro_batch, dropout_key) -> (loss / M, metrics / M)` of one micro-batch of pairs."""
+    """`(params, micro_batch, dropout_key) -> (loss / M, metrics / M)` of one micro-batch of pairs
+    (`pair_blocks` blocks of `[chosen, rejected]` rows, `losses.pair_order`)."""
 
     def loss_fn(params, mb, key):
         backbone, head = split_head(params)
         model = build_model(graphdef, backbone, frozen, lora_cfg, dropout_key=key)
         r_b = reward_scores(model, head, mb, pad_token_id)
         pairs = r_b.shape[0] // 2
-        pair_mask = mb["example_mask"][:pairs] if "example_mask" in mb else None
+        if pair_blocks > 1:
+            r_b = jnp.take(r_b, losses.pair_order(r_b.shape[0], pair_blocks), axis=0)
+        mask = mb.get("example_mask")
+        if mask is not None and pair_blocks > 1:
+            mask = jnp.take(mask, losses.pair_order(mask.shape[0], pair_blocks), axis=0)
+        pair_mask = mask[:pairs] if mask is not None else None
         loss, metrics = pair_reward_loss(
             r_b[:pairs], r_b[pairs:], pair_mask, margin=margin,
             center_rewards_coefficient=center_rewards_coefficient,
@@ -101,6 +108,7 @@ def reward_step(
     lora_cfg: lora_lib.LoraConfig | None = None,
     margin: float | None = None,
     center_rewards_coefficient: float | None = None,
+    pair_blocks: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One reward-model optimizer step over the micro-batches of `batch` (leading axis M; each holds
     `[chosen x B, rejected x B]` rows, optional `example_mask`). Loss = Σ_micro-batches pair mean / M."""
@@ -108,7 +116,7 @@ def reward_step(
     num = jax.tree.leaves(batch)[0].shape[0]
     loss_fn = reward_loss_fn(
         graphdef, frozen, pad_token_id=pad_token_id, lora_cfg=lora_cfg, margin=margin,
-        center_rewards_coefficient=center_rewards_coefficient, num_micro_batches=num,
+        center_rewards_coefficient=center_rewards_coefficient, num_micro_batches=num, pair_blocks=pair_blocks,
     )  # fmt: skip
     loss, metrics, grads = accumulate(loss_fn, state.params, batch, step_key)
     state, upd = apply_update(state, grads, loss, tx, new_rng)

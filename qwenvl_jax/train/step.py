@@ -220,6 +220,7 @@ def dpo_loss_fn(
     lora_cfg: lora_lib.LoraConfig | None = None,
     chunk_size: int = 1024,
     num_micro_batches: int = 1,
+    pair_blocks: int = 1,
     **objective_kw: Any,
 ) -> Callable:
     """`dpo_step`'s differentiated function `(params, micro_batch, dropout_key) -> (loss, metrics)`:
@@ -231,7 +232,8 @@ def dpo_loss_fn(
     without adapters, encodes the images once for both passes); else `ref_params` (a full nested param
     dict for `graphdef`, e.g. the initial policy). The reference pass is not differentiated.
     A micro-batch's `example_mask` (its chosen half) marks the real pairs: the dummy pairs that fill a
-    short batch get no weight (`dpo_objective`'s `pair_mask`).
+    short batch get no weight (`dpo_objective`'s `pair_mask`). `pair_blocks`: the rows are that many
+    `[chosen, rejected]` blocks (one per process, `losses.pair_order`), put in the objective's order.
     """
 
     def labels_of(mb):
@@ -264,15 +266,22 @@ def dpo_loss_fn(
                 raise ValueError("dpo_step needs a reference: ref_params, LoRA, or precomputed ref log-probs")
             ref_st = token_stats(ref_model, mb, labels_of(mb), chunk_size=chunk_size, vision_features=feats)
             ref_lp = jax.lax.stop_gradient(ref_st["log_probs"])
+        rows = mb["input_ids"].shape[0]
+        order = losses.pair_order(rows, pair_blocks)
+
+        def ordered(x):  # the objective's [chosen x B, rejected x B] (a static gather; none for one block)
+            return x if x is None or pair_blocks == 1 else jnp.take(x, order, axis=0)
+
+        st = {k: ordered(v) if getattr(v, "ndim", 0) and v.shape[0] == rows else v for k, v in st.items()}
         if "example_mask" in mb:
-            ref_kw["pair_mask"] = mb["example_mask"][: mb["example_mask"].shape[0] // 2]
+            ref_kw["pair_mask"] = ordered(mb["example_mask"])[: rows // 2]
         loss, metrics = losses.dpo_objective(
             st["log_probs"],
-            ref_lp if ref_lp is not None else jnp.zeros_like(st["log_probs"]),
-            mb["completion_mask"],
+            ordered(ref_lp) if ref_lp is not None else jnp.zeros_like(st["log_probs"]),
+            ordered(mb["completion_mask"]),
             policy_log_sum_sq_probs=st["log_sum_sq_probs"],
             token_stats=st,
-            attention_mask=mb.get("attention_mask"),
+            attention_mask=ordered(mb.get("attention_mask")),
             **ref_kw,
             **objective_kw,
         )
