@@ -1025,7 +1025,9 @@ def format_plan(p: Plan) -> str:
     ]
     if p.target is not None and p.target.hosts > 1:
         h, b = p.target.hosts, p.config_for_hosts["batch"]
-        share = ", ".join(f"{b[k] // h} {k}" for k in ("batch_size", "image_patches", "video_patches") if b.get(k))
+        share = ", ".join(
+            f"{b[k] // h} {k}" for k in ("batch_size", "image_patches", "video_patches") if b.get(k)
+        )
         lines.append(
             f"hosts: {h} processes x {p.target.local_devices} local devices (one command on every host, "
             f"`distributed`); each collates its share of the batch: {share}; the figures below are per device"
