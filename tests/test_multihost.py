@@ -136,9 +136,11 @@ def _config(root: Path, kind: str, data_path: Path, **over) -> Path:
         "checkpoint": {"every": 2, "keep": 2, "async": False},
         "logging": {"progress": False, "tensorboard": False, "plot": False},
     }
-    if kind == "dpo":
+    if kind == "dpo":  # with LoRA: the reference is the base, and final/ merges the adapters across hosts
         config["dpo"] = {"loss_type": "sigmoid", "beta": 0.1}
         config["grad_accum"] = 1
+        config["trainable"] = "lora"
+        config["lora"] = {"rank": 4, "alpha": 8.0}
     for key, value in over.items():
         config[key] = value
     path = root / f"{kind}_{len(list(root.glob('*.yaml')))}.yaml"
@@ -197,6 +199,27 @@ def test_a_killed_process_stops_the_other_and_both_resume(data, tmp_path):
     whole = tmp_path / "whole"
     _assert_ok(run_processes(config, whole, 2))
     np.testing.assert_allclose(_losses(run_dir), _losses(whole), rtol=1e-6)
+
+
+def test_sigterm_on_one_host_stops_all_at_the_same_step(data, tmp_path):
+    """SIGTERM to process 1 only: both processes stop at the same step, save one checkpoint of it and exit
+    3 (stopped, resumable), as a one-process run does."""
+    run_dir = tmp_path / "run"
+    config = _config(
+        data["root"], "sft", data["sft"], steps=50, checkpoint={"every": 100, "keep": 2, "async": False}
+    )
+    procs = start_processes(config, run_dir, 2)
+    deadline = time.time() + 400
+    while time.time() < deadline and not (
+        (run_dir / "metrics.jsonl").exists() and len(_losses(run_dir)) >= 2
+    ):
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    results = [finish(p, 300) for p in procs]
+    assert [code for code, _ in results] == [3, 3], results[0][1][-2000:] + results[1][1][-2000:]
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(steps) == 1 and steps[0] == len(_losses(run_dir)) < 50
+    assert "SIGTERM: saved step" in results[0][1]
 
 
 def test_uneven_shards_end_the_data_together(data, tmp_path):

@@ -45,6 +45,7 @@ EXPECTED = [
     "sft_3b_8xh100.yaml", "sft_7b_1xh100.yaml", "sft_7b_8xh100.yaml", "sft_7b_v5p8.yaml",
     "grpo_3b_lora_1xh100.yaml", "grpo_3b_8xh100.yaml", "grpo_7b_8xh100.yaml", "grpo_7b_v5p8.yaml",
     "ppo_3b_lora_1xh100.yaml", "ppo_7b_8xh100.yaml",
+    "sft_7b_v5p16.yaml", "dpo_7b_v5p32.yaml", "sft_7b_2x8xh100.yaml",  # several hosts
 ]  # fmt: skip
 # Rank 16 on the 7 text projections of the 3B (grpo_3b_lora_1xh100's and ppo_3b_lora_1xh100's LoRA).
 ADAPTERS_3B = 29_933_568
@@ -257,12 +258,31 @@ def test_model_path_config_json_is_read(tmp_path):
 
 @pytest.mark.parametrize(
     ("value", "devices", "memory_gib"),
-    [("1xh100", 1, 79.6), ("8xH100", 8, 79.6), ("2xh200", 2, 140.4), ("v5p-8", 4, 95.0)],
+    [
+        ("1xh100", 1, 79.6),
+        ("8xH100", 8, 79.6),
+        ("2xh200", 2, 140.4),
+        ("v5p-8", 4, 95.0),
+        ("v5p-16", 8, 95.0),
+        ("v5p-32", 16, 95.0),
+        ("2x8xh100", 16, 79.6),
+    ],
 )
 def test_parse_target(value, devices, memory_gib):
     target = parse_target(value)
     assert target.num_devices == devices
     assert target.chip.memory_bytes / GIB == pytest.approx(memory_gib, abs=0.05)
+    # Hosts: a v5p worker drives 4 chips; "<hosts>x<n>x..." names them.
+    assert target.hosts == {"v5p-16": 2, "v5p-32": 4, "2x8xh100": 2}.get(value, 1)
+
+
+def test_a_multi_host_plan_names_each_host_share_and_refuses_an_uneven_batch():
+    config = load("sft_7b_v5p16.yaml")
+    text = format_plan(plan(config))
+    assert "hosts: 2 processes x 4 local devices" in text and "8 batch_size, 8192 image_patches" in text
+    config["batch"]["batch_size"] = 15
+    config["mesh"] = {"data": 1, "fsdp": 8, "tensor": 1}
+    assert any("batch.batch_size=15 does not split over 2 processes" in p for p in plan(config).problems)
 
 
 @pytest.mark.parametrize("value", ["h100", "0xh100", "v5p-3", "8xa100"])

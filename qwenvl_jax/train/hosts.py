@@ -113,10 +113,18 @@ def to_global(stacked: Mapping[str, np.ndarray], mesh, local_rows: int) -> dict[
 
 def gather_params(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Every array of `flat` whole on every process's host (a collective: all processes call it), so that
-    process 0 can write them; one array at a time."""
+    process 0 can write them; one array at a time. An array this process holds whole (a host array, or
+    one on its own devices: the same on every process, as every process computed it alike) is read as it
+    is: `process_allgather` would stack every process's copy of it."""
+    import jax
     from jax.experimental import multihost_utils
 
-    return {k: np.asarray(multihost_utils.process_allgather(v, tiled=True)) for k, v in flat.items()}
+    def whole(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return {k: whole(v) for k, v in flat.items()}
 
 
 def barrier(name: str) -> None:
