@@ -287,12 +287,13 @@ _PATCH_VALUES = ("patch_perm", "patch_inv")  # patch rows of the budget
 _UNIT_VALUES = ("unit_unperm", "scatter_u")  # merged units of the budget
 _SEGMENT_VALUES = ("window_seg", "full_seg")  # segment ids, -1 on padding
 _CONCAT = ("rope_pos", "valid", "scatter_s", "grid_thw")  # no offset
-_PIXEL_KEYS = {"image": "pixel_values", "video": "pixel_values_videos"}
 
 
 def vision_keys(batch: Mapping[str, Any]) -> list[str]:
     """The packed vision keys of a collated batch (what `merge_vision` merges)."""
-    out = [k for k in batch if k.startswith(("image_", "video_")) or k in _PIXEL_KEYS.values()]
+    from qwenvl_jax.model.vision import PIXEL_KEYS
+
+    out = [k for k in batch if k.startswith(("image_", "video_")) or k in PIXEL_KEYS.values()]
     out += [k for k in ("num_images", "num_videos", "second_per_grid_ts") if k in batch]
     return sorted(set(out))
 
@@ -304,12 +305,14 @@ def merge_vision(parts: Sequence[Mapping[str, np.ndarray]], rows: int) -> dict[s
     processes before it, so that the merged arrays mean for the global batch what each meant for its
     part (padding rows in between are isolated as at the end). Keys with a leading micro-batch axis
     (`stack_micro_batches`) are merged per micro-batch."""
+    from qwenvl_jax.model.vision import PIXEL_KEYS
+
     first = parts[0]
     out: dict[str, np.ndarray] = {}
     for key in first:
         values = [np.asarray(p[key]) for p in parts]
         kind, _, field = key.partition("_")
-        if key in _PIXEL_KEYS.values():
+        if key in PIXEL_KEYS.values():
             out[key] = np.concatenate(values, axis=-2)
         elif key in ("num_images", "num_videos"):
             out[key] = np.sum(values, axis=0).astype(values[0].dtype)
@@ -318,7 +321,7 @@ def merge_vision(parts: Sequence[Mapping[str, np.ndarray]], rows: int) -> dict[s
         elif kind in ("image", "video") and field == "full_block":
             out[key] = values[0]  # its shape is the bound, the same everywhere
         elif kind in ("image", "video"):
-            pixels = np.asarray(first[_PIXEL_KEYS[kind]]).shape[-2]
+            pixels = np.asarray(first[PIXEL_KEYS[kind]]).shape[-2]
             offsets = {
                 **dict.fromkeys(_PATCH_VALUES, pixels),
                 **dict.fromkeys(_UNIT_VALUES, pixels // _unit(first, kind)),
@@ -345,5 +348,7 @@ def merge_vision(parts: Sequence[Mapping[str, np.ndarray]], rows: int) -> dict[s
 
 def _unit(batch: Mapping[str, np.ndarray], kind: str) -> int:
     """Patches per merged unit: the budget's patch rows over its units."""
+    from qwenvl_jax.model.vision import PIXEL_KEYS
+
     units = np.asarray(batch[f"{kind}_unit_unperm"]).shape[-1]
-    return np.asarray(batch[_PIXEL_KEYS[kind]]).shape[-2] // units
+    return np.asarray(batch[PIXEL_KEYS[kind]]).shape[-2] // units

@@ -386,16 +386,13 @@ class _Steps:
 
 def _next_micro_batches(batches, accum: int, pad_token_id: int) -> list[dict] | None:
     """The micro-batches of one step, padded to the longest one's bucket (one shape per step)."""
-    from qwenvl_jax.processing import pad_to_length
-
     micro = []
     for _ in range(accum):
         try:
             micro.append(next(batches))
         except StopIteration:
             return None
-    seq = max(np.shape(mb["input_ids"])[-1] for mb in micro)
-    return [pad_to_length(mb, seq, pad_token_id) for mb in micro]
+    return _pad_micro(micro, max(np.shape(mb["input_ids"])[-1] for mb in micro), pad_token_id)
 
 
 def _pad_micro(micro: list[dict], seq: int, pad_token_id: int) -> list[dict]:
