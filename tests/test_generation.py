@@ -260,6 +260,20 @@ def test_seeds_streaming_and_n_completions_share_one_prefill(setup, monkeypatch)
     assert steps[-1].done.all() and a.timing["tokens_per_s"] > 0
 
 
+def test_a_row_draws_the_same_tokens_alone_or_in_a_batch(setup):
+    """Each row samples with its own key (`row_ids`): a prompt generated alone, given its rows' ids in a
+    bigger request, draws the tokens that request draws for it (a generation batch split over hosts)."""
+    model, processor, _ = setup
+    kw = dict(max_new_tokens=8, temperature=1.0, n=2, stop_token_ids=(), seed=3)
+    both = generate(model, _text_batch(processor, ["a red square", "two blue circles"]), **kw)
+    alone = generate(model, _text_batch(processor, ["two blue circles"]), row_ids=[2, 3], **kw)
+    np.testing.assert_array_equal(alone.tokens, both.tokens[2:])
+    first = generate(model, _text_batch(processor, ["two blue circles"]), **kw)
+    assert (first.tokens != alone.tokens).any()  # other ids, other draws
+    with pytest.raises(ValueError, match="row_ids must be one integer >= 0 per completion row"):
+        generate(model, _text_batch(processor, ["a"]), row_ids=[-1, 0], **kw)
+
+
 def test_sampling_values_reuse_the_compiled_programs(setup):
     """min_p and repetition_penalty are traced, on and off alike: new values compile nothing, and the
     streaming path (whose presence state is carried across jitted steps) draws what the loop draws."""

@@ -8,7 +8,8 @@ Static shapes, so that a handful of compiled programs serve every request:
   multiples of 512); raw processor output also gets its vision patches padded to a power-of-two budget
   (collate output already has static budgets);
 - the number of prompts is padded to a batch bucket (`default_batch_bucket`: 1, 2, 4, 8, then multiples
-  of 8) with all-padding rows, which emit nothing and are dropped from the output;
+  of 8; on a mesh, a multiple of its data x fsdp devices too) with all-padding rows, which emit nothing
+  and are dropped from the output;
 - the cache holds `round_up(prompt bucket + max_new_tokens, cache_multiple)` slots in the end, reached
   through a few spans (`cache.cache_spans`: powers of two above the prompt bucket), each with its own
   decode program, so that a step attends over at most twice the filled slots; the decode loop's token
@@ -140,9 +141,28 @@ class DecodeState(NamedTuple):
     presence: jax.Array  # (R, V) bool ids in the row so far (valid prompt ids + emitted tokens)
 
 
+def row_keys(seed: int, rows: int, row_ids=None) -> jax.Array:
+    """`(rows,)` keys: output row `r` draws with `fold_in(key(seed), row_ids[r])` (`generate`'s `seed` and
+    `row_ids`, default `r`); rows past `row_ids` (the batch bucket's padding, which emits nothing) get
+    the ids after them."""
+    given = np.arange(0) if row_ids is None else np.asarray(row_ids)
+    if (
+        given.ndim != 1
+        or given.size > rows
+        or (given.size and (given.dtype.kind not in "iu" or given.min() < 0))
+    ):
+        raise ValueError(
+            f"row_ids must be one integer >= 0 per completion row (at most {rows}), got {row_ids!r}"
+        )
+    start = int(given.max()) + 1 if given.size else 0
+    ids = np.concatenate([given, start + np.arange(rows - given.size)]).astype(np.uint32)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.asarray(ids))
+
+
 def _sample_into(state: DecodeState, logits_rv, key, params: SamplingParams):
     """Sample token `step` for every row from `logits_rv` and record it (pad for finished rows)."""
-    tokens_r, logp_r = sample(jax.random.fold_in(key, state.step), logits_rv, params, state.presence)
+    keys_r = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, state.step)
+    tokens_r, logp_r = sample(keys_r, logits_rv, params, state.presence)
     active_r = ~state.done
     rows, vocab = state.presence.shape
     # Finished rows point out of range and are dropped: their padding is not part of the row.
@@ -365,7 +385,7 @@ class _Plan:
     n: int
     max_new_tokens: int
     sampling: SamplingParams
-    key: jax.Array
+    key: jax.Array  # (R,) one key per output row (`row_keys`)
     rope_deltas: np.ndarray  # (B,)
     empty_rows: np.ndarray  # (B,) bool: all-padding rows (collate filler), which emit nothing
     cache_sharding: Any
@@ -403,6 +423,7 @@ def _plan(
     max_cache_bytes,
     min_p: float,
     repetition_penalty: float,
+    row_ids,
 ) -> _Plan:
     config = model.config
     vocab = config.text.vocab_size
@@ -476,6 +497,9 @@ def _plan(
         prompt_len = fits[0]
     cache_len = _round_up(prompt_len + max_new_tokens, cache_multiple)
     batch_rows = default_batch_bucket(rows_b)
+    if mesh is not None:  # the prompt rows split over the batch axes: pad to a multiple of them
+        shape = dict(zip(mesh.axis_names, np.shape(mesh.devices), strict=True))
+        batch_rows = _round_up(batch_rows, shape.get("data", 1) * shape.get("fsdp", 1))
     rows = batch_rows * n
 
     devices = None if mesh is None else mesh.devices.flat
@@ -531,7 +555,7 @@ def _plan(
         n=n,
         max_new_tokens=max_new_tokens,
         sampling=sampling,
-        key=jax.random.key(seed),
+        key=row_keys(seed, rows, row_ids),
         rope_deltas=deltas_b,
         empty_rows=inputs["attention_mask"].sum(-1) == 0,
         cache_sharding=cache_sharding,
@@ -613,7 +637,10 @@ _GENERATE_DOC = """
     `temperature` 0 is greedy; `top_k` 0, `top_p` 1 and `min_p` 0 are off. `repetition_penalty` (1 =
     off; greedy decoding applies it too) divides the positive logits and multiplies the negative ones of
     every id already in the row (the prompt's valid ids and the tokens generated so far). `n` completions
-    per prompt share one prefill. `seed` fixes the draws.
+    per prompt share one prefill. `seed` fixes the draws: output row `r` (completion `r % n` of prompt
+    `r // n`) draws with its own key, `fold_in(key(seed), row_ids[r])` (default `r`), folded with the
+    step, so a row's tokens do not depend on the batch bucket or on the other rows, and a request cut
+    into parts (one per host, each passing its rows' ids in the whole) draws what the whole would.
 
     A row stops after emitting any of `stop_token_ids` (default: every id of `model.config.eos_token_id`,
     which `load` takes from config.json and generation_config.json; a given list replaces it, `()`
@@ -656,6 +683,7 @@ def generate(
     max_cache_bytes: int | None = None,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    row_ids: Sequence[int] | None = None,
 ) -> GenerationOutput:
     plan = _plan(model, batch, **_options(locals()))
     graphdef, params, logits_rv, state, prefill_s = _start(model, plan)
@@ -692,6 +720,7 @@ def generate_stream(
     max_cache_bytes: int | None = None,
     min_p: float = 0.0,
     repetition_penalty: float = 1.0,
+    row_ids: Sequence[int] | None = None,
 ) -> Iterator[StreamStep]:
     plan = _plan(model, batch, **_options(locals()))
     graphdef, params, logits_rv, state, prefill_s = _start(model, plan)

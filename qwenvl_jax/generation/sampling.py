@@ -23,8 +23,8 @@ Log-probs are those of the distribution the token was drawn from, `log_softmax(p
 1-6), the "old log-probs" of GRPO/PPO at this temperature. Greedy decoding (temperature 0) takes the
 argmax of the penalised, suppressed logits (steps 1-2; the repetition penalty is a logits processor, not
 a warper, so HF applies it to greedy search too) and reports `log_softmax(raw logits)`, the model's own
-log-prob of the token. Keys are per step (`fold_in(key, step)`), so the streaming and the looped paths
-draw identically.
+log-prob of the token. The engine draws each row with its own key, folded per step (`fold_in(row key,
+step)`), so the streaming and the looped paths draw identically.
 """
 
 from __future__ import annotations
@@ -151,7 +151,8 @@ def _min_p(x_rv, min_p):
 def sample(
     key: jax.Array, logits_rv: jax.Array, params: SamplingParams, presence_rv: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
-    """(tokens `(R,)` int32, their log-probs `(R,)` float32) from float32 logits `(R, V)`.
+    """(tokens `(R,)` int32, their log-probs `(R,)` float32) from float32 logits `(R, V)`, drawn with
+    `key` (one key, or `(R,)` keys: one per row).
 
     `presence_rv` ((R, V) bool, the ids in each row so far) is needed for the repetition penalty; without
     it the penalty is not applied."""
@@ -180,7 +181,11 @@ def sample(
             filtered=params.filtered,
             min_p=params.min_p,
         )
-        return jax.random.categorical(key, x_rv, axis=-1).astype(jnp.int32), jax.nn.log_softmax(x_rv, axis=-1)
+        if jnp.ndim(key) == 0:  # one key for the whole batch
+            tokens_r = jax.random.categorical(key, x_rv, axis=-1)
+        else:  # one key per row: a row's draw does not depend on the others
+            tokens_r = jax.vmap(lambda k, x: jax.random.categorical(k, x, axis=-1))(key, x_rv)
+        return tokens_r.astype(jnp.int32), jax.nn.log_softmax(x_rv, axis=-1)
 
     tokens_r, logp_rv = jax.lax.cond(params.greedy, greedy, sampled, None)
     return tokens_r, jnp.take_along_axis(logp_rv, tokens_r[:, None], axis=-1)[:, 0]

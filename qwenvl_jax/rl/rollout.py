@@ -7,7 +7,7 @@ cache. The image and video placeholders (and the other vision special tokens) ca
 a row stops at the first of the checkpoint's stop ids and the stop token is kept.
 
 The sampling seed of a generation is given by the caller (the loop derives it from the run seed and the
-step), so a resumed run draws the same completions.
+step), so a resumed run draws the same completions; each row draws with its own key (`row_ids`).
 """
 
 from __future__ import annotations
@@ -49,11 +49,15 @@ def rollout(
     seed: int,
     mesh=None,
     suppress_token_ids=None,
+    row_ids=None,
 ) -> tuple[Rollouts, dict[str, float]]:
     """`(Rollouts, timing)` of `prompts` (encoded prompt examples: 1-D `input_ids` and vision inputs).
 
     `suppress_token_ids` (default `suppressed_ids(model.config)`) are never sampled; the sampler's
-    log-probs are those of the distribution it sampled from, renormalised without them."""
+    log-probs are those of the distribution it sampled from, renormalised without them. Row `r` draws
+    with its own key (`generate`'s `row_ids`, one per completion row of `spec.batch_size` prompts): on
+    several hosts each passes its rows' ids in the global batch (`train.hosts.global_rows`), so that a
+    prompt's completions are those one process holding the whole batch would draw."""
     if spec.padding_side != "left":
         raise ValueError("rollout prompts are collated left-padded (BatchSpec(padding_side='left'))")
     examples = [
@@ -76,6 +80,7 @@ def rollout(
         suppress_token_ids=suppressed_ids(model.config) if suppress_token_ids is None else suppress_token_ids,
         prompt_buckets=spec.seq_buckets,
         mesh=mesh,
+        row_ids=row_ids,
     )
     rows = len(prompts) * sampling.num_generations  # the filler prompts of a short batch come after
     stopped = np.asarray([r == "stop" for r in out.finish_reasons[:rows]])
