@@ -306,13 +306,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         dist.initialize(settings)
         dist.start_watchdog(settings)
         try:
-            return train(config)
-        except Exception:
+            code = train(config)
+        except Exception as err:
             if dist.process_count() > 1:  # a dead peer makes collectives fail here: name it, not the trace
                 dist.await_watchdog()
+            dist.finished(error=f"{type(err).__name__}: {err}")
             raise
         finally:
-            dist.finished()
+            dist.finished()  # a no-op when it ran already
+        return code
     from qwenvl_jax.train.config import resolve
     from qwenvl_jax.train.plan import check_step_shapes, format_plan, plan
 

@@ -166,6 +166,10 @@ def start_watchdog(s: Settings, *, interval_s: float = 1.0) -> None:
             beat += 1
             try:
                 client.key_value_set(f"qwenvl/beat/{me}", str(beat), allow_overwrite=True)
+                for p in range(count):
+                    failed = get(f"qwenvl/failed/{p}") if p != me else None
+                    if failed is not None:  # it stopped on an error of its own: the others would wait
+                        die(f"process {p} of {count} stopped: {failed}")
                 values = {
                     p: get(f"qwenvl/beat/{p}")
                     for p in range(count)
@@ -207,18 +211,22 @@ def await_watchdog() -> None:
         time.sleep(0.2)
 
 
-def finished() -> None:
-    """This process is done with the run (normally or by an error of its own): its watchdog stops, and the
-    others' stop watching it, so that processes ending a moment apart never take each other for dead."""
+def finished(error: str | None = None) -> None:
+    """This process is done with the run: its watchdog stops, and the others' stop watching it, so that
+    processes ending a moment apart never take each other for dead. With `error` (it stopped on an error
+    of its own, which the others may not meet: a strict reward failure, a data error) the others stop
+    too, with that line, instead of waiting for it in their next collective."""
     if _WATCHDOG["done"]:
         return
     _WATCHDOG["done"] = True
     if process_count() > 1:
         from jax._src import distributed as jax_distributed
 
+        key = "failed" if error is not None else "done"
+        value = "1" if error is None else (error.strip().splitlines() or ["error"])[0]
         try:
             jax_distributed.global_state.client.key_value_set(
-                f"qwenvl/done/{process_index()}", "1", allow_overwrite=True
+                f"qwenvl/{key}/{process_index()}", value, allow_overwrite=True
             )
         except Exception:  # the coordinator is gone already: nobody is left to tell
             pass
@@ -270,6 +278,20 @@ def agree(have_data: bool, seq: int, stop: bool) -> Agreement:
 def global_sum(value: float) -> float:
     """The sum over processes of a host number (loss normalisers: label tokens, pairs)."""
     return float(allgather(np.asarray([value], np.float64)).sum())
+
+
+def gather_rows(x: np.ndarray, count: int) -> tuple[np.ndarray, int]:
+    """`(rows, offset)`: the first `count` rows of every process's `x` (the same shape everywhere: a
+    capacity, of which each process fills its own count), concatenated in process order, and where this
+    process's rows start in them. Per-row host values of a generation batch (rewards, lengths) seen whole,
+    as one process holding every row would see them."""
+    x = np.asarray(x)
+    if process_count() == 1:
+        return x[:count], 0
+    counts = allgather(np.asarray([count], np.int64))[:, 0]
+    got = allgather(x)
+    rows = np.concatenate([got[p, : int(n)] for p, n in enumerate(counts)])
+    return rows, int(counts[: process_index()].sum())
 
 
 def gather_bytes(data: bytes) -> list[bytes]:
