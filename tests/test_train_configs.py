@@ -45,7 +45,7 @@ EXPECTED = [
     "sft_3b_8xh100.yaml", "sft_7b_1xh100.yaml", "sft_7b_8xh100.yaml", "sft_7b_v5p8.yaml",
     "grpo_3b_lora_1xh100.yaml", "grpo_3b_8xh100.yaml", "grpo_7b_8xh100.yaml", "grpo_7b_v5p8.yaml",
     "ppo_3b_lora_1xh100.yaml", "ppo_7b_8xh100.yaml",
-    "sft_7b_v5p16.yaml", "dpo_7b_v5p32.yaml", "sft_7b_2x8xh100.yaml",  # several hosts
+    "sft_7b_v5p16.yaml", "dpo_7b_v5p32.yaml", "sft_7b_2x8xh100.yaml", "grpo_7b_v5p16.yaml",  # several hosts
 ]  # fmt: skip
 # Rank 16 on the 7 text projections of the 3B (grpo_3b_lora_1xh100's and ppo_3b_lora_1xh100's LoRA).
 ADAPTERS_3B = 29_933_568

@@ -139,10 +139,12 @@ def micro_batches(
     num_micro_batches: int,
     mask_truncated_completions: bool = False,
     batch_shards: int = 1,
+    seq: int | None = None,
 ) -> list[dict[str, np.ndarray]]:
     """The generation batch as `num_micro_batches` collated micro-batches of `spec.batch_size` rows, in
-    row order, padded to one sequence length (one compiled shape per step), each with `advantages (B,)`
-    and `sampling_per_token_logps (B, S-1)`; padding rows have labels -100 and advantage 0.
+    row order, padded to one sequence length (`seq`, default the bucket of the longest row; one compiled
+    shape per step), each with `advantages (B,)` and `sampling_per_token_logps (B, S-1)`; padding rows
+    have labels -100 and advantage 0.
 
     The rows of one prompt share the images of its first row in the micro-batch; the vision budgets are
     `shared_vision_budget(spec, G, num_micro_batches, batch_shards=...)`, so each prompt must hold at most
@@ -154,7 +156,8 @@ def micro_batches(
             f"{rows} completions do not fit {num_micro_batches} micro-batches of {spec.batch_size} rows"
         )
     examples = training_examples(prompts, rollouts, mask_truncated_completions=mask_truncated_completions)
-    seq = spec.bucket(max(ex["input_ids"].size for ex in examples))
+    if seq is None:
+        seq = spec.bucket(max(ex["input_ids"].size for ex in examples))
     budget = shared_vision_budget(
         dataclasses.asdict(spec), rollouts.num_generations, num_micro_batches, batch_shards=batch_shards
     )
@@ -194,15 +197,16 @@ def _filler(spec: BatchSpec) -> dict[str, Any]:
     }
 
 
-def completion_stats(rollouts: Rollouts) -> dict[str, float]:
-    """TRL's `completions/*` metrics of a generation batch."""
-    lengths = rollouts.lengths.astype(np.float64)
-    term = lengths[rollouts.stopped]
+def completion_stats(lengths: np.ndarray, stopped: np.ndarray) -> dict[str, float]:
+    """TRL's `completions/*` metrics of a generation batch, from its rows' `Rollouts.lengths` and
+    `Rollouts.stopped` (on several hosts, every host's rows: `distributed.gather_rows`)."""
+    lengths, stopped = np.asarray(lengths, np.float64), np.asarray(stopped, bool)
+    term = lengths[stopped]
     stats = {
         "completions/mean_length": float(lengths.mean()),
         "completions/min_length": float(lengths.min()),
         "completions/max_length": float(lengths.max()),
-        "completions/clipped_ratio": float(1.0 - rollouts.stopped.mean()),
+        "completions/clipped_ratio": float(1.0 - stopped.mean()),
     }
     if term.size:
         stats.update({

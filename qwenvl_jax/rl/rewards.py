@@ -658,3 +658,15 @@ BUILTINS: dict[str, Callable[..., Any]] = {
     )
 }
 FACTORIES = ("get_soft_overlong_punishment", "get_repetition_penalty_reward", "get_cosine_scaled_reward")
+
+
+def failure_metrics(scores: Scores) -> dict[str, float]:
+    """`rewards/<label>/failures` of each reward function that failed on some completions (scored NaN
+    under `reward_policy: skip`), counted over every process's rows of the generation batch."""
+    from qwenvl_jax import distributed as dist
+
+    counts = np.asarray([scores.failures.get(label, 0) for label in scores.labels], np.int64)
+    counts = dist.allgather(counts).sum(0)
+    return {
+        f"rewards/{label}/failures": float(n) for label, n in zip(scores.labels, counts, strict=True) if n
+    }

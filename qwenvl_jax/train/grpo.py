@@ -89,17 +89,27 @@ def batch_shards(config: dict) -> int:
     return int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1))
 
 
-def micro_batch_budget(config: dict) -> dict[str, int]:
+def micro_batch_budget(config: dict, processes: int = 1) -> dict[str, int]:
     """The vision budgets (`image_patches`, `video_patches`, `max_images`, `max_videos`) of a GRPO training
     micro-batch, whose rows of one prompt share its images: `rl.batch.shared_vision_budget` of the run's
-    layout (batch_size, num_generations, steps_per_generation) and mesh. `ValueError` naming the key when
-    the budget cannot split over the devices."""
+    layout (batch_size, num_generations, steps_per_generation) and mesh. On several processes each
+    collates its rows with its share of the batch (`local_budget`), and the global micro-batch holds
+    `processes` such shares. `ValueError` naming the key when the budget cannot split over the devices."""
+    return {k: v * processes for k, v in local_budget(config, processes).items()}
+
+
+def local_budget(config: dict, processes: int = 1) -> dict[str, int]:
+    """One process's part of `micro_batch_budget`: the shared budget of its `batch_size / processes` rows
+    in `image_patches / processes` patch rows, split over its `data x fsdp / processes` devices."""
+    from qwenvl_jax.train.hosts import local_config
+
     g = grpo_settings(config)
+    batch = local_config(config, processes, 0)["batch"]
     return shared_vision_budget(
-        config["batch"],
+        batch,
         int(g["num_generations"]),
         steps_per_generation(config),
-        batch_shards=batch_shards(config),
+        batch_shards=max(batch_shards(config) // processes, 1),
     )
 
 
@@ -185,13 +195,20 @@ class GrpoSource:
     """Generation batches for the loop, checkpointable like the SFT/DPO batch iterators."""
 
     def __init__(self, config: dict, processor, prompts, *, run_dir: Path, mesh=None):
+        from qwenvl_jax import distributed as dist
         from qwenvl_jax.processing.batch import BatchSpec
         from qwenvl_jax.rl.rewards import RewardError, load_rewards
         from qwenvl_jax.rl.rollout import SamplingConfig
+        from qwenvl_jax.train import hosts
         from qwenvl_jax.train.loop import frame_bound
 
         g = self.settings = grpo_settings(config)
-        self.processor, self.prompts, self.mesh = processor, prompts, mesh
+        # On several processes each generates for its share of the prompts on its own devices
+        # (`hosts.local_mesh`) and collates its share of the rows (`hosts.local_config`).
+        self.processes = dist.process_count()
+        config = hosts.local_config(config, self.processes, frame_bound(config["batch"], processor))
+        self.processor, self.prompts = processor, prompts
+        self.mesh = hosts.local_mesh(mesh) if mesh is not None and self.processes > 1 else mesh
         self.run_seed = int(config["seed"])
         self.accum = int(config["grad_accum"])
         self.spg, self.iterations = steps_per_generation(config), int(g["num_iterations"])
@@ -200,7 +217,7 @@ class GrpoSource:
         self.buffer: dict[str, Any] | None = None  # the generation being served, and its position
         batch = {k: v for k, v in config["batch"].items() if k != "pack"}
         self.G = int(g["num_generations"])
-        self.batch_shards = batch_shards(config)
+        self.batch_shards = max(batch_shards(config) // self.processes, 1)
         self.num_prompts, budget, _ = prompt_budgets(config)
         ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
                    video_token_id=processor.video_token_id)  # fmt: skip
@@ -232,6 +249,8 @@ class GrpoSource:
             else np.asarray([r.weight for r in self.rewards])
         )
         self.completions_path = Path(run_dir) / "completions.jsonl"
+        # Row r of this process's generation batch: its id in the global one (sampling keys).
+        self.row_ids = hosts.global_rows(self.num_prompts * self.G, self.train_spec.batch_size)
 
     # The iterator interface the loop checkpoints.
     @property
@@ -282,20 +301,40 @@ class GrpoSource:
         self.buffer["position"] = int(value["position"])
 
     def _micro_batches(self, prompts, rollouts, advantages):
+        from qwenvl_jax import distributed as dist
         from qwenvl_jax.rl.batch import micro_batches
 
+        longest = max(
+            np.asarray(prompts[r // self.G]["input_ids"]).size + int(n)
+            for r, n in enumerate(rollouts.lengths)
+        )
+        if self.processes > 1:  # one sequence bucket for every process's rows
+            longest = dist.agree(True, longest, False).seq
         return micro_batches(
             prompts, rollouts, advantages, self.train_spec, num_micro_batches=self.spg,
             mask_truncated_completions=bool(self.settings["mask_truncated_completions"]),
-            batch_shards=self.batch_shards,
+            batch_shards=self.batch_shards, seq=self.train_spec.bucket(longest),
         )  # fmt: skip
 
+    def _whole(self, x: np.ndarray) -> tuple[np.ndarray, int]:
+        """`(every process's rows, this process's offset in them)` of per-row host values `x`
+        (`distributed.gather_rows`): rewards, advantages and metrics are those of the whole batch."""
+        from qwenvl_jax import distributed as dist
+
+        x = np.asarray(x)
+        capacity = np.zeros((self.num_prompts * self.G, *x.shape[1:]), x.dtype)
+        capacity[: len(x)] = x
+        return dist.gather_rows(capacity, len(x))
+
     def _buffer(self, prompts, rollouts, advantages, micro, old, prompts_state, step) -> dict[str, Any]:
+        from qwenvl_jax import distributed as dist
         from qwenvl_jax import losses
 
         if old is not None:
             micro = [{**mb, "old_per_token_logps": o} for mb, o in zip(micro, old, strict=True)]
         num_items = sum(int((mb["labels"] != losses.IGNORE_INDEX).sum()) for mb in micro)
+        if self.processes > 1:  # the completion tokens of the whole generation batch
+            num_items = int(dist.global_sum(num_items))
         return {"prompts": prompts, "rollouts": rollouts, "advantages": advantages, "micro": micro, "old": old,
                 "prompts_state": prompts_state, "step": step, "position": 0,
                 "num_items": max(num_items, 1)}  # fmt: skip
@@ -321,21 +360,27 @@ class GrpoSource:
     def _generate(self, model_fn, step: int, old_logps) -> dict[str, Any] | None:
         import jax.numpy as jnp
 
+        from qwenvl_jax import distributed as dist
         from qwenvl_jax import losses
         from qwenvl_jax.rl.batch import completion_stats
-        from qwenvl_jax.rl.rewards import score
+        from qwenvl_jax.rl.rewards import failure_metrics, score
         from qwenvl_jax.rl.rollout import rollout
+        from qwenvl_jax.train import hosts
 
         before = self.prompts.get_state()
-        try:
-            prompts = next(self.prompts)
-        except StopIteration:
+        prompts = next(self.prompts, None)
+        if self.processes > 1 and not dist.agree(prompts is not None, 0, False).have_data:
+            return None  # the prompts end for all when they end for one
+        if prompts is None:
             return None
         model = model_fn()
+        if self.processes > 1:
+            model = hosts.localize(model, self.mesh)
         t0 = time.perf_counter()
         rollouts, timing = rollout(
-            model, prompts, self.prompt_spec, self.sampling, seed=_seed(self.run_seed, step), mesh=self.mesh
-        )
+            model, prompts, self.prompt_spec, self.sampling, seed=_seed(self.run_seed, step), mesh=self.mesh,
+            row_ids=self.row_ids,
+        )  # fmt: skip
         del model
         t1 = time.perf_counter()
         G = self.G
@@ -363,16 +408,19 @@ class GrpoSource:
             policy=self.settings["reward_policy"],
             trainer_state={"global_step": step - 1},
         )
-        rewards = jnp.asarray(scores.rewards_per_func)
+        # Advantages and metrics over every process's rows: groups and batch statistics as on one process.
+        whole, offset = self._whole(scores.rewards_per_func)
+        rewards = jnp.asarray(whole)
         kw = dict(num_generations=G, reward_weights=jnp.asarray(scores.weights),
                   scale_rewards=self.settings["scale_rewards"],
                   multi_objective_aggregation=self.settings["multi_objective_aggregation"])  # fmt: skip
         advantages = np.asarray(losses.grpo_advantages(rewards, **kw), np.float32)
+        advantages = advantages[offset : offset + len(texts)]
         metrics = {
             k: float(v) for k, v in losses.grpo_reward_metrics(rewards, names=scores.labels, **kw).items()
         }
-        metrics.update(completion_stats(rollouts))
-        metrics.update({f"rewards/{label}/failures": float(n) for label, n in scores.failures.items() if n})
+        metrics.update(completion_stats(self._whole(rollouts.lengths)[0], self._whole(rollouts.stopped)[0]))
+        metrics.update(failure_metrics(scores))
         micro = self._micro_batches(prompts, rollouts, advantages)
         t2 = time.perf_counter()
         old = [np.asarray(old_logps(mb), np.float32) for mb in micro] if self.needs_old else None
@@ -381,7 +429,7 @@ class GrpoSource:
         metrics.update({"time/rollout_s": t1 - t0, "time/reward_s": t2 - t1, "time/old_logps_s": t3 - t2,
                         "time/prefill_s": timing["prefill_s"], "time/decode_s": timing["decode_s"]})  # fmt: skip
         every = int(self.settings["log_completions_every"])
-        if every and (step % every == 0 or step == 1):
+        if every and (step % every == 0 or step == 1) and dist.is_primary():  # process 0's prompts
             self._log_samples(step, prompts, texts, scores, advantages)
         return metrics
 
@@ -402,7 +450,10 @@ class GrpoSource:
                                         "advantage": float(advantages[r])}) + "\n")  # fmt: skip
 
     def truncate_log(self, step: int) -> None:
-        truncate_samples(self.completions_path, step)
+        from qwenvl_jax import distributed as dist
+
+        if dist.is_primary():
+            truncate_samples(self.completions_path, step)
 
 
 def truncate_samples(path: Path, step: int) -> None:

@@ -13,6 +13,11 @@ Row order: process p's rows are the p-th block of the global batch. A DPO batch 
 `[chosen x b, rejected x b]`; the global one is therefore those blocks in process order, which the DPO
 objective reads with `pair_blocks = processes` (`losses.dpo_pair_split`).
 
+GRPO and PPO (`train.grpo`, `train.ppo`): each process generates for its share of a generation's prompts
+on its own devices (`local_mesh`, `localize`), with sampling keys by global row (`global_rows`); per-row
+host values are all-gathered (`distributed.gather_rows`) so that advantages and metrics are the whole
+batch's; the old log-probs and PPO's scoring pass run on the global micro-batch (`score_rows`).
+
 Files (config.json, metrics, tensorboard, plots, final/, the run lock) are written by process 0; each
 process keeps its own skip log (`skipped.jsonl`, `skipped.p<i>.jsonl`). The run directory must be one
 shared file system for all hosts (Orbax's multi-host checkpoints need it too).
@@ -29,8 +34,6 @@ import numpy as np
 from qwenvl_jax import distributed as dist
 from qwenvl_jax.train.config import ConfigError
 
-# Kinds whose loop feeds collated batches from the record stream (GRPO and PPO generate theirs).
-STREAM_KINDS = ("sft", "dpo", "reward")
 _SPLIT = ("batch_size", "image_patches", "video_patches", "max_images", "max_videos")
 
 
@@ -39,11 +42,6 @@ def check_split(config: dict, processes: int) -> None:
     if processes == 1:
         return
     kind = config["kind"]
-    if kind not in STREAM_KINDS:
-        raise ConfigError(
-            f"kind: {kind} on {processes} processes: multi-process runs support sft, dpo and reward so far "
-            "(GRPO and PPO generate on one process; run them on one host)"
-        )
     batch = config["batch"]
     unit = int(batch.get("merge_size") or 2) ** 2
     for key in _SPLIT:
@@ -60,6 +58,32 @@ def check_split(config: dict, processes: int) -> None:
         raise ConfigError(
             "batch.pack on several processes is not supported: packed rows are planned per batch"
         )
+    mesh = config.get("mesh") or {}
+    shards = int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1))
+    if mesh and shards % processes:
+        raise ConfigError(
+            f"mesh data x fsdp = {shards} does not split over {processes} processes: each process holds "
+            "whole tensor groups (the tensor axis stays within a host)"
+        )
+    if kind == "grpo":
+        _check_grpo_split(config, processes)
+
+
+def _check_grpo_split(config: dict, processes: int) -> None:
+    """GRPO: each process generates for an equal share of a generation's prompts, all G completions of a
+    prompt on the process that holds it, and collates its rows in its share of the shared vision budget."""
+    from qwenvl_jax.train.grpo import local_budget, prompt_budgets
+
+    prompts = prompt_budgets(config)[0]
+    if prompts % processes:
+        raise ConfigError(
+            f"grpo: {prompts} prompts per generation (batch_size x steps_per_generation / num_generations) "
+            f"do not split over {processes} processes: each process generates for an equal share"
+        )
+    try:
+        local_budget(config, processes)
+    except ValueError as err:
+        raise ConfigError(f"{err} (on {processes} processes, each with its share of the batch)") from None
 
 
 def local_config(config: dict, processes: int, frame_patches: int) -> dict:
@@ -109,6 +133,87 @@ def to_global(stacked: Mapping[str, np.ndarray], mesh, local_rows: int) -> dict[
         data = merged.get(key, np.asarray(value))
         out[key] = jax.make_array_from_process_local_data(shardings[key], data, tuple(np.shape(shapes[key])))
     return out
+
+
+def global_rows(rows: int, block: int) -> np.ndarray:
+    """The ids in the global generation batch of this process's `rows` rows, `block` the rows it gives each
+    training micro-batch: a global micro-batch is every process's block in process order, so local row
+    `r` is row `(r // block) * block * processes + index * block + r % block` of the global batch, the
+    order one process holding every row would have them in. Sampling keys follow these ids
+    (`rl.rollout`), so a run's samples do not depend on how many processes share it."""
+    r = np.arange(rows)
+    processes, index = dist.process_count(), dist.process_index()
+    return (r // block) * block * processes + index * block + r % block
+
+
+def local_mesh(mesh):
+    """The sub-mesh of this process's devices (same axis names), on which it generates for its own prompts
+    (GRPO, PPO). Its devices must form a box of the mesh holding whole tensor groups, as `make_mesh`
+    lays processes out along data and fsdp; `ConfigError` otherwise."""
+    import jax
+    from jax.sharding import Mesh
+
+    devices = np.asarray(mesh.devices)
+    mine = np.vectorize(lambda d: d.process_index == jax.process_index())(devices)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mine))
+    sub = devices[box]
+    tensor = dict(zip(mesh.axis_names, devices.shape, strict=True)).get("tensor", 1)
+    if (
+        sub.size != int(mine.sum())
+        or dict(zip(mesh.axis_names, sub.shape, strict=True)).get("tensor", 1) != tensor
+    ):
+        raise ConfigError(
+            f"mesh {dict(mesh.shape)}: a process's devices must hold whole tensor groups to generate on "
+            "their own (GRPO, PPO on several processes); use a tensor size that divides each host's devices"
+        )
+    return Mesh(sub, mesh.axis_names, axis_types=getattr(mesh, "axis_types", None))
+
+
+def localize(model, sub_mesh):
+    """`model` (the sampler view, laid out on the global mesh, whole along data and fsdp) as a model on
+    this process's `sub_mesh`: each array built from the shards this process already holds, no copy."""
+    import jax
+    from flax import nnx
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def move(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        if isinstance(x.sharding, NamedSharding):
+            local = NamedSharding(sub_mesh, x.sharding.spec)
+            if local.shard_shape(x.shape) == x.sharding.shard_shape(x.shape):
+                shards = {s.device: s.data for s in x.addressable_shards}
+                return jax.make_array_from_single_device_arrays(
+                    x.shape, local, [shards[d] for d in sub_mesh.devices.flat]
+                )
+        whole = np.asarray(multihost_utils.process_allgather(x, tiled=True))  # split along data/fsdp
+        return jax.device_put(whole, NamedSharding(sub_mesh, PartitionSpec()))
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(move, state))
+
+
+def score_rows(fn, args, micro_batch: Mapping[str, np.ndarray], mesh):
+    """`fn(*args, batch)` on the global micro-batch made of every process's `micro_batch` (`batch` has a
+    leading micro-batch axis of 1, laid out by `to_global` as the train step's batch), its row outputs
+    back as this process's rows (host numpy). Every process must call it. GRPO's old log-probs, PPO's
+    scoring pass (on one process too, for the layout)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    from qwenvl_jax.train.step import stack_micro_batches
+
+    rows = int(np.shape(micro_batch["input_ids"])[0])
+    batch = to_global(stack_micro_batches([micro_batch]), mesh, rows)
+    out = fn(*args, batch)
+    start = dist.process_index() * rows
+
+    def mine(x):
+        whole = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return whole[start : start + rows]
+
+    return jax.tree.map(mine, out)
 
 
 def gather_params(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -253,10 +253,13 @@ def _skip_log_name() -> str:
     return "skipped.jsonl" if index == 0 else f"skipped.p{index}.jsonl"
 
 
-def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
+def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path, paths: list[str] | None = None):
     """GRPO's and PPO's prompt iterator: P prompts per generation within its vision budget, each within a
-    row's share of the training micro-batch's (`train.grpo.prompt_budgets`, `train.ppo.prompt_budgets`)."""
+    row's share of the training micro-batch's (`train.grpo.prompt_budgets`, `train.ppo.prompt_budgets`);
+    on several processes, this process's shard and its share of the P prompts (`train.hosts`)."""
+    from qwenvl_jax import distributed as dist
     from qwenvl_jax.data.prompts import make_prompt_batches
+    from qwenvl_jax.train.hosts import local_config
 
     if config["kind"] == "ppo":
         from qwenvl_jax.train.ppo import ppo_settings as settings
@@ -265,10 +268,17 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path):
         from qwenvl_jax.train.grpo import grpo_settings as settings
         from qwenvl_jax.train.grpo import prompt_budgets
 
+    processes = dist.process_count()
+    config = local_config(config, processes, frame_bound(config["batch"], processor))
     prompts, budget, per_prompt = prompt_budgets(config)
     per_prompt = {**per_prompt, "max_frame_patches": frame_bound(config["batch"], processor)}
+    shard = {"shard_index": dist.process_index(), "shard_count": processes} if processes > 1 else {}
     return make_prompt_batches(
-        *_source(config, run_dir, processor, proc_dir),
+        *_source(config, run_dir, processor, proc_dir, paths),
+        **shard,
+        # PPO's generation batch is its mini-batches' rows: a short last one is dropped, as TRL's loader
+        # does (drop_last); GRPO pads a short one with masked rows.
+        drop_remainder=config["kind"] == "ppo",
         prompts_per_batch=prompts,
         max_prompt_length=int(settings(config)["max_prompt_length"]),
         prompt_suffix=config["data"].get("prompt_suffix") or "",
@@ -382,6 +392,21 @@ class _Steps:
             )
             self.cache[key] = fn
         return fn(state, frozen, batch, *extra)
+
+
+def _scorer(fn, mesh):
+    """`fn(*args, micro_batch)` jitted (GRPO's old log-probs, PPO's scoring pass). On a mesh the
+    micro-batch enters laid out as the train step's (rows over data x fsdp, not replicated), and on
+    several processes it is this process's rows: the call runs on the global micro-batch of every
+    process's rows and returns this process's rows of the outputs (`hosts.score_rows`)."""
+    import jax
+
+    from qwenvl_jax.train import hosts
+
+    if mesh is None:
+        return jax.jit(fn)
+    one = jax.jit(lambda *args: fn(*args[:-1], {k: v[0] for k, v in args[-1].items()}))
+    return lambda *args: hosts.score_rows(one, args[:-1], args[-1], mesh)
 
 
 def _next_micro_batches(batches, accum: int, pad_token_id: int) -> list[dict] | None:
@@ -530,13 +555,13 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     if kind == "grpo":
         from qwenvl_jax.train.grpo import GrpoSource
 
-        batches = GrpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir),
+        batches = GrpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir, paths),
                              run_dir=run_dir, mesh=mesh)  # fmt: skip
     elif kind == "ppo":
         from qwenvl_jax.train.ppo import PpoSource
 
-        batches = PpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir), run_dir=run_dir,
-                            eos_token_id=model_config.eos_token_id[0], mesh=mesh)  # fmt: skip
+        batches = PpoSource(config, processor, _make_prompts(config, run_dir, processor, proc_dir, paths),
+                            run_dir=run_dir, eos_token_id=model_config.eos_token_id[0], mesh=mesh)  # fmt: skip
     else:
         batches = _make_batches(config, run_dir, processor, proc_dir, paths)
 
@@ -612,10 +637,10 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         batches.truncate_log(start)
         ppo_ref = extra[0] if extra else None
         extra = ()  # the reference enters the scoring pass only, never the train step
-        score = jax.jit(ppo_score_fn(
+        score = _scorer(ppo_score_fn(
             graphdef, frozen, lora_cfg=lora_cfg, temperature=step_kw["temperature"], chunk_size=step_kw["chunk_size"],
             reward_graphdef=None if reward is None else reward[0], pad_token_id=int(processor.pad_token_id),
-        ))  # fmt: skip
+        ), mesh)  # fmt: skip
         reward_args = None if reward is None else (reward[1], reward[2])
         view = sampler_view(graphdef, frozen, lora_cfg, dtype=model_config.dtype, mesh=mesh,
                             logical_axes=logical_axes)  # fmt: skip
@@ -626,8 +651,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         step_kw = grpo_step_kw(config)
         batches.truncate_log(start)
         # Old log-probs (num_iterations > 1 or steps_per_generation > grad_accum): jitted once.
-        score = jax.jit(score_fn(graphdef, frozen, lora_cfg=lora_cfg, chunk_size=step_kw["chunk_size"],
-                                 temperature=step_kw["temperature"]))  # fmt: skip
+        score = _scorer(score_fn(graphdef, frozen, lora_cfg=lora_cfg, chunk_size=step_kw["chunk_size"],
+                                 temperature=step_kw["temperature"]), mesh)  # fmt: skip
         from qwenvl_jax.train.grpo import sampler_view
 
         view = sampler_view(graphdef, frozen, lora_cfg, dtype=model_config.dtype, mesh=mesh,

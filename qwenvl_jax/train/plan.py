@@ -324,7 +324,8 @@ def grpo_vision_budget(config: dict, merge_size: int) -> dict[str, int]:
     from qwenvl_jax.train.grpo import micro_batch_budget
 
     batch = {k: v for k, v in batch_section(config).items() if k != "pack"}
-    return micro_batch_budget({**config, "batch": {**batch, "merge_size": merge_size}})
+    hosts = parse_target(config["target"]).hosts if config.get("target") else 1
+    return micro_batch_budget({**config, "batch": {**batch, "merge_size": merge_size}}, hosts)
 
 
 def grpo_settings(config: dict) -> dict:
@@ -984,7 +985,10 @@ def plan(config: dict) -> Plan:
         rollout=rollout,
         prefill_formula=prefill_formula,
         scoring_formula=scoring_formula,
-        config_for_hosts={"kind": kind, "batch": dict(config.get("batch") or {})},
+        config_for_hosts={
+            **{k: config[k] for k in ("batch", "grad_accum", "grpo", "ppo", "mesh") if k in config},
+            "kind": kind,
+        },
     )
 
 

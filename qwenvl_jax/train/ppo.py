@@ -13,7 +13,10 @@ TRL 0.22.1 `PPOTrainer.train` (spec rl.md section 4), one generation batch at a 
    token, `whiten_rewards`, GAE and advantage whitening, over the whole generation batch;
 4. `num_ppo_epochs` passes, each over a fresh permutation of the rows cut into `num_mini_batches`
    mini-batches; one optimizer step per mini-batch, of `grad_accum` micro-batches of `batch.batch_size`
-   rows. A generation batch therefore serves `num_ppo_epochs x num_mini_batches` optimizer steps.
+   rows (each micro-batch's rows kept in generation order). On several processes each permutes its own
+   rows, so a mini-batch holds an equal share of every process's rows. A generation batch therefore
+   serves `num_ppo_epochs x num_mini_batches` optimizer steps; a short last one (the end of the data) is
+   dropped, as TRL's loader drops it.
 
 Where this differs from TRL 0.22.1, on purpose:
 - the old log-probs are those of the training forward on the rollout's weights (the scoring pass), not
@@ -107,13 +110,20 @@ class PpoSource:
     """Generation batches for the loop, checkpointable like the other kinds' batch iterators."""
 
     def __init__(self, config: dict, processor, prompts, *, run_dir: Path, eos_token_id: int, mesh=None):
+        from qwenvl_jax import distributed as dist
         from qwenvl_jax.processing.batch import BatchSpec
         from qwenvl_jax.rl.rewards import RewardError, load_rewards
         from qwenvl_jax.rl.rollout import SamplingConfig
+        from qwenvl_jax.train import hosts
         from qwenvl_jax.train.loop import frame_bound
 
         s = self.settings = ppo_settings(config)
-        self.processor, self.prompts, self.mesh = processor, prompts, mesh
+        # On several processes each generates for its share of the prompts on its own devices and serves
+        # its rows; the PPO arrays (GAE, whitening) are computed over every process's rows.
+        self.processes = dist.process_count()
+        config = hosts.local_config(config, self.processes, frame_bound(config["batch"], processor))
+        self.processor, self.prompts = processor, prompts
+        self.mesh = hosts.local_mesh(mesh) if mesh is not None and self.processes > 1 else mesh
         self.run_seed = int(config["seed"])
         self.accum, self.mini = int(config["grad_accum"]), int(s["num_mini_batches"])
         self.rows = rows_per_generation(config)
@@ -150,6 +160,8 @@ class PpoSource:
         self.weights = (np.asarray(weights, np.float32) if weights is not None
                         else np.asarray([r.weight for r in self.rewards], np.float32))  # fmt: skip
         self.completions_path = Path(run_dir) / "completions.jsonl"
+        self.row_offset = dist.process_index() * self.rows  # this process's rows in the gathered arrays
+        self.row_ids = hosts.global_rows(self.rows, self.train_spec.batch_size)  # sampling keys
 
     @property
     def skipped(self):
@@ -209,7 +221,12 @@ class PpoSource:
                     ex["labels"] = np.concatenate(
                         [ex["labels"], np.full(self.suffix.size, -100, ex["labels"].dtype)]
                     )
-        seq = self.train_spec.bucket(max(ex["input_ids"].size for ex in examples))
+        longest = max(ex["input_ids"].size for ex in examples)
+        if self.processes > 1:  # one sequence bucket for every process's rows
+            from qwenvl_jax import distributed as dist
+
+            longest = dist.agree(True, longest, False).seq
+        seq = self.train_spec.bucket(longest)
         starts = [np.asarray(prompts[i]["input_ids"]).size for i in range(len(prompts))]
         index = np.stack([response_index(n, seq, self.T) for n in starts])
         return {"prompts": prompts, "rollouts": rollouts, "arrays": arrays, "examples": examples, "seq": seq,
@@ -251,24 +268,39 @@ class PpoSource:
         size = self.rows // self.mini
         rows = order[mini * size : (mini + 1) * size]
         n = self.train_spec.batch_size
-        micro = [self.collate(rows[i : i + n]) for i in range(0, size, n)]
+        # Each micro-batch's rows in generation order: the permutation decides which rows train together;
+        # their order within a micro-batch would only change float summation order (and, on several
+        # processes, a micro-batch is every process's block in turn, as one process's would be).
+        micro = [self.collate(np.sort(rows[i : i + n])) for i in range(0, size, n)]
         b["position"] += 1
         return {"micro": micro, "metrics": metrics}
 
+    def _whole(self, x) -> np.ndarray:
+        """Per-row host values of this process's rows with every process's, in global row order
+        (`distributed.gather_rows`)."""
+        from qwenvl_jax import distributed as dist
+
+        return dist.gather_rows(np.asarray(x), self.rows)[0]
+
     def _generate(self, model_fn, score, step: int) -> dict[str, Any] | None:
+        from qwenvl_jax import distributed as dist
         from qwenvl_jax.losses_ppo import adaptive_kl_coef, ppo_advantages
         from qwenvl_jax.rl.batch import completion_stats
         from qwenvl_jax.rl.rollout import rollout
+        from qwenvl_jax.train import hosts
 
         before = self.prompts.get_state()
-        try:
-            prompts = next(self.prompts)
-        except StopIteration:
+        prompts = next(self.prompts, None)
+        if self.processes > 1 and not dist.agree(prompts is not None, 0, False).have_data:
+            return None  # the prompts end for all when they end for one
+        if prompts is None:
             return None
         model = model_fn()
+        if self.processes > 1:
+            model = hosts.localize(model, self.mesh)
         t0 = time.perf_counter()
         rollouts, timing = rollout(model, prompts, self.prompt_spec, self.sampling,
-                                   seed=_seed(self.run_seed, step), mesh=self.mesh)  # fmt: skip
+                                   seed=_seed(self.run_seed, step), mesh=self.mesh, row_ids=self.row_ids)  # fmt: skip
         del model
         t1 = time.perf_counter()
         decode = self.processor.tokenizer.decode
@@ -291,18 +323,23 @@ class PpoSource:
         for r in range(self.rows):
             c = rollouts.completion(r)[: self.T]
             responses[r, : c.size] = c
+        # GAE and whitening over the whole generation batch: every process's rows, as on one process.
+        responses, scores = self._whole(responses), self._whole(scores)
+        scored = {k: self._whole(v) for k, v in scored.items()}
+        lengths, stopped = self._whole(rollouts.lengths), self._whole(rollouts.stopped)
+        mine = slice(self.row_offset, self.row_offset + self.rows)
         out = ppo_advantages(
             responses, scored["logprobs"], scored["ref_logprobs"], scored["values"], scores.astype(np.float32),
             eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, stop_token_id=None,
             kl_coef=self.kl_coef, kl_estimator=s["kl_estimator"], gamma=float(s["gamma"]), lam=float(s["lam"]),
             whiten_rewards=bool(s["whiten_rewards"]),
         )  # fmt: skip
-        self.buffer["arrays"] = {k: np.asarray(out[k]) for k in ROW_ARRAYS}
+        self.buffer["arrays"] = {k: np.asarray(out[k])[mine] for k in ROW_ARRAYS}
         metrics.update({k: float(v) for k, v in out["metrics"].items() if k != "val/num_eos_tokens"})
-        metrics["val/num_eos_tokens"] = float(rollouts.stopped.sum())
+        metrics["val/num_eos_tokens"] = float(stopped.sum())
         metrics["objective/kl_coef"] = self.kl_coef
-        metrics.update(completion_stats(rollouts))
-        metrics.update(_sampling_gap(rollouts, scored["logprobs"]))
+        metrics.update(completion_stats(lengths, stopped))
+        metrics.update(_sampling_gap(lengths, self._whole(rollouts.logprobs), scored["logprobs"]))
         if s["kl_target"] is not None:  # the coefficient of the NEXT generation batch
             self.kl_coef = float(adaptive_kl_coef(self.kl_coef, metrics["objective/kl"], self.rows,
                                                   target=float(s["kl_target"]), horizon=int(s["kl_horizon"])))  # fmt: skip
@@ -311,13 +348,13 @@ class PpoSource:
                         "time/advantages_s": t4 - t3, "time/prefill_s": timing["prefill_s"],
                         "time/decode_s": timing["decode_s"]})  # fmt: skip
         every = int(s["log_completions_every"])  # in generation batches
-        if every and ((step - 1) // self.per_generation) % every == 0:
-            self._log_samples(step, prompts, texts, scores, np.asarray(out["advantages"]))
+        if every and ((step - 1) // self.per_generation) % every == 0 and dist.is_primary():
+            self._log_samples(step, prompts, texts, scores[mine], np.asarray(out["advantages"])[mine])
         return metrics
 
     def _reward_functions(self, prompts, rollouts, texts, step) -> tuple[np.ndarray, dict[str, float]]:
         """`(weighted sum per row, metrics)` of the reward functions (zeros and no metrics without any)."""
-        from qwenvl_jax.rl.rewards import score
+        from qwenvl_jax.rl.rewards import failure_metrics, score
 
         if not self.rewards:
             return np.zeros(self.rows, np.float32), {}
@@ -333,12 +370,13 @@ class PpoSource:
         )  # fmt: skip
         per_func = np.asarray(scores.rewards_per_func, np.float32)
         total = np.nansum(per_func * np.asarray(scores.weights, np.float32)[None], axis=1)
+        per_func = self._whole(per_func)  # the metrics are the whole generation batch's
         metrics = {}
         for j, label in enumerate(scores.labels):
             metrics[f"rewards/{label}/mean"] = (
                 float(np.nanmean(per_func[:, j])) if np.isfinite(per_func[:, j]).any() else float("nan")
             )
-        metrics.update({f"rewards/{label}/failures": float(n) for label, n in scores.failures.items() if n})
+        metrics.update(failure_metrics(scores))
         return total.astype(np.float32), metrics
 
     def _log_samples(self, step, prompts, texts, scores, advantages) -> None:
@@ -351,16 +389,22 @@ class PpoSource:
                                     "advantage_mean": float(advantages[r][real].mean()) if real.any() else 0.0}) + "\n")  # fmt: skip
 
     def truncate_log(self, step: int) -> None:
-        truncate_samples(self.completions_path, step)
+        from qwenvl_jax import distributed as dist
+
+        if dist.is_primary():
+            truncate_samples(self.completions_path, step)
 
 
-def _sampling_gap(rollouts, logprobs_bt: np.ndarray) -> dict[str, float]:
-    """The sampler's log-probs against the scoring forward's, over the completion tokens (the mismatch
-    users chase between inference and training numerics)."""
+def _sampling_gap(
+    lengths: np.ndarray, sampler_logprobs: np.ndarray, logprobs_bt: np.ndarray
+) -> dict[str, float]:
+    """The sampler's log-probs (`Rollouts.logprobs`, of rows of `lengths` tokens) against the scoring
+    forward's, over the completion tokens (the mismatch users chase between inference and training
+    numerics)."""
     t = logprobs_bt.shape[1]
-    mask = np.arange(t)[None] < np.minimum(rollouts.lengths, t)[:, None]
+    mask = np.arange(t)[None] < np.minimum(lengths, t)[:, None]
     if not mask.any():
         return {}
-    gap = np.abs(np.asarray(logprobs_bt, np.float64) - rollouts.logprobs[:, :t])[mask]
+    gap = np.abs(np.asarray(logprobs_bt, np.float64) - sampler_logprobs[:, :t])[mask]
     return {"sampling/sampling_logp_difference/mean": float(gap.mean()),
             "sampling/sampling_logp_difference/max": float(gap.max())}  # fmt: skip
