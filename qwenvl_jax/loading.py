@@ -17,6 +17,7 @@ from flax import nnx
 
 from qwenvl_jax.config import Qwen25VLConfig, generation_eos_token_ids
 from qwenvl_jax.model import Qwen25VL
+from qwenvl_jax.quant import QUANTIZE_KINDS, nf4_targets, quantize_nf4, quantize_stream
 from qwenvl_jax.weights import (
     CheckpointMismatchError,
     checkpoint_files,
@@ -44,13 +45,39 @@ def _config_dir(path: Path) -> Path:
     return params_dir(path).parent
 
 
-def abstract_model(config: Qwen25VLConfig) -> Qwen25VL:
-    """The model with ShapeDtypeStruct leaves: full-size shapes without allocating a byte."""
-    return nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+def abstract_model(
+    config: Qwen25VLConfig, *, quantize: str | None = None, quantize_vision: bool = False
+) -> Qwen25VL:
+    """The model with ShapeDtypeStruct leaves: full-size shapes without allocating a byte. `quantize`,
+    `quantize_vision`: the kernels `model_from_params` would quantize are abstract `NF4Weight`s."""
+    model = nnx.eval_shape(lambda: Qwen25VL(config, rngs=nnx.Rngs(0)))
+    _check_quantize(quantize)
+    if quantize:
+        params = nnx.state(model, nnx.Param)
+        flat = {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(params)}
+        for path in nf4_targets({k: v.shape for k, v in flat.items()}, vision=quantize_vision):
+            flat[path].set_value(jax.eval_shape(quantize_nf4, flat[path].get_value()))
+        nnx.update(model, params)
+    return model
 
 
-def model_from_params(config: Qwen25VLConfig, flat: dict[str, Any]) -> Qwen25VL:
-    """Put flat `{'a/b/c': array}` parameters into a model of `config`; keys and shapes must match exactly."""
+def _check_quantize(quantize: str | None) -> None:
+    if quantize not in (None, *QUANTIZE_KINDS):
+        raise ValueError(f"quantize={quantize!r}: expected one of {QUANTIZE_KINDS} or None")
+
+
+def model_from_params(
+    config: Qwen25VLConfig,
+    flat: dict[str, Any],
+    *,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
+) -> Qwen25VL:
+    """Put flat `{'a/b/c': array}` parameters into a model of `config`; keys and shapes must match exactly.
+
+    `quantize="nf4"`: the kernels `quant.nf4_targets` names (the decoder's, and with `quantize_vision` the
+    vision tower's) are stored in NF4, QLoRA's frozen base. Each is quantized as it is read, one layer
+    at a time (`quant.quantize_stream`): the model never stands on the device in full precision."""
     graphdef, state = nnx.split(abstract_model(config))
     pure = nnx.to_pure_dict(state)
     expected = flatten_params(pure)
@@ -63,17 +90,29 @@ def model_from_params(config: Qwen25VLConfig, flat: dict[str, Any]) -> Qwen25VL:
             missing=missing, unexpected=unexpected, wrong_shape=wrong, source="parameters"
         )
     param_dtype = jnp.dtype(config.param_dtype)
-    # One device array at a time from the (memory-mapped) host arrays.
-    filled = unflatten_params({k: jnp.asarray(flat[k], dtype=param_dtype) for k in expected})
+    _check_quantize(quantize)
+    targets = (
+        set(nf4_targets({k: v.shape for k, v in expected.items()}, vision=quantize_vision))
+        if quantize
+        else ()
+    )
+
+    def one(key):  # one device array at a time from the (memory-mapped) host arrays
+        if key in targets:
+            return quantize_stream(np.asarray(flat[key]).astype(param_dtype))
+        return jnp.asarray(flat[key], dtype=param_dtype)
+
+    filled = unflatten_params({k: one(k) for k in expected})
     nnx.replace_by_pure_dict(state, filled)
     return nnx.merge(graphdef, state)
 
 
-def random_model(config: Qwen25VLConfig, seed: int = 0) -> Qwen25VL:
+def random_model(config: Qwen25VLConfig, seed: int = 0, **quantize: Any) -> Qwen25VL:
     """A model of `config` with random weights drawn in numpy: fast, deterministic, no torch.
 
     Norm scales 1 + N(0, 0.1^2), matrices N(0, 1/fan_in), other vectors N(0, 0.1^2). Eager NNX init would
-    cost seconds per tiny model on many devices; this fills the abstract model instead.
+    cost seconds per tiny model on many devices; this fills the abstract model instead. `quantize`,
+    `quantize_vision`: as `model_from_params`.
     """
     rng = np.random.default_rng(seed)
     flat = {}
@@ -86,7 +125,7 @@ def random_model(config: Qwen25VLConfig, seed: int = 0) -> Qwen25VL:
         else:
             value = 0.1 * rng.normal(size=shape)
         flat["/".join(map(str, path))] = value.astype(np.float32)
-    return model_from_params(config, flat)
+    return model_from_params(config, flat, **quantize)
 
 
 def load(
@@ -94,6 +133,8 @@ def load(
     *,
     dtype: str = "bfloat16",
     param_dtype: str | None = None,
+    quantize: str | None = None,
+    quantize_vision: bool = False,
     **policy: Any,
 ) -> Qwen25VL:
     """Load an HF Qwen2.5-VL directory (single or sharded safetensors, tied 3B without `lm_head.weight`) or an
@@ -102,6 +143,9 @@ def load(
     `dtype` is the compute dtype; parameters are stored in `param_dtype` (default: `dtype`, which is what
     inference wants; training keeps float32 master weights with `param_dtype="float32"`). Other keyword
     arguments set the config's execution policy (`attention_backend`, `remat`, `scan_layers`).
+
+    `quantize="nf4"` (QLoRA) stores the decoder's kernels (and with `quantize_vision` the vision tower's)
+    in NF4 as they are read (`model_from_params`).
     """
     path = Path(path).expanduser().absolute()  # Orbax refuses relative paths
     policy = dict(policy, dtype=dtype, param_dtype=param_dtype or dtype)
@@ -121,7 +165,7 @@ def load(
         )
     # transformers' generate also stops on generation_config.json's eos ids: so do we.
     config = config.with_eos_token_ids(generation_eos_token_ids(_config_dir(path)))
-    return model_from_params(config, flat)
+    return model_from_params(config, flat, quantize=quantize, quantize_vision=quantize_vision)
 
 
 def param_count(model_or_config) -> int:
@@ -129,4 +173,5 @@ def param_count(model_or_config) -> int:
     model = (
         abstract_model(model_or_config) if isinstance(model_or_config, Qwen25VLConfig) else model_or_config
     )
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return sum(int(np.prod(var.get_value().shape)) for _, var in params)

@@ -174,6 +174,70 @@ def nf4_bytes(
     return math.prod(lead) * per_weight
 
 
+def is_nf4(x) -> bool:
+    return isinstance(x, NF4Weight)
+
+
+def map_arrays(fn, q: NF4Weight, kernel_axes) -> NF4Weight:
+    """`q` with each array `x` replaced by `fn(x, axes)`, `axes` its logical axes given the kernel's
+    `(..., in_axis, out_axis)`: the codes are laid out like the kernel (pairs of `in` by `out`); the
+    absmax like it along `out` and whole along its blocks of `in` (`in / 64` rows, which an FSDP split
+    rarely divides: 3584 / 64 = 56 over 16 devices; whole, it costs 1/128 of a bf16 kernel); absmax2 and
+    offset keep the kernel's leading (layer) axes only, their own axis whole. For the shardings of a
+    quantized kernel, which thereby follow the kernel's rules."""
+    axes = tuple(kernel_axes)
+    lead = axes[:-2]
+    return dataclasses.replace(
+        q,
+        codes=fn(q.codes, axes),
+        absmax=fn(q.absmax, (*lead, None, axes[-1])),
+        absmax2=None if q.absmax2 is None else fn(q.absmax2, (*lead, None)),
+        offset=None if q.offset is None else fn(q.offset, lead),
+    )
+
+
+QUANTIZED_SCOPES = ("text/layers/",)
+VISION_SCOPES = ("visual/",)
+QUANTIZE_KINDS = ("nf4",)
+
+
+def nf4_targets(shapes, *, vision: bool = False) -> list[str]:
+    """The kernels QLoRA stores in NF4, of `{"a/b/kernel": shape}`: every kernel of the decoder layers
+    (attention and MLP projections), and with `vision` the vision tower's and merger's kernels whose
+    `in` is a multiple of the block size. That is all of them but the vision MLP's down projection
+    (in = 3420), which stays at the param dtype (see `_check_shape`).
+
+    Embeddings, norms, biases and the LM head stay unquantized, as transformers' `load_in_4bit` keeps
+    `lm_head` and every non-Linear. The vision tower stays unquantized by default: it is 0.7 B
+    parameters of 7 B, and its activations, not its weights, dominate a vision step's memory.
+    """
+    kernels = {path: shape for path, shape in shapes.items() if path.endswith("/kernel") and len(shape) >= 2}
+    text = [path for path in kernels if path.startswith(QUANTIZED_SCOPES)]
+    tower = [path for path, shape in kernels.items()  # the patch embedding is a convolution, not a Linear
+             if vision and path.startswith(VISION_SCOPES) and not path.startswith("visual/patch_embed/")
+             and shape[-2] % NF4_BLOCK_SIZE == 0]  # fmt: skip
+    return sorted(text + tower)
+
+
+def per_array(fn, x, kernel_axes):
+    """`fn(x, kernel_axes)` for a plain parameter; for a quantized kernel, `map_arrays(fn, x, ...)`: the
+    one way the project lays out, sizes or casts a parameter leaf that may be quantized."""
+    return map_arrays(fn, x, kernel_axes) if is_nf4(x) else fn(x, tuple(kernel_axes))
+
+
+def quantize_stream(w, **options) -> NF4Weight:
+    """`quantize_nf4` of a host kernel `(..., in, out)` one weight at a time: each leading index is
+    moved to the device and quantized alone, so a stack of layers never stands on the device in full
+    precision (only one layer does, beside the quantized ones)."""
+    w = np.asarray(w) if not isinstance(w, jax.Array) else w
+    if w.ndim == 2:
+        return quantize_nf4(w, **options)
+    *lead, n_in, n_out = w.shape
+    flat = w.reshape(-1, n_in, n_out)
+    parts = [quantize_nf4(flat[i], **options) for i in range(flat.shape[0])]
+    return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*lead, *xs[0].shape), *parts)
+
+
 def _check_shape(shape, block_size: int, double_block_size: int) -> None:
     if block_size <= 0 or block_size % 2 or double_block_size <= 0:
         raise ValueError(

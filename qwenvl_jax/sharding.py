@@ -56,6 +56,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from qwenvl_jax.quant import is_nf4, map_arrays
+
 logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -320,7 +322,8 @@ def param_shardings(
     mesh: Mesh,
     rules: ShardingRules | Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
 ) -> nnx.State:
-    """`nnx.State` of `NamedSharding`, one per Param, from each Param's `logical_axes` metadata.
+    """`nnx.State` of `NamedSharding`, one per Param, from each Param's `logical_axes` metadata (for a
+    quantized kernel, `quant.NF4Weight` of them: a prefix of its value, not of the Param).
 
     The tree is a pytree prefix of `nnx.state(model, nnx.Param)` (Variables replaced by shardings), so it
     serves as `jax.device_put` target or jit `in_shardings`/`out_shardings` for that state. Variables
@@ -332,6 +335,9 @@ def param_shardings(
         resolved = _resolve_param(rules, path, var, mesh)
         for d in resolved.dropped:
             logger.warning("sharding fallback for %s: %s", "/".join(map(str, path)), d)
+        if is_nf4(var.get_value()):  # each of its arrays laid out by the kernel's axes
+            return map_arrays(lambda x, axes: NamedSharding(mesh, rules.spec(axes, x.shape, mesh)),
+                              var.get_value(), var.get_metadata()["logical_axes"])  # fmt: skip
         return NamedSharding(mesh, resolved.spec)
 
     state = _params(model_or_state)
@@ -350,7 +356,9 @@ def shard_model(
     logical axes rather than be replicated here.
     """
     params = nnx.state(model, nnx.Param)
-    nnx.update(model, jax.device_put(params, param_shardings(params, mesh, rules)))
+    shardings = nnx.to_pure_dict(param_shardings(params, mesh, rules))
+    nnx.replace_by_pure_dict(params, jax.device_put(nnx.to_pure_dict(params), shardings))
+    nnx.update(model, params)
     return model
 
 

@@ -570,6 +570,67 @@ def write_hf_checkpoint(
     return Path(out_dir)
 
 
+PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME = "adapter_model.safetensors", "adapter_config.json"
+
+
+def write_peft_adapter(
+    lora_params: Mapping[str, Mapping[str, Any]],
+    lora_cfg: Any,
+    config: Qwen25VLConfig,
+    out_dir: str | Path,
+    *,
+    base_model: str,
+    overwrite: bool = False,
+) -> Path:
+    """Write LoRA adapters (`train.lora`: `{"<kernel path>": {"a": A (..., in, r), "b": B (..., r, out)}}`)
+    as PEFT saves them, so that `peft.PeftModel.from_pretrained(<the HF base>, out_dir)` applies them:
+    `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight (r, in)` and `lora_B.weight
+    (out, r)` per layer, under transformers-5 module names (`model.language_model.layers.{i}...`), and
+    `adapter_config.json` (rank, alpha, dropout, and `target_modules` as a regex naming exactly the
+    adapted modules, so the vision tower's same-named projections are left alone). float32, as trained.
+
+    The adapters act on whatever base PEFT loads: the original bf16 weights, or the same weights in
+    4-bit (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+    bnb_4bit_use_double_quant=True)`), which is the base a QLoRA run trained against."""
+    import re
+
+    entries = {e.path: e for e in key_map(config)}
+    tensors: dict[str, np.ndarray] = {}
+    patterns = []
+    for path, ab in sorted(lora_params.items()):
+        entry = entries.get(path)
+        if entry is None or entry.transform != LINEAR:
+            raise ValueError(f"LoRA adapter {path!r} is not a Linear weight of {config.__class__.__name__}")
+        module = seq_cls_key(entry.hf).removesuffix(".weight")  # transformers-5 in-memory module name
+        patterns.append(re.escape(module).replace(re.escape("{i}"), r"\d+"))
+        a, b = np.asarray(ab["a"], np.float32), np.asarray(ab["b"], np.float32)
+        names = [module.format(i=i) for i in range(entry.layers)] if entry.layers else [module]
+        a, b = (a, b) if entry.layers else (a[None], b[None])
+        for i, name in enumerate(names):
+            tensors[f"base_model.model.{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            tensors[f"base_model.model.{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": int(lora_cfg.rank),
+        "lora_alpha": lora_cfg.alpha,
+        "lora_dropout": lora_cfg.dropout,
+        "target_modules": "(?:" + "|".join(patterns) + ")",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        save_safetensors(dict(sorted(tensors.items())), tmp / PEFT_WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / PEFT_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return Path(out_dir)
+
+
 def _as_sequence_classifier(path: Path, *, num_labels: int, pad_token_id: int | None) -> None:
     hf = json.loads(path.read_text(encoding="utf-8"))
     hf["architectures"] = [SEQ_CLS_ARCHITECTURE]

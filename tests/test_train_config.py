@@ -147,6 +147,17 @@ def test_bf16_base_is_fine_under_lora(tmp_path):
     assert cfg["model"]["param_dtype"] == "bfloat16"
 
 
+def test_qlora_keys_are_checked(tmp_path):
+    cfg = resolve(config(tmp_path, trainable="lora", lora={"quantize": "nf4", "quantize_vision": True}))
+    assert cfg["lora"]["quantize"] == "nf4" and cfg["lora"]["quantize_vision"] is True
+    with pytest.raises(ConfigError, match=r"config lora\.quantize='nf3'"):
+        resolve(config(tmp_path, trainable="lora", lora={"quantize": "nf3"}))
+    with pytest.raises(ConfigError, match=r"lora\.quantize_vision: true needs lora\.quantize: nf4"):
+        resolve(config(tmp_path, trainable="lora", lora={"quantize_vision": True}))
+    with pytest.raises(ConfigError, match="a lora section needs trainable: lora"):
+        resolve(config(tmp_path, lora={"quantize": "nf4"}))
+
+
 @pytest.mark.parametrize("raw", ["batch.seq_buckets=[96,", "=3", "a..b=1", "model.preset.x=1"])
 def test_malformed_set_is_one_line(raw):
     with pytest.raises(ConfigError, match="--set"):

@@ -46,6 +46,7 @@ EXPECTED = [
     "grpo_3b_lora_1xh100.yaml", "grpo_3b_8xh100.yaml", "grpo_7b_8xh100.yaml", "grpo_7b_v5p8.yaml",
     "ppo_3b_lora_1xh100.yaml", "ppo_7b_8xh100.yaml",
     "sft_7b_v5p16.yaml", "dpo_7b_v5p32.yaml", "sft_7b_2x8xh100.yaml", "grpo_7b_v5p16.yaml",  # several hosts
+    "sft_7b_qlora_24gb.yaml", "grpo_3b_qlora_24gb.yaml",  # QLoRA on one 24 GB GPU
 ]  # fmt: skip
 # Rank 16 on the 7 text projections of the 3B (grpo_3b_lora_1xh100's and ppo_3b_lora_1xh100's LoRA).
 ADAPTERS_3B = 29_933_568
@@ -248,6 +249,33 @@ def test_lora_adapters_stay_float32_on_a_bf16_base():
     assert not any("merged" in r.name for r in p.rows)
 
 
+def test_qlora_plan_counts_the_nf4_base():
+    """The frozen row of a QLoRA plan is the NF4 size of the decoder's kernels (`quant.nf4_bytes`) plus the
+    other weights at the param dtype, exactly; without `lora.quantize` it is the whole base at that dtype.
+    The dequantized layer is a row of its own."""
+    from qwenvl_jax.config import Qwen25VLConfig
+    from qwenvl_jax.quant import nf4_bytes, nf4_targets
+    from qwenvl_jax.weights import param_shapes
+
+    config = load("sft_7b_qlora_24gb.yaml")
+    shapes = param_shapes(Qwen25VLConfig.preset("7B"))
+    targets = set(nf4_targets(shapes))
+    assert len(targets) == 7 and all(t.startswith("text/layers/") for t in targets)
+    bf16 = {k: 2 * int(np.prod(s)) for k, s in shapes.items()}
+    expected = sum(nf4_bytes(shapes[k]) if k in targets else bf16[k] for k in shapes)
+
+    def rows(config):
+        return {r.name: r.bytes for r in plan(config).rows}
+
+    quantized = rows(config)
+    assert quantized["frozen params"] == expected
+    assert quantized["frozen params"] < 0.45 * sum(bf16.values())
+    assert quantized["dequantized kernels"] > 0
+    config["lora"].pop("quantize")
+    plain = rows(config)
+    assert plain["frozen params"] == sum(bf16.values()) and "dequantized kernels" not in plain
+
+
 def test_model_path_config_json_is_read(tmp_path):
     Qwen25VLConfig.preset("3B").save_pretrained(tmp_path)
     config = {**load("sft_3b_1xh100.yaml"), "model": {"path": str(tmp_path), "dtype": "bfloat16"}}
@@ -266,6 +294,8 @@ def test_model_path_config_json_is_read(tmp_path):
         ("v5p-16", 8, 95.0),
         ("v5p-32", 16, 95.0),
         ("2x8xh100", 16, 79.6),
+        ("1xl4", 1, 22.5),
+        ("1xrtx4090", 1, 24.0),
     ],
 )
 def test_parse_target(value, devices, memory_gib):

@@ -1,6 +1,7 @@
 """Train steps and whole runs on 8 fake CPU devices equal their single-device versions (run by
 test_train_multidevice.py in a fresh process): one SFT step on four meshes, one DPO step (frozen
-reference copy) on a 2x2x2 mesh, and `train()` runs with a `mesh` section (SFT full, DPO with LoRA).
+reference copy) on a 2x2x2 mesh, and `train()` runs with a `mesh` section (SFT full, DPO with LoRA, PPO
+with QLoRA).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/train_multidevice_checks.py 8x1x1 ...
 
@@ -296,14 +297,15 @@ CHECKS = {
         optim={"learning_rate": 1e-2, "schedule": "constant", "eps": 1.0},
     ),
     "grpo_sampler_view_1x2x4": functools.partial(check_grpo_sampler_view, (1, 2, 4)),
-    # PPO on the mesh: rollouts from the sampler view, the scoring pass and the step (policy and value
-    # adapters) sharded; two generation batches equal one device's.
-    "loop_ppo_lora_1x4x2": functools.partial(
+    # PPO with QLoRA on the mesh: the NF4 base placed by the kernels' rules, rollouts from the sampler view
+    # (the NF4 base re-laid for decode), the scoring pass and the step (policy and value adapters) sharded,
+    # the final merge dequantized; two generation batches equal one device's.
+    "loop_ppo_qlora_1x4x2": functools.partial(
         check_loop_mesh,
         (1, 4, 2),
         kind="ppo",
         trainable="lora",
-        lora={"rank": 4, "alpha": 8.0},
+        lora={"rank": 4, "alpha": 8.0, "quantize": "nf4"},
         rewards=["qwenvl_jax.data.synthetic:shape_reward"],
         ppo={"max_prompt_length": 80, "max_completion_length": 8, "num_ppo_epochs": 1, "temperature": 1.0},
         batch={"batch_size": 4, "seq_buckets": [96], "image_patches": 128, "max_images": 8},

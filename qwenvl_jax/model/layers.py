@@ -14,6 +14,7 @@ time does not grow with depth.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwenvl_jax.quant import dequantize_nf4, is_nf4, map_arrays
 from qwenvl_jax.sharding import constrain_weight_at_use
 
 Axes = tuple[str | None, ...]
@@ -63,6 +65,9 @@ class Dense(nnx.Module):
 
     With LoRA factors attached (`lora_a (in, r)`, `lora_b (r, out)`, `lora_scale`: `train.lora.attach`)
     it adds `lora_scale * (x A) B`, as PEFT's `Linear` does, instead of reading a merged `W + scale A B`.
+
+    The kernel may be NF4 (`qwenvl_jax.quant.NF4Weight`, QLoRA's frozen base): it is dequantized in `dtype`
+    at use, as bitsandbytes' `Linear4bit` does, and again in the backward pass (`_nf4_matmul`).
     """
 
     def __init__(
@@ -85,9 +90,13 @@ class Dense(nnx.Module):
 
     def __call__(self, x_nd: jax.Array) -> jax.Array:
         x_nd = x_nd.astype(self.dtype)
-        # Under FSDP the kernel is gathered whole along its FSDP dim here, once per use (see sharding).
-        kernel_df = constrain_weight_at_use(self.kernel[...].astype(self.dtype), self.kernel.logical_axes)
-        y_nf = jnp.einsum("...d,df->...f", x_nd, kernel_df)
+        kernel, axes = self.kernel.get_value(), self.kernel.logical_axes
+        if is_nf4(kernel):
+            y_nf = _nf4_matmul(x_nd, kernel, tuple(axes), self.dtype)
+        else:
+            # Under FSDP the kernel is gathered whole along its FSDP dim here, once per use (see sharding).
+            kernel_df = constrain_weight_at_use(kernel.astype(self.dtype), axes)
+            y_nf = jnp.einsum("...d,df->...f", x_nd, kernel_df)
         if self.bias is not None:
             y_nf = y_nf + self.bias[...].astype(self.dtype)
         lora_a = getattr(self, "lora_a", None)
@@ -102,6 +111,18 @@ class Dense(nnx.Module):
                 "...r,rf->...f", x_nr, self.lora_b[...].astype(self.dtype)
             )
         return y_nf
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2, 3), policy=jax.checkpoint_policies.nothing_saveable)
+def _nf4_matmul(x_nd: jax.Array, kernel, axes: tuple, dtype) -> jax.Array:
+    """`x @ dequantize(kernel)`: the 4-bit codes gathered along the FSDP dim (a quarter of a bf16 kernel's
+    bytes), dequantized in `dtype`, multiplied. Rematerialized as one unit, so the backward pass
+    dequantizes again instead of keeping every layer's dequantized kernel from the forward pass (which
+    would hold the model at `dtype` again: XLA:CPU's buffer assignment of a scan of such layers saves the
+    whole dequantized stack when only the dequantization is rematerialized)."""
+    gathered = map_arrays(lambda a, a_axes: constrain_weight_at_use(a, a_axes) if a.ndim == kernel.codes.ndim
+                          else a, kernel, axes)  # fmt: skip
+    return jnp.einsum("...d,df->...f", x_nd, dequantize_nf4(gathered, dtype))
 
 
 class MLP(nnx.Module):

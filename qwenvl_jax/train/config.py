@@ -20,7 +20,7 @@ second with the key, the value and what is allowed, instead of a traceback after
                                    # for DPO and reward batch_size counts PAIRS (2 x pairs rows)
     grad_accum: 1                  # micro-batches per optimizer step (padded to one length)
     trainable: full | frozen_vision | lora,  train_merger: true
-    lora: {rank, alpha, dropout, targets, scopes}                     # `LoraConfig` fields
+    lora: {rank, alpha, dropout, targets, scopes, quantize: nf4, quantize_vision}  # `LoraConfig` fields
     optim: {learning_rate, warmup_steps, schedule, ...}              # `OptimConfig` fields
     mesh: {data: 1, fsdp: 1, tensor: 1}                              # omitted: one device, no mesh
     distributed: {auto: true} | {coordinator_address, num_processes, process_id}   # multi-host
@@ -179,6 +179,8 @@ class LoraSection(_Section):
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     targets: list[str] | None = None
     scopes: list[str] | None = None
+    quantize: Literal["nf4"] | None = None
+    quantize_vision: bool = False
 
 
 class OptimSection(_Section):
@@ -402,6 +404,10 @@ def _cross_checks(config: dict, given: dict) -> None:
     kind, trainable = config["kind"], config["trainable"]
     if given.get("lora") and trainable != "lora":
         raise ConfigError(f"a lora section needs trainable: lora (trainable is {trainable!r})")
+    if config["lora"].get("quantize_vision") and not config["lora"].get("quantize"):
+        raise ConfigError(
+            "lora.quantize_vision: true needs lora.quantize: nf4 (the decoder is quantized first)"
+        )
     if given.get("dpo") and kind != "dpo":
         raise ConfigError(f"a dpo section needs kind: dpo (kind is {kind!r})")
     if kind != "sft" and config["batch"].get("pack"):

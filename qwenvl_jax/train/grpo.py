@@ -122,7 +122,7 @@ def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_a
     are instead of re-gathering FSDP shards for every token.
 
     With LoRA the adapters are applied, not merged (`lora.attach`: `x W + scale (x A) B`): the view is the
-    frozen base plus the adapters at the compute dtype. A base leaf already at that dtype and in that
+    frozen base plus the adapters at the compute dtype (a QLoRA base's NF4 kernels as they are stored). A base leaf already at that dtype and in that
     layout is the train state's own array (no copy: a bfloat16 base on one device costs nothing); only the
     others are cast or re-laid out. The view lives while the generation runs; the memory plan counts what
     it copies (`plan._sampler_view_bytes`).
@@ -132,14 +132,18 @@ def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_a
     from flax import nnx
 
     from qwenvl_jax import sharding as shd
+    from qwenvl_jax.quant import is_nf4
     from qwenvl_jax.train import lora as lora_lib
     from qwenvl_jax.train.step import _param_sharding_tree
 
     target = jnp.dtype(dtype)
     rules = shd.as_rules(shd.DECODE_RULES)
 
-    def cast(tree):
-        return jax.tree.map(lambda x: x.astype(target) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    def cast(tree):  # a quantized kernel is read as it is stored (dequantized at use)
+        def one(x):
+            return x.astype(target) if not is_nf4(x) and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+        return jax.tree.map(one, tree, is_leaf=is_nf4)
 
     def layouts(tree, lora: bool):
         if mesh is None:
@@ -164,9 +168,12 @@ def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_a
 
     def as_is(path: str) -> bool:
         x = flat[path]
-        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != target:
+        if not is_nf4(x) and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != target:
             return False
-        return mesh is None or x.sharding.is_equivalent_to(flat_layout[path], x.ndim)
+        return mesh is None or all(
+            a.sharding.is_equivalent_to(s, a.ndim)
+            for a, s in zip(jax.tree.leaves(x), jax.tree.leaves(flat_layout[path]), strict=True)
+        )
 
     kept = {p for p in flat if as_is(p)}
     changed = {p: x for p, x in flat.items() if p not in kept}

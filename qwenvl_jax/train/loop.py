@@ -9,6 +9,9 @@ The config schema, defaults and validation are in `qwenvl_jax.train.config`. A r
     final/               at the end of a run: the whole model (LoRA merged in, frozen parts included) as
                          an Orbax model checkpoint that `qwenvl_jax.load`, `qwenvl-jax export` and
                          `model: {path: run_dir/final}` of a next run (SFT -> DPO) accept
+    adapter/             at the end of a LoRA run (not a reward model's): the adapters alone in PEFT's format
+                         (`adapter_model.safetensors`, `adapter_config.json`), for transformers + PEFT
+                         on the original base
 
 With a checkpoint in `run_dir/checkpoints` the run RESUMES from its latest loadable step: params,
 optimizer state, step, rng and the data iterator (so the batches continue where they stopped); metrics past
@@ -92,21 +95,44 @@ def check_backend_platform(model_cfg: dict) -> None:
         )
 
 
-def build_model(model_cfg: dict):
+def build_model(model_cfg: dict, lora: dict | None = None):
+    """The run's model from its `model` section; `lora`: the lora section, whose `quantize` (QLoRA)
+    stores the base's kernels in NF4 as they are loaded."""
     check_backend_platform(model_cfg)
     policy = {k: model_cfg[k] for k in ("remat", "attention_backend") if model_cfg.get(k)}
     dtype, param_dtype = model_cfg.get("dtype", "float32"), model_cfg.get("param_dtype", "float32")
+    lora = lora or {}
+    quantize = {"quantize": lora.get("quantize"), "quantize_vision": bool(lora.get("quantize_vision"))}
     if model_cfg.get("path"):
         from qwenvl_jax import loading
 
-        return loading.load(model_cfg["path"], dtype=dtype, param_dtype=param_dtype, **policy)
+        return loading.load(model_cfg["path"], dtype=dtype, param_dtype=param_dtype, **quantize, **policy)
     from qwenvl_jax.config import Qwen25VLConfig
     from qwenvl_jax.loading import random_model
 
     cfg = Qwen25VLConfig.preset(
         model_cfg.get("preset", "tiny"), dtype=dtype, param_dtype=param_dtype, **policy
     )
-    return random_model(cfg, int(model_cfg.get("random_seed", 0)))
+    return random_model(cfg, int(model_cfg.get("random_seed", 0)), **quantize)
+
+
+def _quantized_summary(model) -> str | None:
+    """One line on a QLoRA base: how many kernels are NF4 and what they hold; None if none are."""
+    from flax import nnx
+
+    from qwenvl_jax.quant import is_nf4
+
+    values = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    nf4 = [v for v in values if is_nf4(v)]
+    if not nf4:
+        return None
+    from qwenvl_jax.train.plan import _size
+
+    kernels = sum(int(np.prod(v.shape[:-2])) for v in nf4)  # a stack's layers count one each
+    params = sum(int(np.prod(v.shape)) for v in nf4)
+    held = _size(sum(v.nbytes for v in nf4)).strip()
+    return (f"NF4 base: {kernels} kernels ({params:,} params) in {held}; the other weights at "
+            f"{model.config.param_dtype}")  # fmt: skip
 
 
 def processor_dir(config: dict, run_dir: Path) -> Path:
@@ -288,9 +314,10 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path, paths:
     )
 
 
-def full_params(state, frozen, lora_cfg) -> dict[str, Any]:
-    """Flat `{"a/b/c": array}` of the whole model: trainable + frozen, or the base with LoRA merged; a
-    reward model's head as `score/kernel`; of a PPO state, the policy only."""
+def full_params(state, frozen, lora_cfg, *, dequantized_dtype: Any = "float32") -> dict[str, Any]:
+    """Flat `{"a/b/c": array}` of the whole model: trainable + frozen, or the base with LoRA merged (a
+    QLoRA base's kernels dequantized in `dequantized_dtype`); a reward model's head as `score/kernel`; of
+    a PPO state, the policy only."""
     from qwenvl_jax.model.value_head import SCORE, VALUE
     from qwenvl_jax.train import lora as lora_lib
 
@@ -302,8 +329,17 @@ def full_params(state, frozen, lora_cfg) -> dict[str, Any]:
         head = lora_lib.flatten({SCORE: params[SCORE]})
         params = {k: v for k, v in params.items() if k != SCORE}
     if lora_cfg is not None:
-        return {**lora_lib.merge_lora(frozen, params, lora_cfg), **head}
+        merged = lora_lib.merge_lora(frozen, params, lora_cfg, dequantized_dtype=dequantized_dtype)
+        return {**merged, **head}
     return {**lora_lib.flatten(frozen), **lora_lib.flatten(params), **head}
+
+
+def _policy_adapters(params) -> dict[str, dict[str, Any]]:
+    """The policy's LoRA adapters of a LoRA state's params: a PPO state's value model and a reward
+    model's head are not the policy's."""
+    from qwenvl_jax.model.value_head import SCORE, VALUE
+
+    return {k: v for k, v in params.items() if k not in (VALUE, SCORE)}
 
 
 def _ppo_models(config: dict, model, mesh) -> tuple[Any, dict[str, Any]]:
@@ -539,8 +575,11 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
 
     source = config["model"].get("path") or f"preset {config['model'].get('preset')} (random weights)"
     _say(f"loading model: {source}")
-    model = build_model(config["model"])
+    model = build_model(config["model"], config["lora"] if config["trainable"] == "lora" else None)
     model_config = model.config
+    quantized = _quantized_summary(model)
+    if quantized:
+        _say(quantized)
     paths = None
     if processes > 1:  # process 0 makes the shared inputs (a tiny processor, synthetic data) ready first
         made = (
@@ -823,13 +862,23 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
             signal.signal(sig, handler)
     if not finished:
         return EXIT_STOPPED
-    params = full_params(state, frozen, lora_cfg)
+    params = full_params(state, frozen, lora_cfg, dequantized_dtype=model_config.param_dtype)
+    # A reward model's adapters need its head beside them: its final/ is the export to use.
+    adapters = _policy_adapters(state.params) if lora_cfg is not None and kind != "reward" else None
     if processes > 1:  # whole on every host (a collective), written by process 0
         params = hosts.gather_params(params)
+        adapters = adapters and {k: hosts.gather_params(v) for k, v in adapters.items()}
     final = run_dir / "final"
     if primary:
         save_params(params, final, model_config, assets_from=proc_dir, overwrite=True)
         print(f"final model: {final}", flush=True)
+        if adapters:
+            from qwenvl_jax.weights import write_peft_adapter
+
+            base = config["model"].get("path") or f"preset {config['model'].get('preset')} (random weights)"
+            path = write_peft_adapter(adapters, lora_cfg, model_config, run_dir / "adapter", base_model=base,
+                                      overwrite=True)  # fmt: skip
+            print(f"LoRA adapters (PEFT): {path}", flush=True)
     hosts.barrier("final")
     skipped, limit = logger.skipped_steps, float(config["max_skipped_fraction"])
     if step and skipped / step > limit:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -31,11 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwenvl_jax.quant import dequantize_nf4, is_nf4
 from qwenvl_jax.train.optim import map_with_path
 
 # The project's one flat <-> nested param conversion, under the short names this package uses.
 from qwenvl_jax.weights import flatten_params as flatten
-from qwenvl_jax.weights import unflatten_params as unflatten
+from qwenvl_jax.weights import unflatten_params as unflatten  # noqa: F401  (used as lora.unflatten)
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -50,6 +52,10 @@ class LoraConfig:
     # Path prefixes searched for targets: the decoder only by default (the vision tower has its own
     # `*_proj` MLPs; add "visual/" to adapt them too).
     scopes: tuple[str, ...] = ("text/",)
+    # QLoRA: the frozen base's kernels stored in NF4 (`quant.nf4_targets`), dequantized at use; None keeps
+    # them at the param dtype. `quantize_vision` quantizes the vision tower's kernels too.
+    quantize: str | None = None
+    quantize_vision: bool = False
 
     @property
     def scale(self) -> float:
@@ -112,14 +118,23 @@ def apply_lora(
     base_params: Mapping[str, Any], lora_params: Mapping[str, Mapping[str, jax.Array]], cfg: LoraConfig
 ) -> dict[str, Any]:
     """The merged nested params, `W + delta` at every adapted kernel (traceable, pure): for export and
-    serving (`merge_lora`); training and decoding attach the adapters instead (`attach`)."""
+    serving (`merge_lora`); training and decoding attach the adapters instead (`attach`).
 
-    def one(path, w):
-        if path not in lora_params:
-            return w
-        return (w.astype(jnp.float32) + delta(lora_params[path], cfg)).astype(w.dtype)
+    A quantized kernel (QLoRA's NF4 base) is dequantized, as the step computes with it, and comes out in
+    float32, adapted or not."""
+    return map_with_path(lambda path, w: merged_kernel(w, lora_params.get(path), cfg), dict(base_params))
 
-    return map_with_path(one, dict(base_params))
+
+def merged_kernel(w, lora_ab: Mapping[str, jax.Array] | None, cfg: LoraConfig, dtype=None) -> jax.Array:
+    """One leaf of `apply_lora`: `W + delta` summed in float32 and rounded once to `dtype` (default: W's
+    dtype; float32 for a quantized kernel, which is dequantized first). Without adapters, W (dequantized)."""
+    if is_nf4(w):
+        w = dequantize_nf4(w, jnp.float32)
+        dtype = dtype or jnp.float32
+    dtype = dtype or w.dtype
+    if lora_ab is None:
+        return w.astype(dtype)
+    return (w.astype(jnp.float32) + delta(lora_ab, cfg)).astype(dtype)
 
 
 def attach(
@@ -155,12 +170,43 @@ def attach(
 
 
 def merge_lora(
-    base_params: Mapping[str, Any], lora_params: Mapping[str, Mapping[str, Any]], cfg: LoraConfig
+    base_params: Mapping[str, Any],
+    lora_params: Mapping[str, Mapping[str, Any]],
+    cfg: LoraConfig,
+    *,
+    dequantized_dtype: Any = jnp.float32,
 ) -> dict[str, np.ndarray]:
     """Flat `{"a/b/c": np.ndarray}` params with the adapters folded in (no dropout), for
-    `qwenvl_jax.weights.write_hf_checkpoint` or `loading.model_from_params`."""
-    nested = (
-        base_params if any(isinstance(v, Mapping) for v in base_params.values()) else unflatten(base_params)
+    `qwenvl_jax.weights.write_hf_checkpoint` or `loading.model_from_params`: each adapted kernel `W + delta`
+    at W's dtype, as `apply_lora`, and each quantized kernel (QLoRA) dequantized, adapted or not, in
+    `dequantized_dtype`: summed in float32 and rounded once, where PEFT's merge into a dequantized bf16
+    weight rounds twice.
+
+    Host arrays, made one layer at a time: a stacked kernel's merge never stands on the device whole (a
+    7B decoder's MLP kernels in float32 are 7.6 GB each), so a model that trained on a small device can
+    be merged on it."""
+    flat = (
+        flatten(base_params)
+        if any(isinstance(v, Mapping) for v in base_params.values())
+        else dict(base_params)
     )
-    merged = apply_lora(nested, lora_params, cfg)
-    return {k: np.asarray(v) for k, v in flatten(merged).items()}
+    out = {}
+    for path, w in flat.items():
+        ab = lora_params.get(path)
+        if ab is None and not is_nf4(w):
+            out[path] = np.asarray(w)
+            continue
+        dtype = jnp.dtype(dequantized_dtype) if is_nf4(w) else jnp.dtype(w.dtype)
+        lead = w.shape[:-2]
+        host = np.empty(w.shape, dtype)
+        for index in np.ndindex(*lead):
+            w_i = jax.tree.map(lambda x, index=index: x[index], w)
+            ab_i = None if ab is None else {k: v[index] for k, v in ab.items()}
+            host[index] = np.asarray(_merge_jit(w_i, ab_i, cfg, dtype))
+        out[path] = host
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _merge_jit(w, lora_ab, cfg: LoraConfig, dtype):
+    return merged_kernel(w, lora_ab, cfg, dtype)

@@ -27,6 +27,8 @@ from typing import Any, Literal
 import jax
 import optax
 
+from qwenvl_jax.quant import is_nf4
+
 # transformers 5.24 `Trainer.get_decay_parameter_names`, verbatim (matched on the lower-cased dotted name).
 NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
 _NO_DECAY = tuple(re.compile(p) for p in NO_DECAY_PATTERNS)
@@ -63,8 +65,9 @@ def key_path_str(path: tuple[Any, ...]) -> str:
 
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    """`jax.tree.map` with the `"a/b/c"` path string of each leaf."""
-    return jax.tree_util.tree_map_with_path(lambda p, x: fn(key_path_str(p), x), tree)
+    """`jax.tree.map` with the `"a/b/c"` path string of each leaf. A quantized kernel
+    (`quant.NF4Weight`) is one leaf: `fn` gets it whole, under the kernel's path."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: fn(key_path_str(p), x), tree, is_leaf=is_nf4)
 
 
 def decays(path: str) -> bool:

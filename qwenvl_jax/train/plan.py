@@ -56,6 +56,7 @@ default: run with `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` for the budget to be ava
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from pathlib import Path
@@ -86,6 +87,9 @@ CHIPS = {
     # nvidia-smi's total (81559 MiB), which is what JAX's allocator sees before its fraction.
     "h100": Chip("NVIDIA H100 80GB", 81559 * 2**20),
     "h200": Chip("NVIDIA H200", 143771 * 2**20),
+    # The 24 GB cards QLoRA targets, at nvidia-smi's totals.
+    "l4": Chip("NVIDIA L4", 23034 * 2**20),
+    "rtx4090": Chip("NVIDIA GeForce RTX 4090", 24564 * 2**20),
     # 95 GiB HBM2e per chip (one JAX device per chip: the two TensorCores run as one megacore).
     "v5p": Chip("TPU v5p", 95 * GIB),
 }
@@ -107,12 +111,13 @@ V5P_CHIPS_PER_HOST = 4  # a v5p host (TPU VM worker) drives 4 chips
 
 
 def parse_target(value: str | None) -> Target | None:
-    """`"8xh100"`, `"1xh200"`, `"2x8xh100"` (2 hosts of 8 GPUs) or `"v5p-8"` (4 chips; v5p-16 and larger
-    are 4 chips per host) -> `Target`; None -> None (unknown hardware)."""
+    """`"8xh100"`, `"1xh200"`, `"1xl4"`, `"1xrtx4090"`, `"2x8xh100"` (2 hosts of 8 GPUs) or
+    `"v5p-8"` (4 chips; v5p-16 and larger are 4 chips per host) -> `Target`; None -> None (unknown
+    hardware)."""
     if value is None:
         return None
     text = str(value).strip().lower()
-    gpu = re.fullmatch(r"(?:(\d+)x)?(\d+)x(h100|h200)", text)
+    gpu = re.fullmatch(r"(?:(\d+)x)?(\d+)x(h100|h200|l4|rtx4090)", text)
     if gpu and int(gpu.group(2)) >= 1 and int(gpu.group(1) or 1) >= 1:
         hosts = int(gpu.group(1) or 1)
         return Target(text, CHIPS[gpu.group(3)], hosts * int(gpu.group(2)), hosts)
@@ -121,7 +126,8 @@ def parse_target(value: str | None) -> Target | None:
         chips = int(tpu.group(1)) // 2
         return Target(text, CHIPS["v5p"], chips, max(1, chips // V5P_CHIPS_PER_HOST))
     raise ValueError(
-        f"target {value!r} is not one of '<n>xh100', '<n>xh200', '<hosts>x<n>xh100', 'v5p-<even cores>'"
+        f"target {value!r} is not one of '<n>x<gpu>' (gpu: h100, h200, l4, rtx4090), "
+        "'<hosts>x<n>x<gpu>', 'v5p-<even cores>'"
     )
 
 
@@ -404,6 +410,7 @@ def abstract_setup(config: dict, model_cfg=None) -> AbstractSetup:
     from flax import nnx
 
     from qwenvl_jax.loading import abstract_model
+    from qwenvl_jax.loading import param_count as loading_param_count
     from qwenvl_jax.train.optim import OptimConfig
     from qwenvl_jax.train.state import init_train_state, param_logical_axes
 
@@ -411,12 +418,17 @@ def abstract_setup(config: dict, model_cfg=None) -> AbstractSetup:
         model_cfg, source = model_config(config)
     else:
         source = "given config"
-    model = abstract_model(model_cfg)
+    lora_cfg = lora_config(config)
+    quantize = (
+        {}
+        if lora_cfg is None
+        else {"quantize": lora_cfg.quantize, "quantize_vision": lora_cfg.quantize_vision}
+    )
+    model = abstract_model(model_cfg, **quantize)
     logical_axes = param_logical_axes(model)
-    param_count = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    param_count = loading_param_count(model)
     graphdef, params = nnx.split(model)
     optim_cfg = OptimConfig(**{"total_steps": int(config.get("steps", 20)), **(config.get("optim") or {})})
-    lora_cfg = lora_config(config)
     static = {}
     kind = config.get("kind", "sft")
     if kind == "reward":  # the backbone plus the scalar head `score`
@@ -462,6 +474,7 @@ def _device_fraction_tree(params, logical_axes, mesh, lora: bool, table=None):
     """Per leaf: the fraction of its elements one device holds under `table` (default `DEFAULT_RULES`)."""
     from qwenvl_jax import sharding as shd
     from qwenvl_jax.model.value_head import HEAD_LOGICAL_AXES, SCORE, VALUE
+    from qwenvl_jax.quant import per_array
     from qwenvl_jax.train import lora as lora_lib
     from qwenvl_jax.train.optim import map_with_path
 
@@ -475,6 +488,9 @@ def _device_fraction_tree(params, logical_axes, mesh, lora: bool, table=None):
             axes = HEAD_LOGICAL_AXES
         else:
             axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
+        return per_array(functools.partial(fraction, path), x, axes)
+
+    def fraction(path, x, axes):
         try:
             spec = rules.spec(axes, x.shape, mesh)
         except ValueError as err:
@@ -700,7 +716,10 @@ def _decode_view_bytes(
     """Bytes per device of the leaves of `tree` under `prefix` at the compute dtype in the decode layout
     (`sharding.DECODE_RULES`); `changed`: only those a cast or a re-layout copies (the others are read
     where they are). Exact."""
+    import jax
+
     from qwenvl_jax import sharding as shd
+    from qwenvl_jax.quant import is_nf4
     from qwenvl_jax.train import lora as lora_lib
 
     flat = {k: v for k, v in lora_lib.flatten(tree).items() if k.startswith(prefix)}
@@ -710,11 +729,15 @@ def _decode_view_bytes(
     itemsize = np.dtype(setup.model_cfg.dtype).itemsize
     decode = jax_leaves(_device_fraction_tree(sub, setup.logical_axes, mesh, lora, shd.DECODE_RULES))
     train = jax_leaves(_device_fraction_tree(sub, setup.logical_axes, mesh, lora))
+    # A quantized kernel's arrays are read as stored (never cast): copied only to be re-laid out.
+    stored = jax_leaves(jax.tree.map(lambda x: jax.tree.map(lambda _: True, x) if is_nf4(x) else False, sub,
+                                     is_leaf=is_nf4))  # fmt: skip
     total = 0.0
-    for x, f, t in zip(jax_leaves(sub), decode, train, strict=True):
-        if changed and np.dtype(x.dtype).itemsize == itemsize and f == t:
+    for x, f, t, keep in zip(jax_leaves(sub), decode, train, stored, strict=True):
+        size = np.dtype(x.dtype).itemsize if keep else itemsize
+        if changed and (keep or np.dtype(x.dtype).itemsize == itemsize) and f == t:
             continue
-        total += int(np.prod(x.shape)) * itemsize * f
+        total += int(np.prod(x.shape)) * size * f
     return round(total)
 
 
@@ -783,6 +806,25 @@ def _lora_activation_bytes(
     if sets > 1:
         note = f"{sets} adapter sets x ({note})"
     return round(sets * (saved + transient)), note
+
+
+def _dequantized_layer_bytes(setup: AbstractSetup, mesh: dict[str, int]) -> tuple[int, str] | None:
+    """QLoRA: the NF4 kernels of the largest stack's layer dequantized at the compute dtype (`Dense`
+    dequantizes at use, whole along FSDP, split by tensor parallelism), two layers' worth: the layer a
+    pass is in and its recomputation in the backward. None without quantized kernels. ESTIMATE."""
+    from qwenvl_jax.quant import is_nf4
+    from qwenvl_jax.train import lora as lora_lib
+
+    per_stack: dict[str, int] = {}
+    for path, x in lora_lib.flatten(setup.frozen).items():
+        if is_nf4(x):
+            stack = path.split("/")[0] + "/" + path.split("/")[1]
+            per_stack[stack] = per_stack.get(stack, 0) + int(np.prod(x.shape[-2:]))
+    if not per_stack:
+        return None
+    stack, elements = max(per_stack.items(), key=lambda kv: kv[1])
+    a = np.dtype(setup.model_cfg.dtype).itemsize
+    return round(2 * elements * a / mesh["tensor"]), f"2 layers of {stack} at {setup.model_cfg.dtype}"
 
 
 def _reward_model_bytes(config: dict, setup: AbstractSetup, mesh) -> tuple[int, str] | None:
@@ -901,6 +943,9 @@ def plan(config: dict) -> Plan:
     if lora:
         own, note = _lora_activation_bytes(setup, policy, rows_mb, seq, shape, sets=models)
         rows.append(Row("LoRA activations", own, "backward", False, note))
+    dequantized = _dequantized_layer_bytes(setup, shape)
+    if dequantized:
+        rows.append(Row("dequantized kernels", dequantized[0], "backward", False, dequantized[1]))
     rows.append(
         Row(
             "update temporaries",

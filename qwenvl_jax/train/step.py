@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from qwenvl_jax import losses
 from qwenvl_jax import sharding as shd
 from qwenvl_jax.model.qwen2_5_vl import CORE_KEYS
+from qwenvl_jax.quant import per_array
 from qwenvl_jax.train import lora as lora_lib
 from qwenvl_jax.train.optim import map_with_path
 from qwenvl_jax.train.state import TrainState
@@ -338,7 +339,7 @@ def _param_sharding_tree(params, logical_axes, mesh, rules, lora: bool):
             axes = HEAD_LOGICAL_AXES
         else:
             axes = lora_lib.leaf_logical_axes(path, logical_axes, lora=lora)
-        return NamedSharding(mesh, rules.spec(axes, x.shape, mesh))
+        return per_array(lambda a, a_axes: NamedSharding(mesh, rules.spec(a_axes, a.shape, mesh)), x, axes)
 
     return map_with_path(one, params)
 
