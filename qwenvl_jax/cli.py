@@ -1,6 +1,6 @@
 """`qwenvl-jax` command line.
 
-qwenvl-jax demo [--out DIR] [--fast] [--grpo | --ppo]   # offline, CPU: SFT then DPO/GRPO/PPO, tiny model
+qwenvl-jax demo [--out DIR] [--fast] [--grpo | --ppo | --qlora]  # offline, CPU: SFT then DPO/GRPO/PPO/QLoRA
 qwenvl-jax demo --processor [--model DIR]  # offline: the host pipeline on synthetic images and a video
 qwenvl-jax process --model DIR --image PATH_OR_URL [--video PATH] --prompt "..."
 qwenvl-jax generate --model DIR --image PATH_OR_URL [--video PATH] --prompt "..." [--json]
@@ -49,9 +49,9 @@ def _describe(batch: dict[str, np.ndarray]) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     if args.processor:
-        if args.fast or args.grpo or args.ppo or args.out is not None:
+        if args.fast or args.grpo or args.ppo or args.qlora or args.out is not None:
             print(
-                "error: --out, --fast, --grpo and --ppo apply to the training demo, not to --processor",
+                "error: --out, --fast, --grpo, --ppo and --qlora apply to the training demo, not to --processor",
                 file=sys.stderr,
             )
             return 2
@@ -61,14 +61,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "error: --model applies to the processor demo only (qwenvl-jax demo --processor)", file=sys.stderr
         )
         return 2
-    if args.grpo and args.ppo:
-        print("error: --grpo and --ppo are two demos; choose one", file=sys.stderr)
+    chosen = [flag for flag in ("grpo", "ppo", "qlora") if getattr(args, flag)]
+    if len(chosen) > 1:
+        print(
+            f"error: {' and '.join('--' + f for f in chosen)} are separate demos; choose one", file=sys.stderr
+        )
         return 2
-    from qwenvl_jax.demo import FAST, FULL, GRPO, GRPO_FAST, PPO, PPO_FAST, run_demo
+    from qwenvl_jax.demo import FAST, FULL, GRPO, GRPO_FAST, PPO, PPO_FAST, QLORA, QLORA_FAST, run_demo
 
-    method = "grpo" if args.grpo else "ppo" if args.ppo else "dpo"
+    method = chosen[0] if chosen else "dpo"
     settings = {("dpo", False): FULL, ("dpo", True): FAST, ("grpo", False): GRPO, ("grpo", True): GRPO_FAST,
-                ("ppo", False): PPO, ("ppo", True): PPO_FAST}  # fmt: skip
+                ("ppo", False): PPO, ("ppo", True): PPO_FAST, ("qlora", False): QLORA,
+                ("qlora", True): QLORA_FAST}  # fmt: skip
     try:
         run_demo(args.out or "qwenvl_jax_demo", settings[method, args.fast])
     except FileExistsError as err:  # an --out that is not the demo's own
@@ -389,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ppo",
         action="store_true",
         help="SFT, a reward model on the preference pairs, then PPO against it, instead of SFT then DPO",
+    )
+    demo.add_argument(
+        "--qlora",
+        action="store_true",
+        help="SFT, then LoRA and QLoRA (an NF4 base) from it side by side, instead of SFT then DPO",
     )
     demo.add_argument(
         "--processor", action="store_true", help="instead: the host pipeline on a tiny checkpoint (no model)"

@@ -243,6 +243,46 @@ def test_fast_ppo_demo_end_to_end(tmp_path):
     assert f"step {settings['ppo_steps']}/{settings['ppo_steps']}" in proc.stderr
 
 
+def test_fast_qlora_demo_end_to_end(tmp_path):
+    """LoRA and QLoRA SFT from the SFT model, side by side: the QLoRA run's base is NF4 (its status line),
+    both write final/ (merged) and adapter/ (PEFT), and the printed figures are the answers'."""
+    out = tmp_path / "demo"
+    proc = _cli("demo", "--qlora", "--fast", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    settings, phases = report["settings"], report["phases"]
+    assert settings["method"] == "qlora" and phases == ["before", "sft", "lora", "qlora"]
+    for run in ("lora", "qlora"):
+        config = json.loads((out / run / "config.json").read_text())
+        assert config["trainable"] == "lora" and config["model"]["path"] == str(out / "sft" / "final")
+        assert config["lora"].get("quantize") == ("nf4" if run == "qlora" else None)
+        assert (out / run / "final" / "config.json").is_file()
+        assert {p.name for p in (out / run / "adapter").iterdir()} == {
+            "adapter_model.safetensors",
+            "adapter_config.json",
+        }
+        rows = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == report[run]["steps"] == settings["lora_steps"]
+    assert proc.stderr.count("NF4 base: 14 kernels") == 1  # 7 decoder kernels x 2 layers, the QLoRA run only
+    # Same start, same adapters' init and batches: the first losses differ by the quantization alone (how
+    # closely QLoRA then tracks LoRA is tests/test_qlora.py's bound).
+    first = [
+        json.loads((out / r / "metrics.jsonl").read_text().splitlines()[0])["loss"] for r in ("lora", "qlora")
+    ]
+    assert first[0] != first[1]
+
+    n, truths, ev = settings["num_heldout"], [h["answer"] for h in report["heldout"]], report["evaluations"]
+    for phase in phases:
+        answers = ev[phase]["answers"]
+        assert ev[phase]["exact"] == pytest.approx(
+            np.mean([a == t for a, t in zip(answers, truths, strict=True)])
+        )
+    exact_row = next(line for line in proc.stdout.splitlines() if line.startswith("exact answer"))
+    assert exact_row.split()[2:] == [f"{round(ev[p]['exact'] * n)}/{n}" for p in phases]
+    assert (f"held-out exact answers {round(ev['lora']['exact'] * n)}/{n} (LoRA) and "
+            f"{round(ev['qlora']['exact'] * n)}/{n} (QLoRA)") in proc.stdout  # fmt: skip
+
+
 def test_demo_out_dir(tmp_path):
     from qwenvl_jax.demo import MARKER, _prepare
 
@@ -265,14 +305,15 @@ def test_demo_out_dir(tmp_path):
 def test_demo_cli_options():
     proc = _cli("demo", "--model", "/nonexistent")
     assert proc.returncode == 2 and "--model applies to the processor demo only" in proc.stderr
-    for flag in ("--fast", "--grpo", "--ppo"):
+    for flag in ("--fast", "--qlora"):
         proc = _cli("demo", "--processor", flag)
         assert (
             proc.returncode == 2
-            and "--out, --fast, --grpo and --ppo apply to the training demo" in proc.stderr
+            and "--out, --fast, --grpo, --ppo and --qlora apply to the training demo" in proc.stderr
         )
-    proc = _cli("demo", "--grpo", "--ppo", "--fast")
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: --grpo and --ppo are two demos; choose one"
+    proc = _cli("demo", "--grpo", "--qlora", "--fast")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: --grpo and --qlora are separate demos; choose one"
 
 
 # ------------------------------------------------------------------------------------------- generator
