@@ -57,12 +57,17 @@ def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     )
 
 
+def _fast_demo(out: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`qwenvl-jax demo --fast [flags] --out out` as a user runs it: the process and its report.json."""
+    proc = _cli("demo", *flags, "--fast", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads((out / "report.json").read_text())
+
+
 # ------------------------------------------------------------------------------------------------ demo
 def test_fast_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = _cli("demo", "--fast", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    proc, report = _fast_demo(out)
     n = report["settings"]["num_heldout"]
     truths = [h["answer"] for h in report["heldout"]]
     assert len(truths) == n == 8
@@ -104,9 +109,7 @@ def test_fast_demo_end_to_end(tmp_path):
 
 def test_fast_grpo_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    proc = _cli("demo", "--grpo", "--fast", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    proc, report = _fast_demo(out, "--grpo")
     settings, phases = report["settings"], report["phases"]
     assert settings["method"] == "grpo" and phases == ["before", "sft", "grpo", "more_sft"]
     assert "dpo" not in report and not (out / "dpo").exists()
@@ -170,9 +173,7 @@ def test_fast_ppo_demo_end_to_end(tmp_path):
     from qwenvl_jax.processing import Processor
 
     out = tmp_path / "demo"
-    proc = _cli("demo", "--ppo", "--fast", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    proc, report = _fast_demo(out, "--ppo")
     settings, phases = report["settings"], report["phases"]
     assert settings["method"] == "ppo" and phases == ["before", "sft", "ppo"]  # no control when fast
     assert "dpo" not in report and "grpo" not in report and "more_sft" not in report
@@ -247,9 +248,7 @@ def test_fast_qlora_demo_end_to_end(tmp_path):
     """LoRA and QLoRA SFT from the SFT model, side by side: the QLoRA run's base is NF4 (its status line),
     both write final/ (merged) and adapter/ (PEFT), and the printed figures are the answers'."""
     out = tmp_path / "demo"
-    proc = _cli("demo", "--qlora", "--fast", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
+    proc, report = _fast_demo(out, "--qlora")
     settings, phases = report["settings"], report["phases"]
     assert settings["method"] == "qlora" and phases == ["before", "sft", "lora", "qlora"]
     for run in ("lora", "qlora"):
