@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from multidevice import xla_flags
 
 from qwenvl_jax.checkpoint import CheckpointError
 from qwenvl_jax.config import Qwen25VLConfig
@@ -168,7 +169,7 @@ def test_sharded_restore_on_8_devices(tmp_path):
         print("OK")
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-W", "error", "-c", script, str(tmp_path)],
         env=env,

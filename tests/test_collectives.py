@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from multidevice import xla_flags
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
@@ -116,7 +117,7 @@ def vision_block_flops() -> dict:
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(8), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-W", "error", __file__, *MESHES],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=600,

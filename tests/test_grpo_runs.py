@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from multidevice import xla_flags
 
 from qwenvl_jax.config import Qwen25VLConfig
 from qwenvl_jax.data.synthetic import write_shape_task
@@ -32,7 +33,7 @@ from qwenvl_jax.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "grpo_tiny_cpu.yaml"
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
 LETTER_E = """
 def letter_e(completions, **kw):
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from multidevice import xla_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = 32
@@ -39,24 +40,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-_CACHE: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the module's processes: the runs of one layout compile
-    their programs once (the suite's time budget), not once per process start."""
-    _CACHE["dir"] = str(tmp_path_factory.mktemp("jax_cache"))
-    yield
-    _CACHE.clear()
-
-
 def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices))
     env.pop("QWENVL_PROCESS_ID", None)
-    if "dir" in _CACHE:
-        env.update(JAX_COMPILATION_CACHE_DIR=_CACHE["dir"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
     return env
 
 

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 
 import pytest
+from multidevice import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "sft_tiny_cpu.yaml"
-ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(1)}
 
 
 def _cmd(run_dir: Path, *sets: str) -> list[str]:
