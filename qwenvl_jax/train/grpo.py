@@ -198,10 +198,16 @@ def _seed(run_seed: int, step: int) -> int:
     return int(np.random.SeedSequence([run_seed, step]).generate_state(1)[0])
 
 
-class GrpoSource:
-    """Generation batches for the loop, checkpointable like the SFT/DPO batch iterators."""
+class RolloutSource:
+    """What GRPO's and PPO's generation sources share: this process's share of the batch and its devices,
+    the train and prompt batch specs, sampling, rewards and the per-row gathers over processes."""
 
-    def __init__(self, config: dict, processor, prompts, *, run_dir: Path, mesh=None):
+    rows: int  # this process's rows of a generation batch
+
+    def _setup(self, config: dict, processor, prompts, settings: dict, budgets, *, num_generations: int,
+               run_dir: Path, mesh) -> tuple[dict, int]:  # fmt: skip
+        """Set the shared attributes from the run's `config` and the kind's `settings`; `(this process's
+        config, its prompts per generation)` (`budgets`: the kind's `prompt_budgets`)."""
         from qwenvl_jax import distributed as dist
         from qwenvl_jax.processing.batch import BatchSpec
         from qwenvl_jax.rl.rewards import RewardError, load_rewards
@@ -209,55 +215,82 @@ class GrpoSource:
         from qwenvl_jax.train import hosts
         from qwenvl_jax.train.loop import frame_bound
 
-        g = self.settings = grpo_settings(config)
+        self.settings = settings
         # On several processes each generates for its share of the prompts on its own devices
         # (`hosts.local_mesh`) and collates its share of the rows (`hosts.local_config`).
         self.processes = dist.process_count()
         config = hosts.local_config(config, self.processes, frame_bound(config["batch"], processor))
         self.processor, self.prompts = processor, prompts
         self.mesh = hosts.local_mesh(mesh) if mesh is not None and self.processes > 1 else mesh
-        self.run_seed = int(config["seed"])
-        self.accum = int(config["grad_accum"])
+        self.run_seed, self.accum = int(config["seed"]), int(config["grad_accum"])
+        prompt_len, completion_len = (
+            int(settings["max_prompt_length"]),
+            int(settings["max_completion_length"]),
+        )
+        batch = {k: v for k, v in config["batch"].items() if k != "pack"}
+        ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
+                   video_token_id=processor.video_token_id)  # fmt: skip
+        if "seq_buckets" not in batch:
+            batch["seq_buckets"] = (prompt_len + completion_len,)
+        batch["max_frame_patches"] = frame_bound(batch, processor)
+        self.train_spec = BatchSpec.from_dict(batch, **ids)
+        num_prompts, budget, _ = budgets(config)
+        self.prompt_spec = BatchSpec(
+            batch_size=num_prompts, seq_buckets=(prompt_len,), padding_side="left",
+            max_frame_patches=batch["max_frame_patches"], **budget, **ids,
+        )  # fmt: skip
+        self.sampling = SamplingConfig(
+            num_generations=num_generations, max_completion_length=completion_len,
+            temperature=float(settings["temperature"]), top_p=float(settings["top_p"]),
+            top_k=int(settings["top_k"]), min_p=float(settings["min_p"]),
+            repetition_penalty=float(settings["repetition_penalty"]),
+        )  # fmt: skip
+        try:
+            self.rewards = load_rewards(config.get("rewards") or [], base_dir=Path.cwd())
+        except RewardError as err:  # a name or file the config gives that does not load
+            raise ConfigError(f"rewards: {err}") from None
+        weights = settings.get("reward_weights")
+        self.weights = np.asarray(
+            weights if weights is not None else [r.weight for r in self.rewards], np.float32
+        )
+        self.completions_path = Path(run_dir) / "completions.jsonl"
+        return config, num_prompts
+
+    def _gather(self, x) -> tuple[np.ndarray, int]:
+        """`(every process's rows, this process's offset in them)` of per-row host values `x`, at most
+        `self.rows` of them (`distributed.gather_rows`): rewards, advantages and metrics are those of the
+        whole batch."""
+        from qwenvl_jax import distributed as dist
+
+        x = np.asarray(x)[: self.rows]
+        capacity = np.zeros((self.rows, *x.shape[1:]), x.dtype)
+        capacity[: len(x)] = x
+        return dist.gather_rows(capacity, len(x))
+
+    def _whole(self, x) -> np.ndarray:
+        """Every process's rows of per-row host values `x`, in global row order."""
+        return self._gather(x)[0]
+
+
+class GrpoSource(RolloutSource):
+    """Generation batches for the loop, checkpointable like the SFT/DPO batch iterators."""
+
+    def __init__(self, config: dict, processor, prompts, *, run_dir: Path, mesh=None):
+        from qwenvl_jax.train import hosts
+
+        g = grpo_settings(config)
+        self.G = int(g["num_generations"])
+        config, self.num_prompts = self._setup(
+            config, processor, prompts, g, prompt_budgets, num_generations=self.G, run_dir=run_dir, mesh=mesh
+        )
+        self.rows = self.num_prompts * self.G
         self.spg, self.iterations = steps_per_generation(config), int(g["num_iterations"])
         # TRL computes old log-probs only when the policy moves while a buffer is still served.
         self.needs_old = self.accum % (self.spg * self.iterations) != 0
         self.buffer: dict[str, Any] | None = None  # the generation being served, and its position
-        batch = {k: v for k, v in config["batch"].items() if k != "pack"}
-        self.G = int(g["num_generations"])
         self.batch_shards = max(batch_shards(config) // self.processes, 1)
-        self.num_prompts, budget, _ = prompt_budgets(config)
-        ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
-                   video_token_id=processor.video_token_id)  # fmt: skip
-        if "seq_buckets" not in batch:
-            batch["seq_buckets"] = (int(g["max_prompt_length"]) + int(g["max_completion_length"]),)
-        batch["max_frame_patches"] = frame_bound(batch, processor)
-        self.train_spec = BatchSpec.from_dict(batch, **ids)
-        self.prompt_spec = BatchSpec(
-            batch_size=self.num_prompts, seq_buckets=(int(g["max_prompt_length"]),), padding_side="left",
-            max_frame_patches=batch["max_frame_patches"], **budget, **ids,
-        )  # fmt: skip
-        self.sampling = SamplingConfig(
-            num_generations=self.G,
-            max_completion_length=int(g["max_completion_length"]),
-            temperature=float(g["temperature"]),
-            top_p=float(g["top_p"]),
-            top_k=int(g["top_k"]),
-            min_p=float(g["min_p"]),
-            repetition_penalty=float(g["repetition_penalty"]),
-        )
-        try:
-            self.rewards = load_rewards(config["rewards"], base_dir=Path.cwd())
-        except RewardError as err:  # a name or file the config gives that does not load
-            raise ConfigError(f"rewards: {err}") from None
-        weights = g.get("reward_weights")
-        self.weights = (
-            np.asarray(weights, np.float32)
-            if weights is not None
-            else np.asarray([r.weight for r in self.rewards])
-        )
-        self.completions_path = Path(run_dir) / "completions.jsonl"
         # Row r of this process's generation batch: its id in the global one (sampling keys).
-        self.row_ids = hosts.global_rows(self.num_prompts * self.G, self.train_spec.batch_size)
+        self.row_ids = hosts.global_rows(self.rows, self.train_spec.batch_size)
 
     # The iterator interface the loop checkpoints.
     @property
@@ -322,16 +355,6 @@ class GrpoSource:
             mask_truncated_completions=bool(self.settings["mask_truncated_completions"]),
             batch_shards=self.batch_shards, seq=self.train_spec.bucket(longest),
         )  # fmt: skip
-
-    def _whole(self, x: np.ndarray) -> tuple[np.ndarray, int]:
-        """`(every process's rows, this process's offset in them)` of per-row host values `x`
-        (`distributed.gather_rows`): rewards, advantages and metrics are those of the whole batch."""
-        from qwenvl_jax import distributed as dist
-
-        x = np.asarray(x)
-        capacity = np.zeros((self.num_prompts * self.G, *x.shape[1:]), x.dtype)
-        capacity[: len(x)] = x
-        return dist.gather_rows(capacity, len(x))
 
     def _buffer(self, prompts, rollouts, advantages, micro, old, prompts_state, step) -> dict[str, Any]:
         from qwenvl_jax import distributed as dist
@@ -416,7 +439,7 @@ class GrpoSource:
             trainer_state={"global_step": step - 1},
         )
         # Advantages and metrics over every process's rows: groups and batch statistics as on one process.
-        whole, offset = self._whole(scores.rewards_per_func)
+        whole, offset = self._gather(scores.rewards_per_func)
         rewards = jnp.asarray(whole)
         kw = dict(num_generations=G, reward_weights=jnp.asarray(scores.weights),
                   scale_rewards=self.settings["scale_rewards"],
@@ -426,7 +449,7 @@ class GrpoSource:
         metrics = {
             k: float(v) for k, v in losses.grpo_reward_metrics(rewards, names=scores.labels, **kw).items()
         }
-        metrics.update(completion_stats(self._whole(rollouts.lengths)[0], self._whole(rollouts.stopped)[0]))
+        metrics.update(completion_stats(self._whole(rollouts.lengths), self._whole(rollouts.stopped)))
         metrics.update(failure_metrics(scores))
         micro = self._micro_batches(prompts, rollouts, advantages)
         t2 = time.perf_counter()

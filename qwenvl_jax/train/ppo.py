@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from qwenvl_jax.train.config import PPO_LOSS_KEYS, ConfigError, PpoSection
-from qwenvl_jax.train.grpo import _RESERVED, _seed, p_text, split_budgets, truncate_samples
+from qwenvl_jax.train.config import PPO_LOSS_KEYS, PpoSection
+from qwenvl_jax.train.grpo import _RESERVED, RolloutSource, _seed, p_text, split_budgets, truncate_samples
 
 # The per-row arrays a generation batch keeps (and a checkpoint stores) for its optimizer steps.
 ROW_ARRAYS = ("logprobs", "values", "advantages", "returns", "padding_mask", "padding_mask_p1")
@@ -106,26 +106,18 @@ def response_index(prompt_len: int, seq: int, t: int) -> np.ndarray:
     return np.minimum(prompt_len - 1 + np.arange(t), seq - 2).astype(np.int32)
 
 
-class PpoSource:
+class PpoSource(RolloutSource):
     """Generation batches for the loop, checkpointable like the other kinds' batch iterators."""
 
     def __init__(self, config: dict, processor, prompts, *, run_dir: Path, eos_token_id: int, mesh=None):
         from qwenvl_jax import distributed as dist
-        from qwenvl_jax.processing.batch import BatchSpec
-        from qwenvl_jax.rl.rewards import RewardError, load_rewards
-        from qwenvl_jax.rl.rollout import SamplingConfig
         from qwenvl_jax.train import hosts
-        from qwenvl_jax.train.loop import frame_bound
 
-        s = self.settings = ppo_settings(config)
-        # On several processes each generates for its share of the prompts on its own devices and serves
-        # its rows; the PPO arrays (GAE, whitening) are computed over every process's rows.
-        self.processes = dist.process_count()
-        config = hosts.local_config(config, self.processes, frame_bound(config["batch"], processor))
-        self.processor, self.prompts = processor, prompts
-        self.mesh = hosts.local_mesh(mesh) if mesh is not None and self.processes > 1 else mesh
-        self.run_seed = int(config["seed"])
-        self.accum, self.mini = int(config["grad_accum"]), int(s["num_mini_batches"])
+        # The PPO arrays (GAE, whitening) are computed over every process's rows.
+        s = ppo_settings(config)
+        config, _ = self._setup(config, processor, prompts, s, prompt_budgets, num_generations=1, run_dir=run_dir,
+                                mesh=mesh)  # fmt: skip
+        self.mini = int(s["num_mini_batches"])
         self.rows = rows_per_generation(config)
         self.per_generation = steps_per_generation(config)
         self.T = int(s["max_completion_length"])
@@ -133,33 +125,6 @@ class PpoSource:
         self.kl_coef = float(s["kl_coef"])
         self.turn_end, self.suffix = turn_suffix(processor)
         self.buffer: dict[str, Any] | None = None
-        batch = {k: v for k, v in config["batch"].items() if k != "pack"}
-        ids = dict(pad_token_id=processor.pad_token_id, image_token_id=processor.image_token_id,
-                   video_token_id=processor.video_token_id)  # fmt: skip
-        if "seq_buckets" not in batch:
-            batch["seq_buckets"] = (int(s["max_prompt_length"]) + self.T,)
-        batch["max_frame_patches"] = frame_bound(batch, processor)
-        self.train_spec = BatchSpec.from_dict(batch, **ids)
-        num_prompts, budget, _ = prompt_budgets(config)
-        self.prompt_spec = BatchSpec(
-            batch_size=num_prompts, seq_buckets=(int(s["max_prompt_length"]),), padding_side="left",
-            max_frame_patches=batch["max_frame_patches"], **budget, **ids,
-        )  # fmt: skip
-        self.sampling = SamplingConfig(
-            num_generations=1, max_completion_length=self.T, temperature=float(s["temperature"]),
-            top_p=float(s["top_p"]), top_k=int(s["top_k"]), min_p=float(s["min_p"]),
-            repetition_penalty=float(s["repetition_penalty"]),
-        )  # fmt: skip
-        try:
-            self.rewards = (
-                load_rewards(config["rewards"], base_dir=Path.cwd()) if config.get("rewards") else []
-            )
-        except RewardError as err:
-            raise ConfigError(f"rewards: {err}") from None
-        weights = s.get("reward_weights")
-        self.weights = (np.asarray(weights, np.float32) if weights is not None
-                        else np.asarray([r.weight for r in self.rewards], np.float32))  # fmt: skip
-        self.completions_path = Path(run_dir) / "completions.jsonl"
         self.row_offset = dist.process_index() * self.rows  # this process's rows in the gathered arrays
         self.row_ids = hosts.global_rows(self.rows, self.train_spec.batch_size)  # sampling keys
 
@@ -274,13 +239,6 @@ class PpoSource:
         micro = [self.collate(np.sort(rows[i : i + n])) for i in range(0, size, n)]
         b["position"] += 1
         return {"micro": micro, "metrics": metrics}
-
-    def _whole(self, x) -> np.ndarray:
-        """Per-row host values of this process's rows with every process's, in global row order
-        (`distributed.gather_rows`)."""
-        from qwenvl_jax import distributed as dist
-
-        return dist.gather_rows(np.asarray(x), self.rows)[0]
 
     def _generate(self, model_fn, score, step: int) -> dict[str, Any] | None:
         from qwenvl_jax import distributed as dist
