@@ -126,11 +126,11 @@ def _quantized_summary(model) -> str | None:
     nf4 = [v for v in values if is_nf4(v)]
     if not nf4:
         return None
-    from qwenvl_jax.train.plan import _size
+    from qwenvl_jax.train.plan import format_bytes
 
     kernels = sum(int(np.prod(v.shape[:-2])) for v in nf4)  # a stack's layers count one each
     params = sum(int(np.prod(v.shape)) for v in nf4)
-    held = _size(sum(v.nbytes for v in nf4)).strip()
+    held = format_bytes(sum(v.nbytes for v in nf4))
     return (f"NF4 base: {kernels} kernels ({params:,} params) in {held}; the other weights at "
             f"{model.config.param_dtype}")  # fmt: skip
 
@@ -295,9 +295,10 @@ def _make_prompts(config: dict, run_dir: Path, processor, proc_dir: Path, paths:
         from qwenvl_jax.train.grpo import prompt_budgets
 
     processes = dist.process_count()
-    config = local_config(config, processes, frame_bound(config["batch"], processor))
+    frames = frame_bound(config["batch"], processor)
+    config = local_config(config, processes, frames)
     prompts, budget, per_prompt = prompt_budgets(config)
-    per_prompt = {**per_prompt, "max_frame_patches": frame_bound(config["batch"], processor)}
+    per_prompt = {**per_prompt, "max_frame_patches": frames}
     shard = {"shard_index": dist.process_index(), "shard_count": processes} if processes > 1 else {}
     return make_prompt_batches(
         *_source(config, run_dir, processor, proc_dir, paths),
@@ -321,25 +322,26 @@ def full_params(state, frozen, lora_cfg, *, dequantized_dtype: Any = "float32") 
     from qwenvl_jax.model.value_head import SCORE, VALUE
     from qwenvl_jax.train import lora as lora_lib
 
-    params = state.params
-    head = {}
-    if VALUE in params:
-        params = {k: v for k, v in params.items() if k not in (VALUE, SCORE)}
-    if SCORE in params:
-        head = lora_lib.flatten({SCORE: params[SCORE]})
-        params = {k: v for k, v in params.items() if k != SCORE}
+    reward_head = SCORE in state.params and VALUE not in state.params
+    head = lora_lib.flatten({SCORE: state.params[SCORE]}) if reward_head else {}
+    params = policy_params(state.params)
     if lora_cfg is not None:
         merged = lora_lib.merge_lora(frozen, params, lora_cfg, dequantized_dtype=dequantized_dtype)
         return {**merged, **head}
     return {**lora_lib.flatten(frozen), **lora_lib.flatten(params), **head}
 
 
-def _policy_adapters(params) -> dict[str, dict[str, Any]]:
-    """The policy's LoRA adapters of a LoRA state's params: a PPO state's value model and a reward
-    model's head are not the policy's."""
+def policy_params(params) -> dict[str, Any]:
+    """A state's params without a PPO state's value model or a reward model's head: the policy's (its
+    LoRA adapters, in a LoRA state)."""
     from qwenvl_jax.model.value_head import SCORE, VALUE
 
     return {k: v for k, v in params.items() if k not in (VALUE, SCORE)}
+
+
+def model_source(model_cfg: dict) -> str:
+    """How a run names its model: the checkpoint path, or the preset with random weights."""
+    return model_cfg.get("path") or f"preset {model_cfg.get('preset')} (random weights)"
 
 
 def _ppo_models(config: dict, model, mesh) -> tuple[Any, dict[str, Any]]:
@@ -573,8 +575,7 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
     if primary:
         (run_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
-    source = config["model"].get("path") or f"preset {config['model'].get('preset')} (random weights)"
-    _say(f"loading model: {source}")
+    _say(f"loading model: {model_source(config['model'])}")
     model = build_model(config["model"], config["lora"] if config["trainable"] == "lora" else None)
     model_config = model.config
     quantized = _quantized_summary(model)
@@ -864,7 +865,7 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         return EXIT_STOPPED
     params = full_params(state, frozen, lora_cfg, dequantized_dtype=model_config.param_dtype)
     # A reward model's adapters need its head beside them: its final/ is the export to use.
-    adapters = _policy_adapters(state.params) if lora_cfg is not None and kind != "reward" else None
+    adapters = policy_params(state.params) if lora_cfg is not None and kind != "reward" else None
     if processes > 1:  # whole on every host (a collective), written by process 0
         params = hosts.gather_params(params)
         adapters = adapters and {k: hosts.gather_params(v) for k, v in adapters.items()}
@@ -875,9 +876,8 @@ def _run(config: dict, run_dir: Path, changes: list[str]) -> int:
         if adapters:
             from qwenvl_jax.weights import write_peft_adapter
 
-            base = config["model"].get("path") or f"preset {config['model'].get('preset')} (random weights)"
-            path = write_peft_adapter(adapters, lora_cfg, model_config, run_dir / "adapter", base_model=base,
-                                      overwrite=True)  # fmt: skip
+            path = write_peft_adapter(adapters, lora_cfg, model_config, run_dir / "adapter",
+                                      base_model=model_source(config["model"]), overwrite=True)  # fmt: skip
             print(f"LoRA adapters (PEFT): {path}", flush=True)
     hosts.barrier("final")
     skipped, limit = logger.skipped_steps, float(config["max_skipped_fraction"])

@@ -584,7 +584,7 @@ def activation_estimate(
             saved += lv * p * (5 * vc.hidden_size + 2 * vc.intermediate_size) * a
         transient = 2 * max(text_layer, vision_layer, loss)
     formula = (
-        f"remat {model_cfg.remat}: saved {_size(saved).strip()} + transient {_size(transient).strip()} "
+        f"remat {model_cfg.remat}: saved {format_bytes(saved)} + transient {format_bytes(transient)} "
         f"(r={r:g}, S={s}, p={p:g}, K={keys}, attention {model_cfg.attention_backend}; see activation_estimate)"
     )
     return round(saved + transient), formula
@@ -636,8 +636,8 @@ def prefill_estimate(model_cfg, prompts: int, seq: int, patches: int, mesh: dict
     residual = r * seq * model_cfg.text.hidden_size * np.dtype(model_cfg.dtype).itemsize
     total = residual + max(text_layer, vision_layer)
     formula = (
-        f"residual {_size(residual).strip()} + max(text layer {_size(text_layer).strip()}, vision "
-        f"block {_size(vision_layer).strip()}) (r={r:g}, S={seq}, P={patches}, K={keys}, attention "
+        f"residual {format_bytes(residual)} + max(text layer {format_bytes(text_layer)}, vision "
+        f"block {format_bytes(vision_layer)}) (r={r:g}, S={seq}, P={patches}, K={keys}, attention "
         f"{model_cfg.attention_backend}; see prefill_estimate)"
     )
     return round(total), formula
@@ -659,8 +659,8 @@ def _scoring_estimate(
     forward, _ = prefill_estimate(model_cfg, rows, seq, patches, mesh, frame)
     loss = 2 * min(chunk, r * seq) * model_cfg.text.vocab_size / mesh["tensor"] * 4
     formula = (
-        f"one model at a time: forward {_size(forward).strip()} (as prefill_estimate) + loss chunk "
-        f"{_size(loss).strip()} (r={r:g}, S={seq}, P={patches}; see _scoring_estimate)"
+        f"one model at a time: forward {format_bytes(forward)} (as prefill_estimate) + loss chunk "
+        f"{format_bytes(loss)} (r={r:g}, S={seq}, P={patches}; see _scoring_estimate)"
     )
     return round(forward + loss), formula
 
@@ -697,7 +697,7 @@ def _cache_rows(rollout: Rollout, model_cfg, mesh) -> list[Row]:
             round(kv + side),
             "rollout",
             True,
-            f"{rows} rows x {slots} slots, k+v {_size(kv).strip()} ({np.dtype(model_cfg.dtype).name}) "
+            f"{rows} rows x {slots} slots, k+v {format_bytes(kv)} ({np.dtype(model_cfg.dtype).name}) "
             f"+ mask and token buffers",
         ),
         Row(
@@ -756,8 +756,8 @@ def _sampler_view_bytes(setup: AbstractSetup, mesh, policy) -> tuple[int, str]:
         return _decode_view_bytes(setup, whole, mesh, False), note
     adapters = _decode_view_bytes(setup, policy, mesh, True)
     base = _decode_view_bytes(setup, setup.frozen, mesh, False, changed=True)
-    how = "the base read as it is" if not base else f"a {_size(base).strip()} cast/re-laid copy of the base"
-    return adapters + base, f"adapters applied at {setup.model_cfg.dtype} ({_size(adapters).strip()}), {how}"
+    how = "the base read as it is" if not base else f"a {format_bytes(base)} cast/re-laid copy of the base"
+    return adapters + base, f"adapters applied at {setup.model_cfg.dtype} ({format_bytes(adapters)}), {how}"
 
 
 def _layer_copy_bytes(setup: AbstractSetup, mesh, policy) -> int:
@@ -1050,11 +1050,17 @@ def _holds_reference(config: dict, lora: bool) -> bool:
     return bool(float(grpo_settings(config)["beta"]))
 
 
-def _size(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """`n` bytes in GiB, MiB or KiB with two decimals: "6.43 GiB"."""
     for unit, scale in (("GiB", GIB), ("MiB", 2**20)):
         if n >= scale / 10:
-            return f"{n / scale:9.2f} {unit}"
-    return f"{n / 2**10:9.2f} KiB"
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.2f} KiB"
+
+
+def _size(n: float) -> str:
+    """`format_bytes` right-aligned for the plan's table column."""
+    return f"{format_bytes(n):>13}"
 
 
 def format_plan(p: Plan) -> str:
