@@ -498,8 +498,7 @@ def _plan(
     cache_len = _round_up(prompt_len + max_new_tokens, cache_multiple)
     batch_rows = default_batch_bucket(rows_b)
     if mesh is not None:  # the prompt rows split over the batch axes: pad to a multiple of them
-        shape = dict(zip(mesh.axis_names, np.shape(mesh.devices), strict=True))
-        batch_rows = _round_up(batch_rows, shape.get("data", 1) * shape.get("fsdp", 1))
+        batch_rows = _round_up(batch_rows, mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1))
     rows = batch_rows * n
 
     devices = None if mesh is None else mesh.devices.flat

@@ -123,10 +123,16 @@ def _check_fields(spec: BatchSpec) -> None:
         _refuse("max_frame_patches", spec.max_frame_patches, f"must be a non-negative multiple of {unit}")
 
 
+def budget_unit(merge_size: int = 2, *, pairs: bool = False) -> int:
+    """The patches a batch's image or video budget comes in: whole merge units of `merge_size**2`
+    patches, and twice that for pairs (DPO, reward), whose images are encoded once, in half the budget."""
+    return (2 if pairs else 1) * merge_size**2
+
+
 def pair_budget_problem(name: str, value: int, merge_size: int = 2) -> str | None:
     """Why a pairs batch's `name` budget (`image_patches`, `video_patches`) cannot be halved, or None: a
     pair's images are encoded once, in half the budget, which must still be whole merge units."""
-    unit = 2 * merge_size**2
+    unit = budget_unit(merge_size, pairs=True)
     if value % unit:
         return (
             f"batch.{name}={value} must be a multiple of {unit} for pairs: each pair's images are encoded "

@@ -41,14 +41,16 @@ def check_split(config: dict, processes: int) -> None:
     """Refuse, naming the key, a config whose global batch does not split evenly over `processes`."""
     if processes == 1:
         return
+    from qwenvl_jax.processing.batch import budget_unit
+
     kind = config["kind"]
     batch = config["batch"]
-    unit = int(batch.get("merge_size") or 2) ** 2
+    unit = budget_unit(int(batch.get("merge_size") or 2), pairs=kind in ("dpo", "reward"))
     for key in _SPLIT:
         value = batch.get(key)
         if value is None:
             continue
-        step = processes * (unit * (2 if kind in ("dpo", "reward") else 1) if key.endswith("patches") else 1)
+        step = processes * (unit if key.endswith("patches") else 1)
         if int(value) % step:
             raise ConfigError(
                 f"batch.{key}={value} does not split over {processes} processes: use a multiple of {step} "
@@ -58,9 +60,10 @@ def check_split(config: dict, processes: int) -> None:
         raise ConfigError(
             "batch.pack on several processes is not supported: packed rows are planned per batch"
         )
-    mesh = config.get("mesh") or {}
-    shards = int(mesh.get("data", 1)) * int(mesh.get("fsdp", 1))
-    if mesh and shards % processes:
+    from qwenvl_jax.train.grpo import batch_shards
+
+    shards = batch_shards(config)
+    if config.get("mesh") and shards % processes:
         raise ConfigError(
             f"mesh data x fsdp = {shards} does not split over {processes} processes: each process holds "
             "whole tensor groups (the tensor axis stays within a host)"
@@ -156,17 +159,13 @@ def local_mesh(mesh):
     devices = np.asarray(mesh.devices)
     mine = np.vectorize(lambda d: d.process_index == jax.process_index())(devices)
     box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mine))
-    sub = devices[box]
-    tensor = dict(zip(mesh.axis_names, devices.shape, strict=True)).get("tensor", 1)
-    if (
-        sub.size != int(mine.sum())
-        or dict(zip(mesh.axis_names, sub.shape, strict=True)).get("tensor", 1) != tensor
-    ):
+    sub = Mesh(devices[box], mesh.axis_names, axis_types=getattr(mesh, "axis_types", None))
+    if sub.devices.size != int(mine.sum()) or sub.shape.get("tensor", 1) != mesh.shape.get("tensor", 1):
         raise ConfigError(
             f"mesh {dict(mesh.shape)}: a process's devices must hold whole tensor groups to generate on "
             "their own (GRPO, PPO on several processes); use a tensor size that divides each host's devices"
         )
-    return Mesh(sub, mesh.axis_names, axis_types=getattr(mesh, "axis_types", None))
+    return sub
 
 
 def localize(model, sub_mesh):
