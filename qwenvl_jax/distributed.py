@@ -151,13 +151,13 @@ def start_watchdog(s: Settings, *, interval_s: float = 1.0) -> None:
               "last checkpoint", file=sys.stderr, flush=True)  # fmt: skip
         os._exit(1)
 
-    def get(key: str) -> str | None:
-        try:
-            return client.key_value_try_get(key)
-        except Exception as err:
-            if "NOT_FOUND" in str(err):
-                return None
-            raise
+    def store() -> dict[str, dict[int, str]]:
+        """The run's keys in one read: `{"beat" | "done" | "failed": {process: value}}`."""
+        out: dict[str, dict[int, str]] = {"beat": {}, "done": {}, "failed": {}}
+        for key, value in client.key_value_dir_get("qwenvl/"):
+            kind, p = key.split("/")[-2:]
+            out.setdefault(kind, {})[int(p)] = value
+        return out
 
     def run() -> None:
         seen: dict[int, tuple[str, float]] = {}
@@ -166,25 +166,20 @@ def start_watchdog(s: Settings, *, interval_s: float = 1.0) -> None:
             beat += 1
             try:
                 client.key_value_set(f"qwenvl/beat/{me}", str(beat), allow_overwrite=True)
-                for p in range(count):
-                    failed = get(f"qwenvl/failed/{p}") if p != me else None
-                    if failed is not None:  # it stopped on an error of its own: the others would wait
-                        die(f"process {p} of {count} stopped: {failed}")
-                values = {
-                    p: get(f"qwenvl/beat/{p}")
-                    for p in range(count)
-                    if p != me and get(f"qwenvl/done/{p}") is None
-                }
+                keys = store()
             except Exception as err:  # the store is process 0's: it is gone
                 if _WATCHDOG["done"]:
                     return
                 if me != 0:
                     die(f"the coordinator (process 0) stopped answering ({type(err).__name__})")
-                values = {}
+                keys = {"beat": {}, "done": {}, "failed": {}}
+            for p, failed in sorted(keys["failed"].items()):
+                if p != me:  # it stopped on an error of its own: the others would wait for it
+                    die(f"process {p} of {count} stopped: {failed}")
+            # A process that has not started beating yet, or has finished, is not watched.
+            values = {p: v for p, v in keys["beat"].items() if p != me and p not in keys["done"]}
             now = time.monotonic()
             for p, value in values.items():
-                if value is None:  # not started beating yet
-                    continue
                 last = seen.get(p)
                 if last is None or last[0] != value:
                     seen[p] = (value, now)

@@ -257,6 +257,49 @@ def test_a_killed_process_stops_the_other_and_both_resume(data, tmp_path, sft_ru
     np.testing.assert_allclose(_losses(run_dir), _losses(sft_runs[1]), rtol=1e-6)  # uninterrupted
 
 
+# One process of two stops on an error of its own (a bad record in its shard, a strict reward failure);
+# the other is asleep here, as it would wait in its next collective.
+_OWN_ERROR = """
+import sys, time
+from qwenvl_jax import distributed as dist
+s = dist.Settings(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]), heartbeat_s=60)
+dist.initialize(s)
+dist.start_watchdog(s)
+if s.process_id == 1:
+    time.sleep(3)
+    dist.finished(error="InputError: data.jsonl record 7: image missing.png not found\\nsecond line")
+    sys.exit(2)
+time.sleep(120)
+print("process 0 was not stopped")
+"""
+
+
+def test_an_error_of_one_process_stops_the_others_with_its_line():
+    """`distributed.finished(error=...)` on one process ends the others at once with that error's first
+    line and exit status 1, well before jax's heartbeat limit (60 s here) would."""
+    address = f"localhost:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _OWN_ERROR, address, str(i)],
+            env=_env(1),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    start = time.time()
+    code, out = finish(procs[0], 100)
+    elapsed = time.time() - start
+    finish(procs[1], 60)
+    assert code == 1, out[-3000:]
+    assert elapsed < 30, (elapsed, out[-3000:])
+    assert "process 0 was not stopped" not in out and "Traceback" not in out, out[-3000:]
+    line = "error: process 1 of 2 stopped: InputError: data.jsonl record 7: image missing.png not found; this"
+    assert line in out, out[-3000:]
+
+
 def test_sigterm_on_one_host_stops_all_at_the_same_step(data, tmp_path):
     """SIGTERM to process 1 only: both processes stop at the same step, save one checkpoint of it and exit
     3 (stopped, resumable), as a one-process run does."""
