@@ -58,3 +58,11 @@ def tiny_model_dir(request, tmp_path_factory):
     return tiny_hf.save_tiny_model_dir(
         tmp_path_factory.mktemp("tiny_model"), tie_word_embeddings=request.param, seed=1 + request.param
     )
+
+
+@pytest.fixture
+def highest_precision():
+    """float32 matmuls at full precision, for parity against PyTorch; a module opts in with
+    `pytestmark = pytest.mark.usefixtures("highest_precision")`."""
+    with jax.default_matmul_precision("highest"):
+        yield

@@ -26,13 +26,10 @@ from qwenvl_jax.generation import (
 from qwenvl_jax.generation.cache import layer_copy_bytes, slot_bytes
 from qwenvl_jax.processing import BatchSpec, InputError, Processor, collate
 
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
+
 MAX_NEW = 32
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,10 @@ from qwenvl_jax.weights import flatten_params, hf_to_params
 
 # TRL 1.16's `disable_gradient_checkpointing` (around its no-grad scoring) reads a property transformers 5.24
 # deprecated: third-party noise, not our code.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.usefixtures("highest_precision"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 RTOL, ATOL = 2e-5, 2e-6  # rl.md: objectives (losses, gradients), float32
 G = 4
@@ -73,12 +76,6 @@ CASES = {
     "dr_grpo": Case("dr_grpo"),
     "dapo_kl_off_policy": Case("dapo", beta=0.04, num_iterations=2),
 }
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 def _reward(completion_ids, **_):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -11,13 +10,10 @@ import qwenvl_jax
 from conversion import parity
 from qwenvl_jax.processing import BatchSpec, Processor, collate
 
+pytestmark = pytest.mark.usefixtures("highest_precision")
+
+
 ATOL = 1e-4  # spec 6: tiny model, float32, CPU, highest precision
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # peft 0.21.2 reads transformers 5's deprecated `is_gradient_checkpointing` while it wraps a model.
-pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = [
+    pytest.mark.usefixtures("highest_precision"),
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
 
 ATOL = 1e-4  # spec 6: tiny model, float32, CPU, highest precision (tests/test_model_e2e.py)
 LORA = lora_lib.LoraConfig(rank=4, alpha=8.0, quantize="nf4", quantize_vision=True)
-
-
-@pytest.fixture(autouse=True)
-def _highest_precision():
-    with jax.default_matmul_precision("highest"):
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -128,10 +125,16 @@ def test_qlora_logits_equal_the_bitsandbytes_dequantized_reference(tiny_dir, cas
     ours = qwenvl_jax.load(tiny_dir, dtype="float32", quantize="nf4", quantize_vision=True)
     reference = _hf_model(tiny_dir, bnb_roundtrip=True)
     plain = _hf_logits(_hf_model(tiny_dir, bnb_roundtrip=False), cases)
+    diffs, aways = [], []
     for (_, batch), ref, unquantized in zip(cases, _hf_logits(reference, cases), plain, strict=True):
         got = ours(**batch)
-        assert _max_diff(ref, got, batch["attention_mask"]) <= ATOL
-        assert _max_diff(unquantized, got, batch["attention_mask"]) > 100 * ATOL
+        diffs.append(_max_diff(ref, got, batch["attention_mask"]))
+        aways.append(_max_diff(unquantized, got, batch["attention_mask"]))
+    # The figures docs/training.md cites (`pytest tests/test_qlora.py -k bitsandbytes -s`).
+    print(f"\nNF4 logits vs bitsandbytes' dequantized weights: max |diff| {max(diffs):.2g} (gate {ATOL:g}); "
+          f"the unquantized model is {min(aways):.3g} away")  # fmt: skip
+    assert max(diffs) <= ATOL
+    assert min(aways) > 100 * ATOL
 
     adapters = _adapters(ours, LORA)
     adapted = _adapted(ours, adapters, LORA)
@@ -139,10 +142,14 @@ def test_qlora_logits_equal_the_bitsandbytes_dequantized_reference(tiny_dir, cas
         adapters, LORA, ours.config, tiny_dir.parent / "qlora_adapter", base_model=str(tiny_dir)
     )
     peft_model = peft.PeftModel.from_pretrained(reference, out).eval()
+    diffs, aways = [], []
     for (_, batch), ref, base in zip(cases, _hf_logits(peft_model, cases), plain, strict=True):
         got = adapted(**batch)
-        assert _max_diff(ref, got, batch["attention_mask"]) <= ATOL
-        assert _max_diff(base, got, batch["attention_mask"]) > 100 * ATOL
+        diffs.append(_max_diff(ref, got, batch["attention_mask"]))
+        aways.append(_max_diff(base, got, batch["attention_mask"]))
+    print(f"with random adapters, vs PEFT loading our adapter/ on that base: max |diff| {max(diffs):.2g}")
+    assert max(diffs) <= ATOL
+    assert min(aways) > 100 * ATOL
 
 
 def test_peft_adapters_apply_to_the_original_base(tiny_dir, cases, tmp_path):
