@@ -99,7 +99,7 @@ def model_from_params(
 
     def one(key):  # one device array at a time from the (memory-mapped) host arrays
         if key in targets:
-            return quantize_stream(np.asarray(flat[key]).astype(param_dtype))
+            return quantize_stream(flat[key], dtype=param_dtype)
         return jnp.asarray(flat[key], dtype=param_dtype)
 
     filled = unflatten_params({k: one(k) for k in expected})

@@ -225,16 +225,21 @@ def per_array(fn, x, kernel_axes):
     return map_arrays(fn, x, kernel_axes) if is_nf4(x) else fn(x, tuple(kernel_axes))
 
 
-def quantize_stream(w, **options) -> NF4Weight:
-    """`quantize_nf4` of a host kernel `(..., in, out)` one weight at a time: each leading index is
-    moved to the device and quantized alone, so a stack of layers never stands on the device in full
-    precision (only one layer does, beside the quantized ones)."""
+def quantize_stream(w, dtype=None, **options) -> NF4Weight:
+    """`quantize_nf4` of a host kernel `(..., in, out)` one weight at a time: each leading index is cast
+    to `dtype` (the weight's precision as loaded; None keeps it), moved to the device and quantized alone,
+    so a stack of layers never stands on the device in full precision (only one layer does, beside the
+    quantized ones), nor is copied whole on the host."""
     w = np.asarray(w) if not isinstance(w, jax.Array) else w
+
+    def one(x):
+        return quantize_nf4(x if dtype is None else x.astype(dtype), **options)
+
     if w.ndim == 2:
-        return quantize_nf4(w, **options)
+        return one(w)
     *lead, n_in, n_out = w.shape
     flat = w.reshape(-1, n_in, n_out)
-    parts = [quantize_nf4(flat[i], **options) for i in range(flat.shape[0])]
+    parts = [one(flat[i]) for i in range(flat.shape[0])]
     return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(*lead, *xs[0].shape), *parts)
 
 
