@@ -122,9 +122,9 @@ def sampler_view(graphdef, frozen, lora_cfg, *, dtype: str, mesh=None, logical_a
     are instead of re-gathering FSDP shards for every token.
 
     With LoRA the adapters are applied, not merged (`lora.attach`: `x W + scale (x A) B`): the view is the
-    frozen base plus the adapters at the compute dtype (a QLoRA base's NF4 kernels as they are stored). A base leaf already at that dtype and in that
-    layout is the train state's own array (no copy: a bfloat16 base on one device costs nothing); only the
-    others are cast or re-laid out. The view lives while the generation runs; the memory plan counts what
+    frozen base plus the adapters at the compute dtype (a QLoRA base's NF4 kernels as they are stored). A
+    base leaf already at that dtype and in that layout is the train state's own array (no copy: a bfloat16
+    base on one device costs nothing); only the others are cast or re-laid out. The view lives while the generation runs; the memory plan counts what
     it copies (`plan._sampler_view_bytes`).
     """
     import jax
